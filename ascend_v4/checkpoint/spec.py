@@ -1,0 +1,148 @@
+"""The tensor inventory of an official DeepSeek-V4 checkpoint (model-spec.md §8.1, §9).
+
+`expected_tensors(args)` is the single source of truth for names, shapes and dtypes: the dummy writer
+writes exactly these, the loader checks a real checkpoint against them, and the model's parameter names
+are the same strings (tests assert it), so loading needs no rename table.
+
+Shapes are the *stored* shapes as torch sees them after `safe_open(...).get_tensor`: FP4 experts are
+I8 `[out, in/2]` (two e2m1 values per byte, low nibble first).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ascend_v4.model.args import CSA, HCA, WINDOW, ModelArgs, ceil_div
+
+# safetensors dtype names (header "dtype" field)
+F8, E8M0, I8, BF16, F32, I64 = "F8_E4M3", "F8_E8M0", "I8", "BF16", "F32", "I64"
+BLOCK = 128  # FP8 weight block (both dims)
+FP4_BLOCK = 32  # FP4 scale run along the input dim
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype name
+    kind: str  # what the tensor is, for grouping and error messages: "fp8", "fp4", "scale", "bf16", ...
+
+
+def _fp8(out: dict, name: str, o: int, i: int) -> None:
+    out[f"{name}.weight"] = TensorSpec((o, i), F8, "fp8")
+    out[f"{name}.scale"] = TensorSpec((ceil_div(o, BLOCK), ceil_div(i, BLOCK)), E8M0, "scale")
+
+
+def _expert(out: dict, name: str, o: int, i: int, expert_dtype: str) -> None:
+    if expert_dtype == "fp8":
+        _fp8(out, name, o, i)
+    else:
+        out[f"{name}.weight"] = TensorSpec((o, i // 2), I8, "fp4")
+        out[f"{name}.scale"] = TensorSpec((o, i // FP4_BLOCK), E8M0, "scale")
+
+
+def _bf16(out: dict, name: str, *shape: int) -> None:
+    out[name] = TensorSpec(tuple(shape), BF16, "bf16")
+
+
+def _f32(out: dict, name: str, *shape: int) -> None:
+    out[name] = TensorSpec(tuple(shape), F32, "f32")
+
+
+def block_tensors(args: ModelArgs, prefix: str, layer_id: int) -> dict[str, TensorSpec]:
+    """Tensors of one transformer block (`layers.{l}` or `mtp.{i}`), experts included."""
+    a, out = args, {}
+    d, hd, n = a.dim, a.head_dim, a.hc_mult
+    mix = (2 + n) * n
+    for unit in ("attn", "ffn"):
+        _f32(out, f"{prefix}.hc_{unit}_fn", mix, n * d)
+        _f32(out, f"{prefix}.hc_{unit}_base", mix)
+        _f32(out, f"{prefix}.hc_{unit}_scale", 3)
+    _bf16(out, f"{prefix}.attn_norm.weight", d)
+    _bf16(out, f"{prefix}.ffn_norm.weight", d)
+    at = f"{prefix}.attn"
+    _fp8(out, f"{at}.wq_a", a.q_lora_rank, d)
+    _fp8(out, f"{at}.wq_b", a.n_heads * hd, a.q_lora_rank)
+    _fp8(out, f"{at}.wkv", hd, d)
+    _fp8(out, f"{at}.wo_a", a.o_groups * a.o_lora_rank, (a.n_heads // a.o_groups) * hd)
+    _fp8(out, f"{at}.wo_b", d, a.o_groups * a.o_lora_rank)
+    _bf16(out, f"{at}.q_norm.weight", a.q_lora_rank)
+    _bf16(out, f"{at}.kv_norm.weight", hd)
+    _f32(out, f"{at}.attn_sink", a.n_heads)
+    kind, ratio = a.kind(layer_id), a.ratio(layer_id)
+    if kind != WINDOW:
+        c = 2 if kind == CSA else 1  # CSA pools overlapping windows: two series per token
+        _bf16(out, f"{at}.compressor.wkv.weight", c * hd, d)
+        _bf16(out, f"{at}.compressor.wgate.weight", c * hd, d)
+        _f32(out, f"{at}.compressor.ape", ratio, c * hd)
+        _bf16(out, f"{at}.compressor.norm.weight", hd)
+    if kind == CSA:
+        ih = a.index_head_dim
+        _fp8(out, f"{at}.indexer.wq_b", a.index_n_heads * ih, a.q_lora_rank)
+        _bf16(out, f"{at}.indexer.weights_proj.weight", a.index_n_heads, d)
+        _bf16(out, f"{at}.indexer.compressor.wkv.weight", 2 * ih, d)
+        _bf16(out, f"{at}.indexer.compressor.wgate.weight", 2 * ih, d)
+        _f32(out, f"{at}.indexer.compressor.ape", ratio, 2 * ih)
+        _bf16(out, f"{at}.indexer.compressor.norm.weight", ih)
+    ff = f"{prefix}.ffn"
+    _bf16(out, f"{ff}.gate.weight", a.n_routed_experts, d)
+    if a.is_hash_layer(layer_id) and layer_id < a.n_layers:
+        out[f"{ff}.gate.tid2eid"] = TensorSpec((a.vocab_size, a.n_activated_experts), I64, "i64")
+    else:
+        _f32(out, f"{ff}.gate.bias", a.n_routed_experts)
+    for e in range(a.n_routed_experts):
+        _expert(out, f"{ff}.experts.{e}.w1", a.moe_inter_dim, d, a.expert_dtype)
+        _expert(out, f"{ff}.experts.{e}.w2", d, a.moe_inter_dim, a.expert_dtype)
+        _expert(out, f"{ff}.experts.{e}.w3", a.moe_inter_dim, d, a.expert_dtype)
+    for w, (o, i) in {"w1": (a.moe_inter_dim, d), "w2": (d, a.moe_inter_dim), "w3": (a.moe_inter_dim, d)}.items():
+        _fp8(out, f"{ff}.shared_experts.{w}", o, i)
+    return out
+
+
+def mtp_extra_tensors(args: ModelArgs, prefix: str) -> dict[str, TensorSpec]:
+    a, out = args, {}
+    _fp8(out, f"{prefix}.e_proj", a.dim, a.dim)
+    _fp8(out, f"{prefix}.h_proj", a.dim, a.dim)
+    for nm in ("enorm", "hnorm", "norm"):
+        _bf16(out, f"{prefix}.{nm}.weight", a.dim)
+    _f32(out, f"{prefix}.hc_head_fn", a.hc_mult, a.hc_mult * a.dim)
+    _f32(out, f"{prefix}.hc_head_base", a.hc_mult)
+    _f32(out, f"{prefix}.hc_head_scale", 1)
+    return out
+
+
+def expected_tensors(args: ModelArgs, include_mtp: bool = True) -> dict[str, TensorSpec]:
+    """Every tensor of the official checkpoint for `args`, in file order (top-level, layers, MTP)."""
+    a, out = args, {}
+    _bf16(out, "embed.weight", a.vocab_size, a.dim)
+    for l in range(a.n_layers):
+        out.update(block_tensors(a, f"layers.{l}", l))
+    _bf16(out, "norm.weight", a.dim)
+    _bf16(out, "head.weight", a.vocab_size, a.dim)
+    _f32(out, "hc_head_fn", a.hc_mult, a.hc_mult * a.dim)
+    _f32(out, "hc_head_base", a.hc_mult)
+    _f32(out, "hc_head_scale", 1)
+    if include_mtp:
+        for i in range(a.n_mtp_layers):
+            p = f"mtp.{i}"
+            out.update(block_tensors(a, p, a.n_layers + i))
+            out.update(mtp_extra_tensors(a, p))
+    return out
+
+
+def dtype_nbytes(dtype: str) -> int:
+    return {F8: 1, E8M0: 1, I8: 1, BF16: 2, F32: 4, I64: 8}[dtype]
+
+
+def checkpoint_nbytes(args: ModelArgs) -> int:
+    """Bytes of tensor data in the full checkpoint (headers excluded)."""
+    total = 0
+    for s in expected_tensors(args).values():
+        n = dtype_nbytes(s.dtype)
+        for x in s.shape:
+            n *= x
+        total += n
+    return total
+
+
+__all__ = ["TensorSpec", "expected_tensors", "block_tensors", "checkpoint_nbytes", "dtype_nbytes",
+           "F8", "E8M0", "I8", "BF16", "F32", "I64", "HCA", "CSA", "WINDOW"]

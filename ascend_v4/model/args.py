@@ -1,0 +1,293 @@
+"""`ModelArgs`: every architecture number of a DeepSeek-V4 checkpoint, in one dataclass.
+
+Presets are data: `ascend_v4/model/configs/<name>.json` hold a Hugging Face `config.json` exactly as the
+official repositories ship it (`flash`, `pro`) or in the same format for the small test presets (`tiny`,
+`small`). A checkpoint directory and a preset are therefore read by the same code path
+(`ModelArgs.from_hf_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+# Layer kinds, named after what the attention sees beyond its sliding window.
+WINDOW, CSA, HCA = "window", "csa", "hca"
+_RATIO_TO_KIND = {0: WINDOW, 4: CSA, 128: HCA}
+
+PRESETS_PACKAGE = "ascend_v4.model.configs"
+
+
+class ConfigError(ValueError):
+    """A config.json (or preset) that is not a DeepSeek-V4 config this toolkit can run."""
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Architecture of one DeepSeek-V4 model. Field names follow the official reference `ModelArgs`.
+
+    Attributes are grouped as in the official config; `from_hf_config` documents the HF key of each.
+    """
+
+    name: str = "custom"
+    # -- embedding / trunk
+    vocab_size: int = 129280
+    dim: int = 4096  # hidden_size (D)
+    n_layers: int = 43  # num_hidden_layers (MTP blocks not included)
+    norm_eps: float = 1e-6  # every RMSNorm and the mHC rsqrt
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+    # -- attention (single shared K=V latent)
+    n_heads: int = 64
+    head_dim: int = 512  # q, k and v width; last `rope_head_dim` dims are rotated
+    rope_head_dim: int = 64
+    q_lora_rank: int = 1024
+    o_groups: int = 8  # grouped low-rank output projection: groups G
+    o_lora_rank: int = 1024  # and per-group rank
+    window_size: int = 128  # sliding window of raw KV, every layer
+    # -- compression: one entry per layer, then one per MTP block (0 window-only, 4 CSA, 128 HCA)
+    compress_ratios: tuple[int, ...] = ()
+    # -- lightning indexer (CSA layers only)
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    # -- RoPE / YaRN (YaRN and compress_rope_theta only in layers with ratio > 0)
+    rope_theta: float = 10000.0
+    compress_rope_theta: float = 160000.0
+    rope_factor: float = 16.0
+    original_seq_len: int = 65536
+    beta_fast: int = 32
+    beta_slow: int = 1
+    max_seq_len: int = 1048576
+    # -- MoE
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    n_activated_experts: int = 6
+    moe_inter_dim: int = 2048
+    score_func: str = "sqrtsoftplus"
+    route_scale: float = 1.5
+    n_hash_layers: int = 3  # layers [0, n_hash_layers) route by token id (tid2eid)
+    swiglu_limit: float = 10.0
+    expert_dtype: str = "fp4"  # routed experts: "fp4" (e2m1, 1x32 scales) or "fp8" (128x128 blocks)
+    # -- mHC
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    # -- multi-token prediction
+    n_mtp_layers: int = 1
+    # -- provenance: the raw HF config this was read from (kept for writing checkpoints back out)
+    hf_config: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"{self.name}: {msg}")
+
+        need(len(self.compress_ratios) >= self.n_layers + self.n_mtp_layers,
+             f"compress_ratios has {len(self.compress_ratios)} entries, need n_layers + MTP blocks = "
+             f"{self.n_layers + self.n_mtp_layers}")
+        bad = sorted({r for r in self.compress_ratios if r not in _RATIO_TO_KIND})
+        need(not bad, f"compress_ratios contains {bad}; DeepSeek-V4 uses only 0, 4 and 128")
+        need(self.head_dim > self.rope_head_dim and self.rope_head_dim % 2 == 0,
+             f"head_dim {self.head_dim} must exceed the even rope_head_dim {self.rope_head_dim}")
+        need(self.index_head_dim >= self.rope_head_dim,
+             f"index_head_dim {self.index_head_dim} < rope_head_dim {self.rope_head_dim}")
+        need(self.index_head_dim & (self.index_head_dim - 1) == 0,
+             f"index_head_dim {self.index_head_dim} must be a power of two (Hadamard rotation)")
+        need(self.n_heads % self.o_groups == 0, f"n_heads {self.n_heads} not divisible by o_groups {self.o_groups}")
+        need(self.n_activated_experts <= self.n_routed_experts, "more activated than routed experts")
+        need(self.n_shared_experts == 1, f"n_shared_experts={self.n_shared_experts}; V4 has exactly one")
+        need(self.expert_dtype in ("fp4", "fp8"), f"expert_dtype {self.expert_dtype!r} is not fp4 or fp8")
+        need(self.score_func == "sqrtsoftplus", f"scoring_func {self.score_func!r}; V4 uses sqrtsoftplus")
+        need(self.dim % 32 == 0 and self.moe_inter_dim % 32 == 0,
+             "hidden_size and moe_intermediate_size must be multiples of 32 (FP4 1x32 scale blocks)")
+
+    # ---- derived -------------------------------------------------------------------------------
+    @property
+    def nope_dim(self) -> int:
+        """Non-rotated head dims (448 for the real models)."""
+        return self.head_dim - self.rope_head_dim
+
+    def ratio(self, layer_id: int) -> int:
+        """Compression ratio of main layer `layer_id`, or of MTP block `layer_id - n_layers`."""
+        return self.compress_ratios[layer_id]
+
+    def kind(self, layer_id: int) -> str:
+        return _RATIO_TO_KIND[self.ratio(layer_id)]
+
+    @property
+    def layer_kinds(self) -> list[str]:
+        return [self.kind(i) for i in range(self.n_layers)]
+
+    def is_hash_layer(self, layer_id: int) -> bool:
+        return layer_id < self.n_hash_layers
+
+    # ---- KV bytes (model-spec.md §10) ------------------------------------------------------------
+    def kv_bytes_per_token(self, kv_bytes: int = 2, index_bytes: int = 2) -> float:
+        """Growing cache bytes per token of context, all main layers (window ring excluded).
+
+        `kv_bytes` / `index_bytes`: bytes per element of the main KV / indexer key (2 = bf16).
+        """
+        total = 0.0
+        for i in range(self.n_layers):
+            r = self.ratio(i)
+            if r:
+                total += self.head_dim * kv_bytes / r
+            if r == 4:
+                total += self.index_head_dim * index_bytes / r
+        return total
+
+    def window_bytes_per_seq(self, kv_bytes: int = 2) -> int:
+        """Fixed sliding-window ring bytes per sequence (main layers + MTP)."""
+        return (self.n_layers + self.n_mtp_layers) * self.window_size * self.head_dim * kv_bytes
+
+    def param_counts(self) -> dict[str, int]:
+        """Logical parameter counts: total, routed experts, active per token (main model, MTP apart)."""
+        d, h, hd = self.dim, self.n_heads, self.head_dim
+        attn = (self.q_lora_rank * d + h * hd * self.q_lora_rank + hd * d
+                + self.o_groups * self.o_lora_rank * (h // self.o_groups) * hd
+                + d * self.o_groups * self.o_lora_rank + h + self.q_lora_rank + hd)
+        comp = {WINDOW: 0,
+                CSA: 2 * (2 * hd * d) + 4 * 2 * hd + hd
+                + 2 * (2 * self.index_head_dim * d) + 4 * 2 * self.index_head_dim + self.index_head_dim
+                + self.index_n_heads * self.index_head_dim * self.q_lora_rank + self.index_n_heads * d,
+                HCA: 2 * hd * d + 128 * hd + hd}
+        expert = 3 * d * self.moe_inter_dim
+        hc = 2 * ((2 + self.hc_mult) * self.hc_mult * (self.hc_mult * d + 1) + 3)
+        routed = dense = 0
+        for i in range(self.n_layers):
+            dense += attn + comp[self.kind(i)] + hc + 2 * d + self.n_routed_experts * d + expert
+            routed += self.n_routed_experts * expert
+        top = 2 * self.vocab_size * d + d + self.hc_mult * (self.hc_mult * d + 1) + 1
+        active = dense + top + self.n_layers * self.n_activated_experts * expert
+        return {"total": dense + routed + top, "routed_experts": routed, "active": active}
+
+    # ---- I/O ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any], name: str = "custom") -> "ModelArgs":
+        """Read a Hugging Face `config.json` dict of a DeepSeek-V4 checkpoint (Flash, Pro or test preset).
+
+        Raises `ConfigError` naming the offending field for anything that is not DeepSeek-V4.
+        """
+        where = f"config of {name}"
+        mt = cfg.get("model_type")
+        if mt != "deepseek_v4":
+            hint = " (DeepSeek-V4.1 is a different architecture)" if mt == "deepseek_v41" else ""
+            raise ConfigError(f"{where}: model_type is {mt!r}, expected 'deepseek_v4'{hint}")
+
+        def get(key: str, default: Any = dataclasses.MISSING) -> Any:
+            if key in cfg:
+                return cfg[key]
+            if default is dataclasses.MISSING:
+                raise ConfigError(f"{where}: required field {key!r} is missing")
+            return default
+
+        rs = cfg.get("rope_scaling") or {}
+        n_layers = int(get("num_hidden_layers"))
+        n_mtp = int(get("num_nextn_predict_layers", 1))
+        if "dspark_block_size" in cfg:
+            n_mtp = 0  # 0731/0813 DSpark draft modules under mtp.*: backbone only (model-spec §13.1)
+        if int(get("num_key_value_heads", 1)) != 1:
+            raise ConfigError(f"{where}: num_key_value_heads must be 1 (single shared K=V latent)")
+        qc = cfg.get("quantization_config") or {}
+        if qc and list(qc.get("weight_block_size", [128, 128])) != [128, 128]:
+            raise ConfigError(f"{where}: quantization_config.weight_block_size "
+                              f"{qc.get('weight_block_size')} is not [128, 128]")
+        ratios = tuple(int(r) for r in get("compress_ratios"))
+        try:
+            return cls(
+                name=name,
+                vocab_size=int(get("vocab_size")),
+                dim=int(get("hidden_size")),
+                n_layers=n_layers,
+                norm_eps=float(get("rms_norm_eps", 1e-6)),
+                bos_token_id=int(get("bos_token_id", 0)),
+                eos_token_id=int(get("eos_token_id", 1)),
+                n_heads=int(get("num_attention_heads")),
+                head_dim=int(get("head_dim", 512)),
+                rope_head_dim=int(get("qk_rope_head_dim", 64)),
+                q_lora_rank=int(get("q_lora_rank")),
+                o_groups=int(get("o_groups")),
+                o_lora_rank=int(get("o_lora_rank")),
+                window_size=int(get("sliding_window", 128)),
+                compress_ratios=ratios,
+                index_n_heads=int(get("index_n_heads")),
+                index_head_dim=int(get("index_head_dim")),
+                index_topk=int(get("index_topk")),
+                rope_theta=float(get("rope_theta", 10000.0)),
+                compress_rope_theta=float(get("compress_rope_theta", 160000.0)),
+                rope_factor=float(rs.get("factor", 1.0)) if rs else 1.0,
+                original_seq_len=int(rs.get("original_max_position_embeddings", 0)) if rs else 0,
+                beta_fast=int(rs.get("beta_fast", 32)),
+                beta_slow=int(rs.get("beta_slow", 1)),
+                max_seq_len=int(get("max_position_embeddings", 1048576)),
+                n_routed_experts=int(get("n_routed_experts")),
+                n_shared_experts=int(get("n_shared_experts", 1)),
+                n_activated_experts=int(get("num_experts_per_tok")),
+                moe_inter_dim=int(get("moe_intermediate_size")),
+                score_func=str(get("scoring_func", "sqrtsoftplus")),
+                route_scale=float(get("routed_scaling_factor")),
+                n_hash_layers=int(get("num_hash_layers", 0)),
+                swiglu_limit=float(get("swiglu_limit", 10.0)),
+                expert_dtype=str(get("expert_dtype", qc.get("expert_dtype", "fp4"))),
+                hc_mult=int(get("hc_mult", 4)),
+                hc_sinkhorn_iters=int(get("hc_sinkhorn_iters", 20)),
+                hc_eps=float(get("hc_eps", 1e-6)),
+                n_mtp_layers=n_mtp,
+                hf_config=dict(cfg),
+            )
+        except (TypeError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"{where}: {e}") from e
+
+    @classmethod
+    def from_preset(cls, name: str) -> "ModelArgs":
+        """Load a bundled preset by name (`flash`, `pro`, `tiny`, `small`)."""
+        if name not in preset_names():
+            raise ConfigError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
+        text = resources.files(PRESETS_PACKAGE).joinpath(f"{name}.json").read_text()
+        return cls.from_hf_config(json.loads(text), name=name)
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "ModelArgs":
+        """Read `<path>/config.json` of a checkpoint directory."""
+        p = Path(path) / "config.json"
+        if not p.is_file():
+            raise ConfigError(f"{p}: no config.json in the checkpoint directory")
+        try:
+            cfg = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p}: not valid JSON ({e})") from e
+        return cls.from_hf_config(cfg, name=str(path))
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The `config.json` dict for this model (the original one when it was read from a file)."""
+        if self.hf_config:
+            return dict(self.hf_config)
+        raise ConfigError(f"{self.name}: no HF config attached")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files(PRESETS_PACKAGE).iterdir() if p.name.endswith(".json"))
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def yarn_low_high(args: ModelArgs) -> tuple[int, int]:
+    """YaRN correction range for the compressed-layer rotary (model-spec.md §4.2): (15, 25) for θ=160000."""
+    theta, d = args.compress_rope_theta, args.rope_head_dim
+
+    def corr(beta: float) -> float:
+        return d * math.log(args.original_seq_len / (2 * math.pi * beta)) / (2 * math.log(theta))
+
+    low = max(math.floor(corr(args.beta_fast)), 0)
+    high = min(math.ceil(corr(args.beta_slow)), d - 1)
+    return low, high
