@@ -56,6 +56,9 @@ def dequant_fp8_block(w: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = tor
     Exact in bf16 and fp32: an e4m3 value times a power of two needs 4 significant bits.
     """
     o, i = w.shape
+    if o % block == 0 and i % block == 0:  # fast path: broadcast one scale per block, no full-size grid
+        blocks = w.to(torch.float32).view(o // block, block, i // block, block)
+        return (blocks * e8m0_to_float(s)[:, None, :, None]).view(o, i).to(dtype)
     return (w.to(torch.float32) * _block_scale_grid(s, o, i, block)).to(dtype)
 
 
@@ -99,8 +102,9 @@ def float_to_fp4_codes(x: torch.Tensor) -> torch.Tensor:
 def dequant_fp4(packed: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.float32,
                 block: int = 32) -> torch.Tensor:
     """MXFP4 weight: packed int8 [out, in/2] + UE8M0 [out, in/32] -> dense [out, in] `dtype`."""
-    v = fp4_codes_to_float(unpack_fp4_codes(packed))  # [out, in]
-    return (v * e8m0_to_float(s).repeat_interleave(block, -1)).to(dtype)
+    o = packed.shape[0]
+    v = fp4_codes_to_float(unpack_fp4_codes(packed)).view(o, -1, block)  # [out, in/32, 32]
+    return (v * e8m0_to_float(s)[..., None]).view(o, -1).to(dtype)
 
 
 def quant_fp4(w: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:

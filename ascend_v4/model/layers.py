@@ -1,0 +1,116 @@
+"""Thin building blocks: run-time options, RMSNorm, linear layers over packed FP8/FP4 weights.
+
+Parameter names and stored dtypes mirror the checkpoint (`<name>.weight` + `<name>.scale`), so the loader
+assigns tensors by name. Dtype rule the loader follows: it converts a checkpoint tensor to the dtype the
+module declares here; packed FP8 / FP4 / UE8M0 tensors are never converted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ascend_v4 import ops
+from ascend_v4.ops.reference.formats import dequant_fp4, dequant_fp8_block
+
+FP8, FP4, DENSE = "fp8", "fp4", "dense"
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How to run a checkpoint (not what it is: that is `ModelArgs`).
+
+    Attributes:
+        dtype: activation / dense-weight dtype (torch.bfloat16 in production, torch.float32 for parity).
+        quant_sim: replay the official QAT numerics (FP8 1x128 activation quantisation before FP8/FP4
+            GEMMs, FP8 round-trip of the KV nope dims, Hadamard + FP4 round-trips in the indexer).
+            On by default; off reproduces a plain-precision implementation such as transformers'.
+        dequantize_weights: expand FP8/FP4 weights to `dtype` once at load (more memory, faster matmuls
+            where no FP8/FP4 kernel exists, e.g. on CPU). Numerically identical to the packed path.
+    """
+
+    dtype: torch.dtype = torch.bfloat16
+    quant_sim: bool = True
+    dequantize_weights: bool = False
+
+
+def _param(shape: tuple[int, ...], dtype: torch.dtype) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with weight; statistics in fp32 (model-spec §4.1)."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = _param((dim,), dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def rms_unweighted(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-vector RMS normalisation without weight (the per-head q norm)."""
+    return (x.float() * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class Linear(nn.Module):
+    """y = x W^T for a weight stored as in the checkpoint.
+
+    fmt "fp8": weight e4m3 [out, in] + scale UE8M0 [ceil(out/128), ceil(in/128)];
+    fmt "fp4": weight int8 [out, in/2] (two e2m1 per byte) + scale UE8M0 [out, in/32];
+    fmt "dense": weight in `dtype` (BF16 in the checkpoint). `fp32_compute` runs a dense linear in fp32
+    whatever the activation dtype (the compressors and the router do, per the reference).
+    """
+
+    def __init__(self, in_features: int, out_features: int, fmt: str, opts: ModelOptions,
+                 fp32_compute: bool = False, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        self.opts, self.fp32_compute = opts, fp32_compute
+        if fmt == FP8:
+            self.weight = _param((out_features, in_features), torch.float8_e4m3fn)
+            self.scale = _param((-(-out_features // 128), -(-in_features // 128)), torch.float8_e8m0fnu)
+        elif fmt == FP4:
+            self.weight = _param((out_features, in_features // 2), torch.int8)
+            self.scale = _param((out_features, in_features // 32), torch.float8_e8m0fnu)
+        else:
+            self.weight = _param((out_features, in_features), dtype or opts.dtype)
+            self.scale = None
+
+    @property
+    def packed(self) -> bool:
+        return self.scale is not None
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.fmt == FP4 and self.packed:
+            return dequant_fp4(self.weight, self.scale, dtype)
+        if self.packed:
+            return dequant_fp8_block(self.weight, self.scale, dtype)
+        return self.weight.to(dtype)
+
+    def dequantize_(self, dtype: torch.dtype) -> None:
+        """Replace the packed weight by its exact dense expansion (after loading)."""
+        if self.packed:
+            self.weight = nn.Parameter(self.dense_weight(dtype), requires_grad=False)
+            self.scale = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.packed:
+            y = ops.quant_gemm(x2, self.weight, self.scale, self.opts.quant_sim)
+        else:
+            if self.fmt != DENSE and self.opts.quant_sim:
+                x2 = ops.fp8_roundtrip(x2, 128)  # same activation numerics as the packed path
+            if self.fp32_compute:
+                y = F.linear(x2.float(), self.weight.float())
+            else:
+                y = F.linear(x2, self.weight.to(x2.dtype))
+        return y.reshape(*shape[:-1], self.out_features)

@@ -1,0 +1,118 @@
+"""V4 MoE (model-spec §6): sqrt-softplus router scores, selection-only bias, hash routing (`tid2eid`) in the
+first layers, clamped SwiGLU routed experts (FP4) plus one shared expert (FP8), routed scaling.
+
+Expert parallelism later plugs in as `expert_filter`: a callable the runtime injects that maps global expert
+ids to local ones (-1 for experts owned by other ranks) and combines partial results; the model itself never
+imports the runtime.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ascend_v4 import ops
+
+from .args import ModelArgs
+from .layers import DENSE, FP4, FP8, Linear, ModelOptions
+
+
+class Gate(nn.Module):
+    def __init__(self, args: ModelArgs, opts: ModelOptions, layer_id: int):
+        super().__init__()
+        self.topk, self.route_scale = args.n_activated_experts, args.route_scale
+        self.hash = args.is_hash_layer(layer_id) and layer_id < args.n_layers
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim, dtype=opts.dtype),
+                                   requires_grad=False)
+        if self.hash:
+            self.tid2eid = nn.Parameter(torch.empty(args.vocab_size, self.topk, dtype=torch.long),
+                                        requires_grad=False)
+        else:
+            self.bias = nn.Parameter(torch.empty(args.n_routed_experts, dtype=torch.float32), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (expert ids [T, k], weights [T, k] fp32)."""
+        scores = torch.sqrt(F.softplus(F.linear(x.float(), self.weight.float())))  # [T, E]
+        if self.hash:
+            ids = self.tid2eid[tokens]
+        else:
+            ids = torch.topk(scores + self.bias, self.topk, dim=-1).indices  # bias picks, never weighs
+        w = scores.gather(1, ids)
+        return ids, w / w.sum(-1, keepdim=True) * self.route_scale
+
+
+class Expert(nn.Module):
+    """One SwiGLU expert: w2( silu(min(w1 x, L)) * clamp(w3 x, -L, L) )."""
+
+    def __init__(self, dim: int, inter: int, fmt: str, opts: ModelOptions, limit: float):
+        super().__init__()
+        self.limit, self.opts = limit, opts
+        self.w1 = Linear(dim, inter, fmt, opts)
+        self.w2 = Linear(inter, dim, fmt, opts)
+        self.w3 = Linear(dim, inter, fmt, opts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.w1(x).float().clamp(max=self.limit)
+        u = self.w3(x).float().clamp(-self.limit, self.limit)
+        return self.w2((F.silu(g) * u).to(x.dtype))
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs, opts: ModelOptions, layer_id: int):
+        super().__init__()
+        self.args, self.opts = args, opts
+        self.gate = Gate(args, opts, layer_id)
+        fmt = FP4 if args.expert_dtype == "fp4" else FP8
+        self.experts = nn.ModuleList(Expert(args.dim, args.moe_inter_dim, fmt, opts, args.swiglu_limit)
+                                     for _ in range(args.n_routed_experts))
+        self.shared_experts = Expert(args.dim, args.moe_inter_dim, FP8, opts, args.swiglu_limit)
+        self._lists: tuple | None = None
+        self.expert_filter = None  # injected by the runtime for expert parallelism
+
+    def post_load(self) -> None:
+        self._lists = None  # weights were (re)assigned: rebuild the per-expert lists lazily
+
+    def _weight_lists(self) -> tuple:
+        if self._lists is None:
+            cols = []
+            for w in ("w1", "w2", "w3"):
+                lins = [getattr(e, w) for e in self.experts]
+                cols.append([l.weight for l in lins])
+                cols.append([l.scale if l.packed else None for l in lins])
+            self._lists = tuple(cols)
+        return self._lists
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """x [T, D] normed FFN input; tokens [T] ids (hash routing). Returns [T, D] in x.dtype."""
+        ids, w = self.gate(x, tokens)
+        if self.expert_filter is not None:
+            ids = self.expert_filter(ids)
+        w1, s1, w2, s2, w3, s3 = self._weight_lists()
+        if s1[0] is None:  # dense (dequantized) experts: plain per-expert loop, same maths
+            routed = self._dense_experts(x, ids, w)
+        else:
+            routed = ops.moe_experts(x, ids, w, w1, s1, w2, s2, w3, s3, self.args.swiglu_limit,
+                                     self.opts.quant_sim)
+        return (routed + self.shared_experts(x).float()).to(x.dtype)
+
+    def _dense_experts(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        k = ids.shape[1]
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat + 1, minlength=len(self.experts) + 1).tolist()
+        pos = counts[0]
+        for e, n in enumerate(counts[1:]):
+            if n == 0:
+                continue
+            pairs = order[pos:pos + n]
+            pos += n
+            tok = pairs // k
+            ex = self.experts[e]
+            h = x[tok]
+            g = ex.w1(h).float().clamp(max=ex.limit)
+            u = ex.w3(h).float().clamp(-ex.limit, ex.limit)
+            a = F.silu(g) * u * w.reshape(-1)[pairs, None]
+            out.index_add_(0, tok, ex.w2(a.to(x.dtype)).float())
+        return out

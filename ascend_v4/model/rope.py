@@ -1,0 +1,48 @@
+"""Interleaved RoPE on the trailing `rope_head_dim` dims, with YaRN for compressed layers (model-spec §4.2).
+
+Channels (2i, 2i+1) of the rope slice form one complex number (not Llama's rotate-half layout).
+Ratio-0 layers use theta=10000 unscaled; ratio>0 layers (their window branch too) theta=160000 + YaRN.
+No mscale anywhere. cos/sin are computed per call for the positions at hand: a table for 1M positions
+would cost 256 MB per rope kind.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .args import ModelArgs, yarn_low_high
+
+
+def inv_freq(args: ModelArgs, compressed: bool) -> torch.Tensor:
+    """[rope_head_dim/2] fp32 inverse frequencies for a layer kind."""
+    rd = args.rope_head_dim
+    theta = args.compress_rope_theta if compressed else args.rope_theta
+    f = 1.0 / (theta ** (torch.arange(0, rd, 2, dtype=torch.float32) / rd))
+    if compressed and args.original_seq_len > 0:
+        low, high = yarn_low_high(args)
+        high = high if high > low else low + 0.001
+        ramp = ((torch.arange(rd // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        f = f / args.rope_factor * ramp + f * (1 - ramp)
+    return f
+
+
+def cos_sin(freqs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [T] -> cos, sin [T, rd/2] fp32."""
+    ang = positions.to(torch.float32)[:, None] * freqs.to(positions.device)[None, :]
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Rotate the last 2*cos.shape[-1] dims of x [T, ..., D] (cos/sin [T, rd/2]); `inverse` = conjugate."""
+    rd = 2 * cos.shape[-1]
+    nope, rope = x[..., :-rd], x[..., -rd:].float()
+    shape = rope.shape
+    pairs = rope.reshape(*shape[:-1], rd // 2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    extra = x.dim() - 2  # broadcast cos/sin over head dims
+    c = cos.view(cos.shape[0], *([1] * extra), -1)
+    s = sin.view(sin.shape[0], *([1] * extra), -1)
+    if inverse:
+        s = -s
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).reshape(shape)
+    return torch.cat((nope, out.to(x.dtype)), dim=-1)

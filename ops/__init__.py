@@ -1,0 +1,164 @@
+"""THE op seam of ascend-v4: the only way the model reaches heavy computation.
+
+Every function here checks its inputs (messages name the argument), then calls a `torch.ops.ascend_v4.*`
+op. Each op has a schema, a fake impl (for graph capture / torch.compile), a pure-torch reference that is
+the CPU fallback and the test golden (`ascend_v4.ops.reference`), and device kernels registered on top for
+CUDA / NPU once at import (`_backends.py`; `ASCEND_V4_OP_BACKEND=reference` forces the references).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _library  # noqa: F401  (registers the ascend_v4:: ops)
+from ._backends import active_backends, register_device_kernels
+
+_ops = torch.ops.ascend_v4
+register_device_kernels()
+
+
+class OpInputError(ValueError):
+    """An op was called with inputs that violate its documented contract."""
+
+
+def _check(cond: bool, op: str, msg: str) -> None:
+    if not cond:
+        raise OpInputError(f"ascend_v4.ops.{op}: {msg}")
+
+
+def sparse_attn(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor, scale: float) -> Tensor:
+    """Sparse MQA over a shared K=V latent with an attention sink.
+
+    Args:
+        q: [T, H, D] queries (bf16/fp32).
+        kv: [N, D] key = value rows (window entries and compressed entries of all sequences, any order).
+        idx: [T, K] int32/int64 row numbers into `kv` per query; -1 = empty slot.
+        sink: [H] fp32 per-head sink logit, added to the softmax denominator only (zero value).
+        scale: softmax scale (D^-0.5 for V4).
+    Returns:
+        [T, H, D] in q.dtype. Softmax in fp32.
+    """
+    _check(q.dim() == 3 and kv.dim() == 2 and q.shape[2] == kv.shape[1], "sparse_attn",
+           f"q must be [T,H,D] and kv [N,D] with equal D; got q{tuple(q.shape)} kv{tuple(kv.shape)}")
+    _check(idx.dim() == 2 and idx.shape[0] == q.shape[0], "sparse_attn",
+           f"idx must be [T,K] with T={q.shape[0]}; got {tuple(idx.shape)}")
+    _check(not idx.dtype.is_floating_point, "sparse_attn", f"idx must be integer, got {idx.dtype}")
+    _check(sink.shape == (q.shape[1],), "sparse_attn", f"sink must be [H={q.shape[1]}], got {tuple(sink.shape)}")
+    return _ops.sparse_attn(q, kv, idx, sink, scale)
+
+
+def indexer_topk(q: Tensor, k: Tensor, w: Tensor, k_start: Tensor, k_len: Tensor, topk: int) -> Tensor:
+    """Lightning-indexer top-k: score[t, s] = sum_h w[t,h] * relu(q[t,h] . k[s]) for s in the query's range.
+
+    Args:
+        q: [T, h, d] indexer queries; k: [N, d] indexer keys of all sequences; w: [T, h] head weights.
+        k_start, k_len: [T] int64, the rows of `k` visible to each query (its sequence's causal prefix).
+        topk: entries to keep per query.
+    Returns:
+        [T, topk] int64 global row numbers into `k`, best first, -1 where fewer than topk are visible.
+    """
+    _check(q.dim() == 3 and k.dim() == 2 and q.shape[2] == k.shape[1], "indexer_topk",
+           f"q must be [T,h,d] and k [N,d]; got q{tuple(q.shape)} k{tuple(k.shape)}")
+    _check(w.shape == q.shape[:2], "indexer_topk", f"w must be [T,h]={tuple(q.shape[:2])}, got {tuple(w.shape)}")
+    _check(k_start.shape == (q.shape[0],) and k_len.shape == (q.shape[0],), "indexer_topk",
+           "k_start and k_len must be [T]")
+    _check(topk >= 0, "indexer_topk", f"topk must be >= 0, got {topk}")
+    return _ops.indexer_topk(q, k, w, k_start.long(), k_len.long(), topk)
+
+
+def compress_kv(kv: Tensor, score: Tensor) -> Tensor:
+    """Gated pooling of the KV compressor: per-channel softmax of `score` over the slot axis, weighted sum.
+
+    Args:
+        kv, score: [N, L, d]; L = 8 for CSA (previous window's A half + this window's B half), 128 for HCA.
+            Unused slots carry score -inf.
+    Returns:
+        [N, d] fp32 pooled entries (before the compressor's RMSNorm and RoPE).
+    """
+    _check(kv.dim() == 3 and kv.shape == score.shape, "compress_kv",
+           f"kv and score must both be [N,L,d]; got {tuple(kv.shape)} and {tuple(score.shape)}")
+    return _ops.compress_kv(kv, score)
+
+
+def quant_gemm(x: Tensor, w: Tensor, s: Tensor, act_quant: bool) -> Tensor:
+    """x @ W^T for a packed weight: FP8 e4m3 [N, K] + UE8M0 [ceil(N/128), ceil(K/128)], or FP4 e2m1 packed
+    int8 [N, K/2] + UE8M0 [N, K/32]. `act_quant` simulates the 1x128 FP8 activation quantisation.
+
+    x: [M, K] bf16/fp32. Returns [M, N] in x.dtype.
+    """
+    fp4 = w.dtype == torch.int8
+    k = w.shape[1] * 2 if fp4 else w.shape[1]
+    _check(x.dim() == 2 and x.shape[1] == k, "quant_gemm",
+           f"x must be [M,{k}] for weight {tuple(w.shape)} ({'fp4' if fp4 else str(w.dtype)}), got {tuple(x.shape)}")
+    _check(w.dtype in (torch.int8, torch.float8_e4m3fn), "quant_gemm", f"weight dtype {w.dtype} is not fp8/fp4")
+    _check(s.dtype == torch.float8_e8m0fnu, "quant_gemm", f"scale dtype {s.dtype} is not float8_e8m0fnu")
+    return _ops.quant_gemm(x, w, s, act_quant)
+
+
+def moe_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w1: list[Tensor], s1: list[Tensor],
+                w2: list[Tensor], s2: list[Tensor], w3: list[Tensor], s3: list[Tensor], swiglu_limit: float,
+                act_quant: bool) -> Tensor:
+    """Routed experts with clamped SwiGLU: sum_k wt_k * W2_e(silu(min(W1_e x, L)) * clamp(W3_e x, -L, L)).
+
+    Args:
+        x: [T, D]; topk_ids: [T, k] expert ids (-1 = skip); topk_weights: [T, k] fp32 routing weights
+            (multiplied in before W2, as the official reference does).
+        w1/w3: per expert [I, D/2] int8 FP4 (or [I, D] FP8); w2: [D, I/2] (or [D, I]); s*: UE8M0 scales.
+    Returns:
+        [T, D] fp32.
+    """
+    E = len(w1)
+    _check(all(len(l) == E for l in (s1, w2, s2, w3, s3)), "moe_experts", "weight/scale lists differ in length")
+    _check(topk_ids.shape == topk_weights.shape and topk_ids.shape[0] == x.shape[0], "moe_experts",
+           f"topk_ids/topk_weights must be [T={x.shape[0]},k]; got {tuple(topk_ids.shape)}, "
+           f"{tuple(topk_weights.shape)}")
+    return _ops.moe_experts(x, topk_ids, topk_weights, w1, s1, w2, s2, w3, s3, swiglu_limit, act_quant)
+
+
+def hc_pre(x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, norm_eps: float, hc_eps: float,
+           sinkhorn_iters: int) -> tuple[Tensor, Tensor, Tensor]:
+    """mHC pre-mix: x [T, n, D] -> (block input [T, D], post [T, n], comb [T, n, n]) with Sinkhorn.
+
+    fn [(2+n)n, nD], base [(2+n)n], scale [3], all fp32.
+    """
+    _check(x.dim() == 3 and fn.shape == ((2 + x.shape[1]) * x.shape[1], x.shape[1] * x.shape[2]), "hc_pre",
+           f"x [T,n,D] / fn [(2+n)n, nD] mismatch: x{tuple(x.shape)} fn{tuple(fn.shape)}")
+    return _ops.hc_pre(x, fn, base, scale, norm_eps, hc_eps, sinkhorn_iters)
+
+
+def hc_post(f: Tensor, residual: Tensor, post: Tensor, comb: Tensor) -> Tensor:
+    """mHC post-mix: X'_j = post_j * f + sum_i comb[i, j] * residual_i. f [T, D]; residual [T, n, D]."""
+    _check(residual.dim() == 3 and f.shape == (residual.shape[0], residual.shape[2]), "hc_post",
+           f"f must be [T,D] for residual [T,n,D]; got f{tuple(f.shape)} residual{tuple(residual.shape)}")
+    return _ops.hc_post(f, residual, post, comb)
+
+
+def hc_head(x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, norm_eps: float, hc_eps: float) -> Tensor:
+    """mHC final collapse of the n streams: x [T, n, D] -> [T, D]. fn [n, nD], base [n], scale [1]."""
+    _check(x.dim() == 3 and fn.shape == (x.shape[1], x.shape[1] * x.shape[2]), "hc_head",
+           f"x [T,n,D] / fn [n, nD] mismatch: x{tuple(x.shape)} fn{tuple(fn.shape)}")
+    return _ops.hc_head(x, fn, base, scale, norm_eps, hc_eps)
+
+
+def fp8_roundtrip(x: Tensor, block: int) -> Tensor:
+    """QAT simulation: quantise the last dim to e4m3 in 1x`block` runs (pow2 scales, rounded up), dequantise."""
+    _check(x.shape[-1] % block == 0, "fp8_roundtrip", f"last dim {x.shape[-1]} not a multiple of {block}")
+    return _ops.fp8_roundtrip(x, block)
+
+
+def fp4_roundtrip(x: Tensor, block: int) -> Tensor:
+    """QAT simulation: quantise the last dim to e2m1 in 1x`block` runs (pow2 scales, rounded up), dequantise."""
+    _check(x.shape[-1] % block == 0, "fp4_roundtrip", f"last dim {x.shape[-1]} not a multiple of {block}")
+    return _ops.fp4_roundtrip(x, block)
+
+
+def hadamard(x: Tensor) -> Tensor:
+    """Orthonormal Walsh-Hadamard rotation of the last dim (power of two), Sylvester order."""
+    n = x.shape[-1]
+    _check(n > 0 and n & (n - 1) == 0, "hadamard", f"last dim {n} is not a power of two")
+    return _ops.hadamard(x)
+
+
+__all__ = ["sparse_attn", "indexer_topk", "compress_kv", "quant_gemm", "moe_experts", "hc_pre", "hc_post",
+           "hc_head", "fp8_roundtrip", "fp4_roundtrip", "hadamard", "OpInputError", "active_backends"]

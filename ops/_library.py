@@ -1,0 +1,143 @@
+"""`torch.library` definitions of every ascend_v4 op: schema, fake (meta) impl, and the reference as the
+default implementation for every device.
+
+Ledger: importing this module registers the `ascend_v4::*` ops (once per process). Device kernels
+(Triton on CUDA, Ascend C / triton-ascend on NPU) are registered on top by `_backends.py`, which
+`ascend_v4.ops` calls once at import; with `ASCEND_V4_OP_BACKEND=reference` nothing is registered on top
+and the references below run everywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .reference import attention as _attn
+from .reference import formats as _fmt
+from .reference import gemm as _gemm
+from .reference import mhc as _mhc
+
+NS = "ascend_v4"
+
+
+# ---------------------------------------------------------------------------------------------- attention
+@torch.library.custom_op(f"{NS}::sparse_attn", mutates_args=())
+def sparse_attn(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor, scale: float) -> Tensor:
+    return _attn.sparse_attn(q, kv, idx, sink, scale)
+
+
+@sparse_attn.register_fake
+def _(q, kv, idx, sink, scale):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op(f"{NS}::indexer_topk", mutates_args=())
+def indexer_topk(q: Tensor, k: Tensor, w: Tensor, k_start: Tensor, k_len: Tensor, topk: int) -> Tensor:
+    return _attn.indexer_topk(q, k, w, k_start, k_len, topk)
+
+
+@indexer_topk.register_fake
+def _(q, k, w, k_start, k_len, topk):
+    return q.new_empty((q.shape[0], topk), dtype=torch.long)
+
+
+@torch.library.custom_op(f"{NS}::compress_kv", mutates_args=())
+def compress_kv(kv: Tensor, score: Tensor) -> Tensor:
+    return _attn.compress_kv(kv, score)
+
+
+@compress_kv.register_fake
+def _(kv, score):
+    return kv.new_empty((kv.shape[0], kv.shape[2]), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------- GEMMs
+@torch.library.custom_op(f"{NS}::quant_gemm", mutates_args=())
+def quant_gemm(x: Tensor, w: Tensor, s: Tensor, act_quant: bool) -> Tensor:
+    return _gemm.quant_gemm(x, w, s, act_quant)
+
+
+@quant_gemm.register_fake
+def _(x, w, s, act_quant):
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+@torch.library.custom_op(f"{NS}::moe_experts", mutates_args=())
+def moe_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w1: list[Tensor], s1: list[Tensor],
+                w2: list[Tensor], s2: list[Tensor], w3: list[Tensor], s3: list[Tensor], swiglu_limit: float,
+                act_quant: bool) -> Tensor:
+    return _gemm.moe_experts(x, topk_ids, topk_weights, w1, s1, w2, s2, w3, s3, swiglu_limit, act_quant)
+
+
+@moe_experts.register_fake
+def _(x, topk_ids, topk_weights, w1, s1, w2, s2, w3, s3, swiglu_limit, act_quant):
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------- mHC
+@torch.library.custom_op(f"{NS}::hc_pre", mutates_args=())
+def hc_pre(x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, norm_eps: float, hc_eps: float,
+           sinkhorn_iters: int) -> tuple[Tensor, Tensor, Tensor]:
+    return _mhc.hc_pre(x, fn, base, scale, norm_eps, hc_eps, sinkhorn_iters)
+
+
+@hc_pre.register_fake
+def _(x, fn, base, scale, norm_eps, hc_eps, sinkhorn_iters):
+    T, n, D = x.shape
+    f32 = torch.float32
+    return x.new_empty((T, D)), x.new_empty((T, n), dtype=f32), x.new_empty((T, n, n), dtype=f32)
+
+
+@torch.library.custom_op(f"{NS}::hc_post", mutates_args=())
+def hc_post(f: Tensor, residual: Tensor, post: Tensor, comb: Tensor) -> Tensor:
+    return _mhc.hc_post(f, residual, post, comb)
+
+
+@hc_post.register_fake
+def _(f, residual, post, comb):
+    return torch.empty_like(residual)
+
+
+@torch.library.custom_op(f"{NS}::hc_head", mutates_args=())
+def hc_head(x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, norm_eps: float, hc_eps: float) -> Tensor:
+    return _mhc.hc_head(x, fn, base, scale, norm_eps, hc_eps)
+
+
+@hc_head.register_fake
+def _(x, fn, base, scale, norm_eps, hc_eps):
+    return x.new_empty((x.shape[0], x.shape[2]))
+
+
+# ---------------------------------------------------------------------------------------------- QAT round-trips
+@torch.library.custom_op(f"{NS}::fp8_roundtrip", mutates_args=())
+def fp8_roundtrip(x: Tensor, block: int) -> Tensor:
+    return _fmt.fp8_roundtrip(x, block)
+
+
+@fp8_roundtrip.register_fake
+def _(x, block):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op(f"{NS}::fp4_roundtrip", mutates_args=())
+def fp4_roundtrip(x: Tensor, block: int) -> Tensor:
+    return _fmt.fp4_roundtrip(x, block)
+
+
+@fp4_roundtrip.register_fake
+def _(x, block):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op(f"{NS}::hadamard", mutates_args=())
+def hadamard(x: Tensor) -> Tensor:
+    return _fmt.hadamard(x)
+
+
+@hadamard.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+ALL_OPS = {f._name: f for f in (sparse_attn, indexer_topk, compress_kv, quant_gemm, moe_experts, hc_pre,
+                                   hc_post, hc_head, fp8_roundtrip, fp4_roundtrip, hadamard)}

@@ -1,0 +1,54 @@
+"""Reference manifold-constrained hyper-connections (mHC, model-spec.md §5). All mixing maths in fp32."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _mix(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
+    # Unweighted RMS-normalised projection of the flattened streams: (u . fn^T) * rsqrt(mean(u^2) + eps).
+    u = x.flatten(-2).float()  # [T, n*D]
+    return (u @ fn.float().t()) * torch.rsqrt(u.square().mean(-1, keepdim=True) + norm_eps)
+
+
+def hc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_eps: float,
+           hc_eps: float, sinkhorn_iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Collapse n residual streams into one block input and compute the post / comb mixing weights.
+
+    x [T, n, D]; fn [(2+n)*n, n*D], base [(2+n)*n], scale [3] (fp32).
+    Returns (y [T, D] in x.dtype, post [T, n] fp32 in (0, 2), comb [T, n, n] fp32 ~doubly stochastic).
+    """
+    n = x.shape[1]
+    mix = _mix(x, fn, norm_eps)  # [T, (2+n)*n]
+    b, s = base.float(), scale.float()
+    pre = torch.sigmoid(mix[:, :n] * s[0] + b[:n]) + hc_eps
+    post = 2 * torch.sigmoid(mix[:, n:2 * n] * s[1] + b[n:2 * n])
+    comb = (mix[:, 2 * n:] * s[2] + b[2 * n:]).view(-1, n, n)
+    # Sinkhorn: row softmax, then column normalisation, then (row, column) pairs: 20 steps, ending on columns.
+    comb = torch.softmax(comb, dim=-1) + hc_eps
+    comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
+    for _ in range(sinkhorn_iters - 1):
+        comb = comb / (comb.sum(-1, keepdim=True) + hc_eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
+    y = (pre.unsqueeze(-1) * x.float()).sum(1).to(x.dtype)
+    return y, post, comb
+
+
+def hc_post(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """Expand a block output back to n streams: X'_j = post_j * f + sum_i comb[i, j] * X_i.
+
+    f [T, D]; residual [T, n, D]; post [T, n]; comb [T, n, n]. Returns [T, n, D] in residual.dtype.
+    The sum runs over the *source* index i (comb transposed): comb is not symmetric.
+    """
+    mixed = torch.einsum("tij,tid->tjd", comb.float(), residual.float())
+    return (post.float().unsqueeze(-1) * f.float().unsqueeze(1) + mixed).to(residual.dtype)
+
+
+def hc_head(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_eps: float,
+            hc_eps: float) -> torch.Tensor:
+    """Final collapse of the n streams: sum_i (sigmoid(mix_i * scale + base_i) + eps) * X_i.
+
+    x [T, n, D]; fn [n, n*D]; base [n]; scale [1]. Returns [T, D] in x.dtype.
+    """
+    pre = torch.sigmoid(_mix(x, fn, norm_eps) * scale.float() + base.float()) + hc_eps
+    return (pre.unsqueeze(-1) * x.float()).sum(1).to(x.dtype)
