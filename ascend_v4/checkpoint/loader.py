@@ -1,0 +1,179 @@
+"""Load a checkpoint directory into a model built on the `meta` device.
+
+Project rule: the model's `named_parameters()` / `named_buffers()` names are exactly the checkpoint tensor
+names (model-spec.md §9.1), so loading is a strict copy with no rename table.
+
+How a tensor is placed: the owning submodule is `model.get_submodule(prefix)`; a parameter is replaced by
+`nn.Parameter(t, requires_grad=False)`, a buffer by `module._buffers[leaf] = t` (its persistence is kept).
+Every tensor is copied exactly once from the shard's mmap into fresh storage on `device`: safetensors 0.8
+returns views of a private file mapping that outlive the handle, but keeping them would pin every shard in
+the address space and turn a later truncation of the file into SIGBUS, so we never keep them.
+
+Dtype rule (the target dtype is what the model declared on `meta`):
+* BF16 -> bfloat16 or float32 (cast on copy);
+* F32 -> any floating dtype the model declares (float32 unless it says otherwise);
+* F8_E4M3, F8_E8M0, I64 -> exactly float8_e4m3fn, float8_e8m0fnu, int64 (never converted: FP8 stays packed);
+* I8 (packed FP4) -> int8, or float4_e2m1fn_x2 as a bit-for-bit view (same shape `[out, in/2]`);
+* shapes must match exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ascend_v4.checkpoint.errors import CheckpointError
+from ascend_v4.checkpoint.reader import MTP_PREFIX, TORCH_DTYPES, ProgressBar, TensorEntry, read_checkpoint
+from ascend_v4.model.args import ModelArgs
+
+_FLOAT_TARGETS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# Checkpoint dtype -> model dtypes it may be loaded into (besides its own torch dtype).
+ALLOWED_TARGETS: dict[str, tuple[torch.dtype, ...]] = {
+    "BF16": (torch.bfloat16, torch.float32),
+    "F32": _FLOAT_TARGETS,
+    "I8": (torch.int8, torch.float4_e2m1fn_x2),
+}
+_VIEW_TARGETS = {("I8", torch.float4_e2m1fn_x2)}  # reinterpretations, not conversions
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    tensors: int  # tensors copied into the model
+    bytes: int  # bytes read from the checkpoint
+    seconds: float
+    shards: int
+    skipped: int  # checkpoint tensors deliberately not loaded (MTP when excluded)
+
+
+@dataclass(frozen=True)
+class _Target:
+    module: nn.Module
+    leaf: str
+    is_param: bool
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def _targets(model: nn.Module) -> dict[str, _Target]:
+    out: dict[str, _Target] = {}
+    for prefix, mod in model.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        for leaf, p in mod._parameters.items():
+            if p is not None:
+                out[dot + leaf] = _Target(mod, leaf, True, p.dtype, tuple(p.shape))
+        for leaf, b in mod._buffers.items():
+            if b is not None and leaf not in mod._non_persistent_buffers_set:
+                out[dot + leaf] = _Target(mod, leaf, False, b.dtype, tuple(b.shape))
+    return out
+
+
+def check_target(ent: TensorEntry, target: _Target) -> str | None:
+    """A problem line when checkpoint tensor `ent` cannot be loaded into `target`, else None."""
+    if ent.shape != target.shape:
+        return f"{ent.file}: {ent.name}: checkpoint shape {list(ent.shape)}, model expects {list(target.shape)}"
+    own = TORCH_DTYPES.get(ent.dtype)
+    if target.dtype != own and target.dtype not in ALLOWED_TARGETS.get(ent.dtype, ()):
+        return f"{ent.file}: {ent.name}: checkpoint dtype {ent.dtype} cannot be loaded into model dtype {target.dtype}"
+    return None
+
+
+def load_checkpoint(model: nn.Module, ckpt_dir: str | Path, *, args: ModelArgs | None = None, progress: bool = False,
+                    include_mtp: bool = True, device: torch.device | str = "cpu") -> LoadReport:
+    """Fill a `meta`-built model from a checkpoint directory, shard by shard.
+
+    Args:
+        model: built under `torch.device("meta")`; names mirror the checkpoint keys.
+        ckpt_dir: directory in the official layout (validated first by `read_checkpoint`: headers, sizes,
+            the full `expected_tensors(args)` inventory; all problems raised together).
+        args: architecture to validate against; default: the directory's `config.json`.
+        progress: progress bar on stderr (shard i/N, bytes, tensors, ETA).
+        include_mtp: load `mtp.*` tensors (they are always skipped when `args.n_mtp_layers == 0`).
+        device: where the loaded tensors live.
+
+    After all shards, a parameter or persistent buffer still on `meta` is an error ("missing from
+    checkpoint"); then `model.post_load()` is called when the model defines it.
+
+    Raises:
+        CheckpointError: invalid checkpoint, a checkpoint tensor the model lacks, shape/dtype mismatch,
+            or a model tensor missing from the checkpoint.
+    """
+    t0 = time.monotonic()
+    info = read_checkpoint(ckpt_dir, args=args, include_mtp=include_mtp)
+    skip_mtp = not include_mtp or info.args.n_mtp_layers == 0
+    where = str(info.path)
+    targets = _targets(model)
+
+    # Check everything we can from headers before copying a byte.
+    problems: list[str] = []
+    wanted: dict[str, TensorEntry] = {}
+    bad: set[str] = set()
+    skipped = 0
+    for name, ent in info.tensors.items():
+        if skip_mtp and name.startswith(MTP_PREFIX):
+            skipped += 1
+            continue
+        tgt = targets.get(name)
+        if tgt is None:
+            problems.append(f"{ent.file}: {name}: the model has no parameter or buffer of this name")
+            continue
+        if (p := check_target(ent, tgt)) is not None:
+            problems.append(p)
+            bad.add(name)
+            continue
+        wanted[name] = ent
+    for name, tgt in targets.items():
+        if name not in wanted and name not in bad and _is_meta(tgt):
+            why = " (MTP tensors are not loaded: include_mtp=False or no MTP)" if name in info.tensors else ""
+            problems.append(f"{name}: missing from checkpoint{why}; the model declares it on meta")
+    if problems:
+        raise CheckpointError.from_problems(f"{where} (loading into {type(model).__name__})", problems)
+
+    total = sum(e.nbytes for e in wanted.values())
+    bar = ProgressBar(total, f"load {info.path.name}") if progress else None
+    n_tensors = n_bytes = 0
+    shards = [sh for sh in info.shards if any(n in wanted for n in sh.tensors)]
+    with torch.no_grad():
+        for i, sh in enumerate(shards):
+            names = [n for n in sh.tensors if n in wanted]  # file offset order: sequential reads
+            with safe_open(str(sh.path), framework="pt") as f:
+                for name in names:
+                    tgt = targets[name]
+                    src = f.get_tensor(name)
+                    if (info.tensors[name].dtype, tgt.dtype) in _VIEW_TARGETS:
+                        src = src.view(tgt.dtype)
+                    t = src.to(device=device, dtype=tgt.dtype, copy=True)
+                    del src
+                    if tgt.is_param:
+                        tgt.module._parameters[tgt.leaf] = nn.Parameter(t, requires_grad=False)
+                    else:
+                        tgt.module._buffers[tgt.leaf] = t
+                    n_tensors += 1
+                    n_bytes += wanted[name].nbytes
+                    if bar:
+                        bar.update(wanted[name].nbytes, f"shard {i + 1}/{len(shards)}  {n_tensors} tensors")
+    if bar:
+        bar.close()
+
+    # Safety net (e.g. a parameter replaced under a name the model did not expose before loading).
+    missing = [n for n, tgt in _targets(model).items() if _is_meta(tgt)]
+    if missing:
+        raise CheckpointError.from_problems(
+            f"{where} (loading into {type(model).__name__})",
+            [f"{n}: missing from checkpoint (model still has it on meta)" for n in missing])
+    post = getattr(model, "post_load", None)
+    if callable(post):
+        post()
+    return LoadReport(n_tensors, n_bytes, time.monotonic() - t0, len(shards), skipped)
+
+
+def _is_meta(tgt: _Target) -> bool:
+    t = tgt.module._parameters[tgt.leaf] if tgt.is_param else tgt.module._buffers[tgt.leaf]
+    return t is not None and t.is_meta
+
+
+__all__ = ["load_checkpoint", "LoadReport", "ALLOWED_TARGETS", "check_target"]
