@@ -56,7 +56,8 @@ def indexer_topk(q: Tensor, k: Tensor, w: Tensor, k_start: Tensor, k_len: Tensor
         k_start, k_len: [T] int64, the rows of `k` visible to each query (its sequence's causal prefix).
         topk: entries to keep per query.
     Returns:
-        [T, topk] int64 global row numbers into `k`, best first, -1 where fewer than topk are visible.
+        [T, topk] int64 global row numbers into `k`, best first (ties: lower row first), -1 where fewer
+        than topk are visible.
     """
     _check(q.dim() == 3 and k.dim() == 2 and q.shape[2] == k.shape[1], "indexer_topk",
            f"q must be [T,h,d] and k [N,d]; got q{tuple(q.shape)} k{tuple(k.shape)}")

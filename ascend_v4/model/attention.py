@@ -63,7 +63,8 @@ class Attention(nn.Module):
         if self.kind == CSA:
             self.indexer = Indexer(args, opts, self.ratio)
         # YaRN + theta 160000 in compressed layers (window branch included), plain theta 10000 otherwise.
-        self.register_buffer("freqs", inv_freq(args, self.kind != WINDOW), persistent=False)
+        # A plain attribute, not a buffer: it is derived from args, never part of the checkpoint.
+        self.freqs = inv_freq(args, self.kind != WINDOW)
 
     def post_load(self) -> None:
         # The reference runs the grouped wo_a einsum in BF16 on a dequantised weight (model-spec §4.7).

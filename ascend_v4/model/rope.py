@@ -17,11 +17,12 @@ def inv_freq(args: ModelArgs, compressed: bool) -> torch.Tensor:
     """[rope_head_dim/2] fp32 inverse frequencies for a layer kind."""
     rd = args.rope_head_dim
     theta = args.compress_rope_theta if compressed else args.rope_theta
-    f = 1.0 / (theta ** (torch.arange(0, rd, 2, dtype=torch.float32) / rd))
+    # Explicit CPU device: the model is built under torch.device("meta"), but these are constants, not weights.
+    f = 1.0 / (theta ** (torch.arange(0, rd, 2, dtype=torch.float32, device="cpu") / rd))
     if compressed and args.original_seq_len > 0:
         low, high = yarn_low_high(args)
         high = high if high > low else low + 0.001
-        ramp = ((torch.arange(rd // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        ramp = ((torch.arange(rd // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
         f = f / args.rope_factor * ramp + f * (1 - ramp)
     return f
 

@@ -39,6 +39,7 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, k_start: tor
                  k_len: torch.Tensor, topk: int) -> torch.Tensor:
     """Lightning-indexer selection: score(t, s) = sum_h w[t,h] * relu(q[t,h] . k[s]) over s in
     [k_start[t], k_start[t] + k_len[t]); returns the global row numbers of the `topk` best, -1 padded.
+    Equal scores rank the lower row first (deterministic under ties).
 
     q [T, h, d]; k [N, d]; w [T, h]; k_start, k_len [T] int64. Returns [T, topk] int64.
     """
@@ -60,8 +61,11 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, k_start: tor
         ok = (pos >= start) & (pos < end)
         s = s.masked_fill(~ok, float("-inf"))
         kk_n = min(topk, hi - lo)
-        top = s.topk(kk_n, dim=-1)
-        sel = torch.where(torch.isfinite(top.values), top.indices + lo, torch.full_like(top.indices, -1))
+        # Ties are common once q and k are FP4-rounded (QAT simulation): break them towards the lower entry
+        # number with a stable sort, so the choice never depends on how many entries a call happened to see.
+        vals, order = torch.sort(s, dim=-1, descending=True, stable=True)
+        vals, order = vals[:, :kk_n], order[:, :kk_n]
+        sel = torch.where(torch.isfinite(vals), order + lo, torch.full_like(order, -1))
         out[t0:t1, :kk_n] = sel
     return out
 

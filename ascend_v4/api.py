@@ -1,0 +1,145 @@
+"""Offline Python API: `LLM(model=...)` with `generate(prompts)` and `chat(messages, thinking=...)`.
+
+    from ascend_v4 import LLM, SamplingParams
+    llm = LLM(model="tiny")                          # a preset, a checkpoint directory or a HF repo id
+    out = llm.generate(["Hello"], SamplingParams(max_tokens=16, temperature=0))
+    out = llm.chat([{"role": "user", "content": "hi"}], thinking="high")
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ascend_v4.chat.encoding import encode_messages, thinking_options
+from ascend_v4.chat.parsing import parse_completion
+from ascend_v4.checkpoint.resolve import resolve_model
+from ascend_v4.model.args import ModelArgs
+from ascend_v4.model.layers import ModelOptions
+from ascend_v4.model.load import load_model
+from ascend_v4.runtime.generate import generate_ids
+from ascend_v4.runtime.sampling import SamplingParams
+from ascend_v4.tokenizer import Tokenizer
+
+log = logging.getLogger("ascend_v4")
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+# Below this many bytes of dense weights, CPU runs dequantise FP8/FP4 once at load (no FP8 matmul on CPU).
+_CPU_DEQUANT_LIMIT = 8 << 30
+
+
+@dataclass
+class CompletionOutput:
+    """One generated continuation."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    reasoning_content: str | None = None  # chat(): the thinking part
+    tool_calls: list[Any] = field(default_factory=list)  # chat(): parsed DSML tool calls
+
+
+@dataclass
+class RequestOutput:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class LLM:
+    """A loaded DeepSeek-V4 model ready to generate.
+
+    Args:
+        model: preset name (`tiny`, `small` run on a cached dummy checkpoint; `flash`, `pro` need the real
+            weights), a checkpoint directory, or a Hugging Face repo id present in the local cache.
+        device: "cpu" (default), "cuda" or "npu".
+        dtype: "auto" (default: fp32 on CPU, bf16 on NPU/CUDA), "bf16" or "fp32". On CPUs without
+            AVX512-BF16 torch's bf16 matmul is about 1000x slower than fp32 (docs/perf.md), hence auto.
+        quant_sim: replay the official FP8/FP4 QAT numerics (default True).
+        dequantize_weights: expand FP8/FP4 weights at load; None = automatic (on CPU for models whose
+            dense weights fit in 8 GiB).
+        dummy: for `flash` / `pro`, run a dummy checkpoint of the real shapes instead of real weights.
+    """
+
+    def __init__(self, model: str | Path = "tiny", *, device: str = "cpu", dtype: str = "auto",
+                 quant_sim: bool = True, dequantize_weights: bool | None = None, dummy: bool = False,
+                 progress: bool = False):
+        if dtype == "auto":
+            dtype = "fp32" if torch.device(device).type == "cpu" else "bf16"
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {dtype!r}")
+        resolved = resolve_model(model, dummy=dummy)
+        self.path = resolved.path
+        self.args = ModelArgs.from_dir(self.path)
+        tdtype = _DTYPES[dtype]
+        if dequantize_weights is None:
+            dense = self.args.param_counts()["total"] * torch.finfo(tdtype).bits // 8
+            dequantize_weights = torch.device(device).type == "cpu" and dense <= _CPU_DEQUANT_LIMIT
+        self.options = ModelOptions(dtype=tdtype, quant_sim=quant_sim, dequantize_weights=dequantize_weights)
+        tok_file = self.path / "tokenizer.json"
+        self.tokenizer = Tokenizer.from_dir(self.path) if tok_file.is_file() else Tokenizer.default()
+        self.model = load_model(self.path, self.options, device=device, progress=progress)
+        if resolved.is_dummy:
+            log.info("%s: dummy checkpoint (random weights) at %s", model, self.path)
+
+    # ------------------------------------------------------------------------------------------ generate
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Continue raw prompts: strings are tokenized as they are (BOS prepended), id lists used verbatim."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        texts, ids = [], []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                texts.append(p)
+                ids.append([self.args.bos_token_id] + self.tokenizer.encode(p))
+            elif isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p):
+                texts.append(None)
+                ids.append(list(p))
+            else:
+                raise TypeError(f"prompt {i} must be a string or a list of token ids, got {type(p).__name__}")
+        return self._run(texts, ids, sampling_params, parse=None)
+
+    def chat(self, messages: Sequence[dict] | Sequence[Sequence[dict]], sampling_params=None, *,
+             thinking: str = "none", tools: list[dict] | None = None) -> list[RequestOutput]:
+        """Chat with the official V4 encoding. `thinking`: "none" (chat mode), "high" or "max".
+
+        `messages` is one conversation (list of dicts) or a list of conversations. Outputs carry the
+        completion split into `reasoning_content`, `text` (content) and parsed `tool_calls`.
+        """
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        mode, effort = thinking_options(thinking)
+        texts, ids = [], []
+        for conv in convs:
+            text = encode_messages(list(conv), mode, reasoning_effort=effort, tools=tools)
+            texts.append(text)
+            ids.append(self.tokenizer.encode(text))
+        return self._run(texts, ids, sampling_params, parse=(mode == "thinking"))
+
+    def _run(self, texts, ids, sampling_params, parse: bool | None) -> list[RequestOutput]:
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else \
+            [sampling_params] * len(ids)
+        if len(params) != len(ids):
+            raise ValueError(f"{len(params)} sampling params for {len(ids)} prompts")
+        comps = generate_ids(self.model, ids, params)
+        results = []
+        for text, comp in zip(texts, comps):
+            out_ids = comp.token_ids
+            body = out_ids[:-1] if comp.finish_reason == "stop" else out_ids  # drop the stop token
+            decoded = self.tokenizer.decode(body)
+            co = CompletionOutput(decoded, out_ids, comp.finish_reason)
+            if parse is not None:
+                pm = parse_completion(decoded, thinking=parse)
+                co.text, co.reasoning_content, co.tool_calls = pm.content, pm.reasoning_content, pm.tool_calls
+            n = len(out_ids)
+            metrics = {"prefill_s": comp.prefill_s, "decode_s": comp.decode_s,
+                       "decode_tok_s": (n - 1) / comp.decode_s if n > 1 and comp.decode_s > 0 else 0.0}
+            results.append(RequestOutput(text, comp.prompt_token_ids, [co], metrics))
+        return results

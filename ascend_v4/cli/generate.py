@@ -1,0 +1,113 @@
+"""`ascend-v4 generate`: run one prompt (raw or chat-encoded) through a model and print the completion."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+
+import click
+
+
+@dataclass
+class GenerateRequest:
+    model: str = "tiny"
+    prompt: str | None = None
+    prompt_ids: list[int] | None = None
+    chat: bool = False
+    thinking: str = "none"
+    max_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    dtype: str = "auto"
+    device: str = "cpu"
+    quant_sim: bool = True
+    dummy: bool = False
+
+
+def run_generate(req: GenerateRequest) -> dict:
+    """Load the model, generate, and return a JSON-able result (ids, text, timings)."""
+    from ascend_v4.api import LLM
+    from ascend_v4.runtime.sampling import SamplingParams
+
+    if (req.prompt is None) == (req.prompt_ids is None):
+        raise click.UsageError("give exactly one of --prompt and --prompt-ids")
+    if req.chat and req.prompt is None:
+        raise click.UsageError("--chat needs --prompt (a user message), not --prompt-ids")
+    llm = LLM(req.model, device=req.device, dtype=req.dtype, quant_sim=req.quant_sim, dummy=req.dummy,
+              progress=sys.stderr.isatty())
+    sp = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+                        top_k=req.top_k, seed=req.seed)
+    if req.chat:
+        res = llm.chat([{"role": "user", "content": req.prompt}], sp, thinking=req.thinking)[0]
+    else:
+        res = llm.generate([req.prompt if req.prompt is not None else req.prompt_ids], sp)[0]
+    out = res.outputs[0]
+    return {"model": str(llm.path), "prompt_token_ids": res.prompt_token_ids, "token_ids": out.token_ids,
+            "text": out.text, "reasoning_content": out.reasoning_content,
+            "tool_calls": [getattr(t, "__dict__", t) for t in out.tool_calls],
+            "finish_reason": out.finish_reason, "metrics": res.metrics}
+
+
+def _parse_ids(ctx, param, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}")
+
+
+@click.command("generate")
+@click.option("--model", default="tiny", show_default=True,
+              help="Preset (tiny/small: dummy weights made on the fly; flash/pro: real weights), "
+                   "checkpoint directory, or Hugging Face repo id in the local cache.")
+@click.option("--prompt", help="Prompt text (raw continuation, BOS prepended; with --chat: the user message).")
+@click.option("--prompt-ids", callback=_parse_ids, help="Prompt as comma-separated token ids, used verbatim.")
+@click.option("--chat", is_flag=True, help="Encode --prompt as a user turn with the official V4 chat encoding.")
+@click.option("--thinking", type=click.Choice(["none", "high", "max"]), default="none", show_default=True,
+              help="Chat thinking mode: none = non-think; high = <think>; max = think with the max-effort preamble.")
+@click.option("--max-tokens", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=-1), help="0 or -1 = off.")
+@click.option("--seed", type=int, help="Sampling seed (reproducible output).")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+              help="Activation dtype; auto = fp32 on CPU (bf16 matmul is very slow on most CPUs), bf16 elsewhere.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or npu.")
+@click.option("--no-quant-sim", is_flag=True,
+              help="Skip the FP8/FP4 QAT numerics simulation (matches plain-precision implementations).")
+@click.option("--dummy", is_flag=True, help="With --model flash/pro: random weights of the real shapes.")
+@click.option("--json", "as_json", is_flag=True, help="Print ids, text and timings as JSON.")
+def generate(model, prompt, prompt_ids, chat, thinking, max_tokens, temperature, top_p, top_k, seed, dtype,
+             device, no_quant_sim, dummy, as_json):
+    """Generate a completion for one prompt.
+
+    \b
+    Examples:
+      ascend-v4 generate --prompt "The capital of France is" --max-tokens 16
+      ascend-v4 generate --model tiny --chat --thinking high --prompt "Why is the sky blue?"
+      ascend-v4 generate --model /data/DeepSeek-V4-Flash --prompt-ids 0,1234,5678 --json
+    Dummy checkpoints have random weights: their text is gibberish by design.
+    """
+    from ascend_v4.checkpoint.errors import CheckpointError
+    from ascend_v4.model.args import ConfigError
+
+    req = GenerateRequest(model, prompt, prompt_ids, chat, thinking, max_tokens, temperature, top_p, top_k,
+                          seed, dtype, device, not no_quant_sim, dummy)
+    try:
+        res = run_generate(req)
+    except (CheckpointError, ConfigError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    if as_json:
+        click.echo(json.dumps(res, ensure_ascii=False))
+        return
+    if res["reasoning_content"]:
+        click.echo(f"[reasoning] {res['reasoning_content']}")
+    click.echo(res["text"])
+    m = res["metrics"]
+    click.echo(f"[{len(res['token_ids'])} tokens, finish={res['finish_reason']}, prefill {m['prefill_s']:.2f}s, "
+               f"decode {m['decode_tok_s']:.1f} tok/s]", err=True)
