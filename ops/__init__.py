@@ -11,11 +11,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _library  # noqa: F401  (registers the ascend_v4:: ops)
+from . import _library  # (registers the ascend_v4:: ops)
 from ._backends import active_backends, register_device_kernels
 
 _ops = torch.ops.ascend_v4
 register_device_kernels()
+
+
+def _call(name: str, x: Tensor, *args):
+    """Run op `name`. CPU tensors in eager mode call the reference directly: on CPU the reference *is* the
+    chosen kernel, and skipping the custom-op dispatcher saves ~30 us a call (about 160 calls per decode
+    step). Anything traced (torch.compile, graph capture) or on a device goes through torch.ops.ascend_v4."""
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        return _library.REFERENCE[name](x, *args)
+    return getattr(_ops, name)(x, *args)
 
 
 class OpInputError(ValueError):
@@ -33,7 +42,7 @@ def sparse_attn(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor, scale: float) 
     Args:
         q: [T, H, D] queries (bf16/fp32).
         kv: [N, D] key = value rows (window entries and compressed entries of all sequences, any order).
-        idx: [T, K] int32/int64 row numbers into `kv` per query; -1 = empty slot.
+        idx: [T, K] int32/int64 row numbers into `kv` per query, distinct within a row; -1 = empty slot.
         sink: [H] fp32 per-head sink logit, added to the softmax denominator only (zero value).
         scale: softmax scale (D^-0.5 for V4).
     Returns:
@@ -45,7 +54,7 @@ def sparse_attn(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor, scale: float) 
            f"idx must be [T,K] with T={q.shape[0]}; got {tuple(idx.shape)}")
     _check(not idx.dtype.is_floating_point, "sparse_attn", f"idx must be integer, got {idx.dtype}")
     _check(sink.shape == (q.shape[1],), "sparse_attn", f"sink must be [H={q.shape[1]}], got {tuple(sink.shape)}")
-    return _ops.sparse_attn(q, kv, idx, sink, scale)
+    return _call("sparse_attn", q, kv, idx, sink, scale)
 
 
 def indexer_topk(q: Tensor, k: Tensor, w: Tensor, k_start: Tensor, k_len: Tensor, topk: int) -> Tensor:
@@ -65,7 +74,7 @@ def indexer_topk(q: Tensor, k: Tensor, w: Tensor, k_start: Tensor, k_len: Tensor
     _check(k_start.shape == (q.shape[0],) and k_len.shape == (q.shape[0],), "indexer_topk",
            "k_start and k_len must be [T]")
     _check(topk >= 0, "indexer_topk", f"topk must be >= 0, got {topk}")
-    return _ops.indexer_topk(q, k, w, k_start.long(), k_len.long(), topk)
+    return _call("indexer_topk", q, k, w, k_start.long(), k_len.long(), topk)
 
 
 def compress_kv(kv: Tensor, score: Tensor) -> Tensor:
@@ -79,7 +88,7 @@ def compress_kv(kv: Tensor, score: Tensor) -> Tensor:
     """
     _check(kv.dim() == 3 and kv.shape == score.shape, "compress_kv",
            f"kv and score must both be [N,L,d]; got {tuple(kv.shape)} and {tuple(score.shape)}")
-    return _ops.compress_kv(kv, score)
+    return _call("compress_kv", kv, score)
 
 
 def quant_gemm(x: Tensor, w: Tensor, s: Tensor, act_quant: bool) -> Tensor:
@@ -94,7 +103,7 @@ def quant_gemm(x: Tensor, w: Tensor, s: Tensor, act_quant: bool) -> Tensor:
            f"x must be [M,{k}] for weight {tuple(w.shape)} ({'fp4' if fp4 else str(w.dtype)}), got {tuple(x.shape)}")
     _check(w.dtype in (torch.int8, torch.float8_e4m3fn), "quant_gemm", f"weight dtype {w.dtype} is not fp8/fp4")
     _check(s.dtype == torch.float8_e8m0fnu, "quant_gemm", f"scale dtype {s.dtype} is not float8_e8m0fnu")
-    return _ops.quant_gemm(x, w, s, act_quant)
+    return _call("quant_gemm", x, w, s, act_quant)
 
 
 def moe_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w1: list[Tensor], s1: list[Tensor],
@@ -114,7 +123,7 @@ def moe_experts(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w1: list[Tens
     _check(topk_ids.shape == topk_weights.shape and topk_ids.shape[0] == x.shape[0], "moe_experts",
            f"topk_ids/topk_weights must be [T={x.shape[0]},k]; got {tuple(topk_ids.shape)}, "
            f"{tuple(topk_weights.shape)}")
-    return _ops.moe_experts(x, topk_ids, topk_weights, w1, s1, w2, s2, w3, s3, swiglu_limit, act_quant)
+    return _call("moe_experts", x, topk_ids, topk_weights, w1, s1, w2, s2, w3, s3, swiglu_limit, act_quant)
 
 
 def hc_pre(x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, norm_eps: float, hc_eps: float,
@@ -125,40 +134,40 @@ def hc_pre(x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, norm_eps: float, 
     """
     _check(x.dim() == 3 and fn.shape == ((2 + x.shape[1]) * x.shape[1], x.shape[1] * x.shape[2]), "hc_pre",
            f"x [T,n,D] / fn [(2+n)n, nD] mismatch: x{tuple(x.shape)} fn{tuple(fn.shape)}")
-    return _ops.hc_pre(x, fn, base, scale, norm_eps, hc_eps, sinkhorn_iters)
+    return _call("hc_pre", x, fn, base, scale, norm_eps, hc_eps, sinkhorn_iters)
 
 
 def hc_post(f: Tensor, residual: Tensor, post: Tensor, comb: Tensor) -> Tensor:
     """mHC post-mix: X'_j = post_j * f + sum_i comb[i, j] * residual_i. f [T, D]; residual [T, n, D]."""
     _check(residual.dim() == 3 and f.shape == (residual.shape[0], residual.shape[2]), "hc_post",
            f"f must be [T,D] for residual [T,n,D]; got f{tuple(f.shape)} residual{tuple(residual.shape)}")
-    return _ops.hc_post(f, residual, post, comb)
+    return _call("hc_post", f, residual, post, comb)
 
 
 def hc_head(x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, norm_eps: float, hc_eps: float) -> Tensor:
     """mHC final collapse of the n streams: x [T, n, D] -> [T, D]. fn [n, nD], base [n], scale [1]."""
     _check(x.dim() == 3 and fn.shape == (x.shape[1], x.shape[1] * x.shape[2]), "hc_head",
            f"x [T,n,D] / fn [n, nD] mismatch: x{tuple(x.shape)} fn{tuple(fn.shape)}")
-    return _ops.hc_head(x, fn, base, scale, norm_eps, hc_eps)
+    return _call("hc_head", x, fn, base, scale, norm_eps, hc_eps)
 
 
 def fp8_roundtrip(x: Tensor, block: int) -> Tensor:
     """QAT simulation: quantise the last dim to e4m3 in 1x`block` runs (pow2 scales, rounded up), dequantise."""
     _check(x.shape[-1] % block == 0, "fp8_roundtrip", f"last dim {x.shape[-1]} not a multiple of {block}")
-    return _ops.fp8_roundtrip(x, block)
+    return _call("fp8_roundtrip", x, block)
 
 
 def fp4_roundtrip(x: Tensor, block: int) -> Tensor:
     """QAT simulation: quantise the last dim to e2m1 in 1x`block` runs (pow2 scales, rounded up), dequantise."""
     _check(x.shape[-1] % block == 0, "fp4_roundtrip", f"last dim {x.shape[-1]} not a multiple of {block}")
-    return _ops.fp4_roundtrip(x, block)
+    return _call("fp4_roundtrip", x, block)
 
 
 def hadamard(x: Tensor) -> Tensor:
     """Orthonormal Walsh-Hadamard rotation of the last dim (power of two), Sylvester order."""
     n = x.shape[-1]
     _check(n > 0 and n & (n - 1) == 0, "hadamard", f"last dim {n} is not a power of two")
-    return _ops.hadamard(x)
+    return _call("hadamard", x)
 
 
 __all__ = ["sparse_attn", "indexer_topk", "compress_kv", "quant_gemm", "moe_experts", "hc_pre", "hc_post",

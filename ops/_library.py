@@ -139,5 +139,13 @@ def _(x):
     return torch.empty_like(x)
 
 
+# The pure-torch implementation of each op, by name (what the ops above call).
+REFERENCE = {
+    "sparse_attn": _attn.sparse_attn, "indexer_topk": _attn.indexer_topk, "compress_kv": _attn.compress_kv,
+    "quant_gemm": _gemm.quant_gemm, "moe_experts": _gemm.moe_experts, "hc_pre": _mhc.hc_pre,
+    "hc_post": _mhc.hc_post, "hc_head": _mhc.hc_head, "fp8_roundtrip": _fmt.fp8_roundtrip,
+    "fp4_roundtrip": _fmt.fp4_roundtrip, "hadamard": _fmt.hadamard,
+}
+
 ALL_OPS = {f._name: f for f in (sparse_attn, indexer_topk, compress_kv, quant_gemm, moe_experts, hc_pre,
                                    hc_post, hc_head, fp8_roundtrip, fp4_roundtrip, hadamard)}

@@ -32,9 +32,10 @@ class Indexer(nn.Module):
         self.weights_proj = Linear(args.dim, self.n_heads, DENSE, opts, fp32_compute=True)
         self.compressor = Compressor(args, opts, ratio, self.head_dim, for_indexer=True)
 
-    def queries(self, cq: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Indexer queries [T, h, d] and head weights [T, h] fp32 for the step's tokens."""
-        q = self.wq_b(cq).view(-1, self.n_heads, self.head_dim)
+    def queries(self, cqq: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Indexer queries [T, h, d] and head weights [T, h] fp32 for the step's tokens.
+        cqq: the attention's normed low-rank q, already through the activation quantisation."""
+        q = self.wq_b(cqq, prequantized=True).view(-1, self.n_heads, self.head_dim)
         q = apply_rope(q, cos, sin)
         if self.opts.quant_sim:  # the Hadamard is orthogonal: it only matters through FP4 rounding
             q = ops.fp4_roundtrip(ops.hadamard(q), 32)
@@ -75,14 +76,16 @@ class Attention(nn.Module):
         T = x.shape[0]
         eps = self.args.norm_eps
         cos, sin = cos_sin(self.freqs, batch.positions)
-        cq = self.q_norm(self.wq_a(x))  # [T, q_lora]
-        q = rms_unweighted(self.wq_b(cq).view(T, self.n_heads, self.head_dim), eps)
+        xq = self.wq_a.quantize_input(x)  # shared by wq_a and wkv
+        cq = self.q_norm(self.wq_a(xq, prequantized=True))  # [T, q_lora]
+        cqq = self.wq_b.quantize_input(cq)  # shared by wq_b and the indexer's wq_b
+        q = rms_unweighted(self.wq_b(cqq, prequantized=True).view(T, self.n_heads, self.head_dim), eps)
         q = apply_rope(q, cos, sin)  # [T, H, hd]
-        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [T, hd]
+        kv = apply_rope(self.kv_norm(self.wkv(xq, prequantized=True)), cos, sin)  # [T, hd]
         if self.opts.quant_sim:  # FP8 round-trip of the nope dims, 64-wide blocks; rope dims stay
             kv = torch.cat((ops.fp8_roundtrip(kv[:, :self.nope].contiguous(), 64), kv[:, self.nope:]), -1)
         if self.kind == CSA:
-            iq, iw = self.indexer.queries(cq, x, cos, sin)
+            iq, iw = self.indexer.queries(cqq, x, cos, sin)
 
         pool, idx_rows = [], []
         ipool, i_start, i_len, i_base = [], [], [], []

@@ -101,14 +101,21 @@ class Linear(nn.Module):
             self.weight = nn.Parameter(self.dense_weight(dtype), requires_grad=False)
             self.scale = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The activation this layer actually multiplies (FP8 1x128 round-trip under the QAT simulation).
+        Layers sharing one input quantise it once and pass `prequantized=True`."""
+        if self.fmt != DENSE and self.opts.quant_sim:
+            return ops.fp8_roundtrip(x.reshape(-1, x.shape[-1]), 128).view(x.shape)
+        return x
+
+    def forward(self, x: torch.Tensor, prequantized: bool = False) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.packed:
-            y = ops.quant_gemm(x2, self.weight, self.scale, self.opts.quant_sim)
+            y = ops.quant_gemm(x2, self.weight, self.scale, self.opts.quant_sim and not prequantized)
         else:
-            if self.fmt != DENSE and self.opts.quant_sim:
-                x2 = ops.fp8_roundtrip(x2, 128)  # same activation numerics as the packed path
+            if not prequantized:
+                x2 = self.quantize_input(x2)  # same activation numerics as the packed path
             if self.fp32_compute:
                 y = F.linear(x2.float(), self.weight.float())
             else:

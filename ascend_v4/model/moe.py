@@ -52,10 +52,15 @@ class Expert(nn.Module):
         self.w2 = Linear(inter, dim, fmt, opts)
         self.w3 = Linear(dim, inter, fmt, opts)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.w1(x).float().clamp(max=self.limit)
-        u = self.w3(x).float().clamp(-self.limit, self.limit)
-        return self.w2((F.silu(g) * u).to(x.dtype))
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, D]; `weight` [T] (routing weight) multiplies the activation before w2, as the reference does."""
+        xq = self.w1.quantize_input(x)  # shared by w1 and w3
+        g = self.w1(xq, prequantized=True).float().clamp(max=self.limit)
+        u = self.w3(xq, prequantized=True).float().clamp(-self.limit, self.limit)
+        a = F.silu(g) * u
+        if weight is not None:
+            a = a * weight[:, None]
+        return self.w2(a.to(x.dtype))
 
 
 class MoE(nn.Module):
@@ -109,10 +114,5 @@ class MoE(nn.Module):
             pairs = order[pos:pos + n]
             pos += n
             tok = pairs // k
-            ex = self.experts[e]
-            h = x[tok]
-            g = ex.w1(h).float().clamp(max=ex.limit)
-            u = ex.w3(h).float().clamp(-ex.limit, ex.limit)
-            a = F.silu(g) * u * w.reshape(-1)[pairs, None]
-            out.index_add_(0, tok, ex.w2(a.to(x.dtype)).float())
+            out.index_add_(0, tok, self.experts[e](x[tok], w.reshape(-1)[pairs]).float())
         return out

@@ -25,13 +25,27 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torc
         t1 = min(T, t0 + _Q_CHUNK)
         ix = idx[t0:t1].long()  # [t, K]
         valid = ix >= 0
-        keys = kv[ix.clamp_min(0)].float()  # [t, K, D]
-        s = torch.einsum("thd,tkd->thk", q[t0:t1].float(), keys) * scale
-        s = s.masked_fill(~valid[:, None, :], float("-inf"))
+        qc = q[t0:t1].float()
+        lo, hi = (int(ix[valid].min()), int(ix[valid].max()) + 1) if bool(valid.any()) else (0, 0)
+        if 0 < hi - lo <= 4 * ix.shape[1]:
+            # The chunk's keys lie in a short run of rows (prefill: one sequence's pool): a masked dense
+            # product over that run is a plain GEMM, much cheaper than gathering [t, K, D] copies.
+            keys = kv[lo:hi].float()  # [R, D]
+            mask = torch.zeros(t1 - t0, hi - lo + 1, dtype=torch.bool, device=q.device)
+            mask.scatter_(1, torch.where(valid, ix - lo, hi - lo), True)
+            mask = mask[:, :-1]  # drop the column that collected the -1 slots
+            s = torch.einsum("thd,rd->thr", qc, keys) * scale
+            s = s.masked_fill(~mask[:, None, :], float("-inf"))
+            prod = "thr,rd->thd"
+        else:
+            keys = kv[ix.clamp_min(0)].float()  # [t, K, D]
+            s = torch.einsum("thd,tkd->thk", qc, keys) * scale
+            s = s.masked_fill(~valid[:, None, :], float("-inf"))
+            prod = "thk,tkd->thd"
         m = torch.maximum(s.amax(-1, keepdim=True), sink)  # sink keeps m finite for rows with no key
         p = torch.exp(s - m)
         denom = p.sum(-1, keepdim=True) + torch.exp(sink - m)
-        out[t0:t1] = (torch.einsum("thk,tkd->thd", p, keys) / denom).to(q.dtype)
+        out[t0:t1] = (torch.einsum(prod, p, keys) / denom).to(q.dtype)
     return out
 
 
