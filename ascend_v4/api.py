@@ -128,12 +128,11 @@ class LLM:
             [sampling_params] * len(ids)
         if len(params) != len(ids):
             raise ValueError(f"{len(params)} sampling params for {len(ids)} prompts")
-        comps = generate_ids(self.model, ids, params)
+        comps = generate_ids(self.model, ids, params, tokenizer=self.tokenizer)
         results = []
         for text, comp in zip(texts, comps):
             out_ids = comp.token_ids
-            body = out_ids[:-1] if comp.finish_reason == "stop" else out_ids  # drop the stop token
-            decoded = self.tokenizer.decode(body)
+            decoded = comp.text  # stop tokens and text after a stop string are not part of it
             co = CompletionOutput(decoded, out_ids, comp.finish_reason)
             if parse is not None:
                 pm = parse_completion(decoded, thinking=parse)

@@ -1,7 +1,7 @@
 """Per-request sampling settings and the sampler.
 
-`SamplingParams` is the per-request knob set (engine settings live elsewhere). Sampling draws from a
-per-request `torch.Generator`, so a request with a seed is reproducible whatever else is in the batch.
+`SamplingParams` is the per-request knob set (engine settings live in `EngineConfig`). Sampling draws from a
+per-request `torch.Generator`, so a seeded request is reproducible whatever else shares its batch.
 """
 
 from __future__ import annotations
@@ -22,8 +22,15 @@ class SamplingParams:
         top_k: keep the k most likely tokens (0 or -1 = off).
         min_p: drop tokens whose probability is below min_p times the top one (0 = off).
         seed: seeds this request's generator (None = nondeterministic).
+        presence_penalty: subtracted once from the logit of every token already generated (OpenAI semantics).
+        frequency_penalty: subtracted per occurrence of a token already generated.
+        repetition_penalty: >1 discourages tokens seen in prompt or output (divides positive logits,
+            multiplies negative ones; 1.0 = off).
+        stop: strings that end generation; the output text is cut before the match.
         stop_token_ids: extra token ids that end generation (EOS always does unless ignore_eos).
         ignore_eos: keep generating past EOS (benchmarks).
+        min_tokens: EOS / stop tokens are suppressed until this many tokens were generated.
+        logprobs: None, or the number of top alternatives to return with each token's log-probability.
     """
 
     max_tokens: int = 16
@@ -32,20 +39,31 @@ class SamplingParams:
     top_k: int = 0
     min_p: float = 0.0
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1:
-            raise ValueError(f"SamplingParams.top_k must be -1, 0 or positive, got {self.top_k}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"SamplingParams.min_p must be in [0, 1], got {self.min_p}")
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"SamplingParams.{msg}")
+
+        need(self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")
+        need(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        need(self.top_k >= -1, f"top_k must be -1, 0 or positive, got {self.top_k}")
+        need(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
+        need(-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        need(-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        need(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        need(0 <= self.min_tokens <= self.max_tokens, f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
+        need(self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}")
+        need(all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings")
 
     @property
     def greedy(self) -> bool:
@@ -60,20 +78,58 @@ class SamplingParams:
         return g
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
-    """Pick the next token from fp32 logits [V] of one sequence."""
+@dataclass
+class Sampled:
+    token: int
+    logprob: float | None = None  # log-probability of `token` under the model (raw logits)
+    top: list[tuple[int, float]] | None = None  # top alternatives (id, logprob), best first
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: list[int],
+                    output: list[int]) -> torch.Tensor:
+    """Presence / frequency / repetition penalties on one sequence's logits [V] (returns a new tensor)."""
+    if not (params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0):
+        return logits
+    x = logits.clone()
+    if output and (params.presence_penalty or params.frequency_penalty):
+        ids, counts = torch.tensor(output, device=x.device).unique(return_counts=True)
+        x[ids] -= params.presence_penalty + params.frequency_penalty * counts.to(x.dtype)
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt) | set(output)), device=x.device, dtype=torch.long)
+        v = x[seen]
+        x[seen] = torch.where(v > 0, v / params.repetition_penalty, v * params.repetition_penalty)
+    return x
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator, *, prompt: list[int] | None = None,
+           output: list[int] | None = None, banned: list[int] | None = None) -> Sampled:
+    """Pick the next token from fp32 logits [V] of one sequence. `banned`: ids that must not be picked
+    (EOS / stop tokens before min_tokens)."""
+    raw = logits.float()
+    x = apply_penalties(raw, params, prompt or [], output or [])
+    if banned:
+        x = x.clone()
+        x[banned] = float("-inf")
     if params.greedy:
-        return int(torch.argmax(logits))
-    x = logits.float().cpu() / params.temperature
-    if params.top_k > 0 and params.top_k < x.shape[-1]:
-        kth = torch.topk(x, params.top_k).values[-1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    probs = torch.softmax(x, dim=-1)
-    if params.min_p > 0:
-        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-    if params.top_p < 1.0:
-        sp, si = torch.sort(probs, descending=True)
-        drop = sp.cumsum(-1) - sp > params.top_p  # keep the smallest prefix reaching top_p mass
-        sp = sp.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, si, sp)
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+        tok = int(torch.argmax(x))
+    else:
+        x = x / params.temperature
+        if 0 < params.top_k < x.shape[-1]:
+            kth = torch.topk(x, params.top_k).values[-1]
+            x = x.masked_fill(x < kth, float("-inf"))
+        probs = torch.softmax(x, dim=-1)
+        if params.min_p > 0:
+            probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+        if params.top_p < 1.0:
+            sp, si = torch.sort(probs, descending=True)
+            drop = sp.cumsum(-1) - sp > params.top_p  # keep the smallest prefix reaching top_p mass
+            probs = torch.zeros_like(probs).scatter_(-1, si, sp.masked_fill(drop, 0.0))
+        tok = int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+    if params.logprobs is None:
+        return Sampled(tok)
+    lp = torch.log_softmax(raw, dim=-1)
+    top = None
+    if params.logprobs > 0:
+        v, i = torch.topk(lp, params.logprobs)
+        top = list(zip(i.tolist(), v.tolist()))
+    return Sampled(tok, float(lp[tok]), top)

@@ -1,0 +1,182 @@
+"""The engine: requests in, one model step at a time, token/text deltas out.
+
+    engine = Engine(model, tokenizer, EngineConfig())
+    engine.add_request("r1", prompt_ids, SamplingParams(max_tokens=32))
+    while engine.has_unfinished():
+        for out in engine.step(): ...
+
+Each step runs the scheduler's chunks of all scheduled sequences as one flat batch through the model
+(prefill chunks and decode tokens mixed), samples where a chunk reached a sequence's last token, then
+detokenizes incrementally and applies stop conditions. Not thread-safe: `AsyncEngine` drives it from one
+thread.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ascend_v4.model.cache import StepBatch
+from ascend_v4.model.transformer import Transformer
+from ascend_v4.tokenizer import Tokenizer
+
+from .block_manager import BlockManager, PrefixCache
+from .config import EngineConfig
+from .sampling import Sampled, SamplingParams, sample
+from .scheduler import Scheduler, make_cache_factory
+from .sequence import Sequence, SeqStatus
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take (bad prompt, too long, duplicate id)."""
+
+
+@dataclass
+class StepOutput:
+    """What one request gained in one step (streaming delta) and, when finished, how it ended."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None = None  # stop | length | abort | error
+    stop_reason: str | int | None = None
+    logprobs: list[Sampled] = field(default_factory=list)
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.config = cfg = config or EngineConfig()
+        args = model.args
+        self.max_model_len = min(cfg.max_model_len or args.max_seq_len, args.max_seq_len)
+        dtype = model.opts.dtype
+        bytes_per_token = max(args.kv_bytes_per_token(kv_bytes=torch.finfo(dtype).bits // 8), 1.0)
+        num_blocks = cfg.num_blocks or max(
+            cfg.max_num_seqs, int(cfg.cache_gib * (1 << 30) / (bytes_per_token * cfg.block_size)))
+        self.blocks = BlockManager(num_blocks, cfg.block_size)
+        self.prefix = PrefixCache(cfg.block_size, int(cfg.prefix_cache_gib * (1 << 30))) \
+            if cfg.enable_prefix_caching else None
+        device = model.embed.weight.device
+        self.scheduler = Scheduler(cfg, self.blocks, self.prefix, make_cache_factory(args, dtype, device))
+        self.seqs: dict[str, Sequence] = {}
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "finished": 0, "aborted": 0}
+        self.device = device
+
+    # -- requests ---------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.seqs:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        if not prompt_ids:
+            raise RequestError("the prompt is empty")
+        vocab = self.model.args.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt token ids outside [0, {vocab}): {bad[:5]}")
+        if len(prompt_ids) + 1 > self.max_model_len:
+            raise RequestError(f"prompt has {len(prompt_ids)} tokens; the maximum context length is "
+                               f"{self.max_model_len} (prompt plus at least one generated token)")
+        seq = Sequence(request_id, list(prompt_ids), params, params.make_generator())
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+        self.counters["prompt_tokens"] += len(prompt_ids)
+
+    def abort(self, request_id: str) -> StepOutput | None:
+        """Stop a request now; its cache blocks are free when this returns."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is None or seq.finished:
+            return None
+        self.scheduler.finish(seq, "abort")
+        self.counters["aborted"] += 1
+        return self._output(seq, [], "", [])
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    # -- one step ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> list[StepOutput]:
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        self.counters["steps"] += 1
+        batch = StepBatch.build([(c.seq.cache, c.tokens) for c in chunks], self.device)
+        x = self.model(batch)
+        batch.commit()
+        need = [(c, s) for c, s in zip(chunks, batch.seqs) if c.needs_logits]
+        logits = self.model.logits(x[torch.tensor([s.offset + s.n - 1 for _, s in need], device=x.device)]) \
+            if need else None
+        outs: list[StepOutput] = []
+        for c in chunks:
+            c.seq.num_computed += len(c.tokens)
+            if self.prefix is not None and c.seq.num_computed in c.seq.snapshot_points and not c.seq.output_ids:
+                self.prefix.store(c.seq.prompt_ids, c.seq.num_computed, c.seq.cache)
+        for i, (c, _) in enumerate(need):
+            outs.append(self._advance(c.seq, logits[i]))
+        return outs
+
+    def _advance(self, seq: Sequence, logits: torch.Tensor) -> StepOutput:
+        p, args = seq.params, self.model.args
+        stops = set(p.stop_token_ids) | (set() if p.ignore_eos else {args.eos_token_id})
+        banned = sorted(stops) if len(seq.output_ids) < p.min_tokens else None
+        s = sample(logits, p, seq.generator, prompt=seq.prompt_ids, output=seq.output_ids, banned=banned)
+        seq.output_ids.append(s.token)
+        self.counters["generation_tokens"] += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        reason = None
+        if s.token in stops:
+            reason, seq.stop_reason = "stop", (None if s.token == args.eos_token_id else s.token)
+        # Incremental text; the decoder never emits half of a multi-byte character. Stop tokens are not text.
+        if seq.detok is None:
+            seq.detok = self.tokenizer.incremental_decoder()
+        if reason is None:
+            seq.text += seq.detok.feed(s.token)
+        if reason is None and p.stop:
+            hit = min(((seq.text.find(x), x) for x in p.stop if x in seq.text), default=None)
+            if hit is not None:
+                seq.text, reason, seq.stop_reason = seq.text[:hit[0]], "stop", hit[1]
+        if reason is None and (len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        # Hold back an incomplete UTF-8 character and any tail that may still become a stop string.
+        if reason is not None and not isinstance(seq.stop_reason, str):  # text not cut at a stop string
+            seq.text += seq.detok.flush()
+        hold = 0 if reason else max((len(x) - 1 for x in p.stop), default=0)
+        safe = len(seq.text) - hold
+        new_text = seq.text[seq.emitted_chars:max(safe, seq.emitted_chars)]
+        seq.emitted_chars += len(new_text)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self.seqs.pop(seq.request_id, None)
+            self.counters["finished"] += 1
+        return self._output(seq, [s.token], new_text, [s] if p.logprobs is not None else [])
+
+    @staticmethod
+    def _output(seq: Sequence, toks, text, lps) -> StepOutput:
+        return StepOutput(seq.request_id, toks, text, seq.finished, seq.finish_reason, seq.stop_reason, lps,
+                          len(seq.prompt_ids), seq.cached_prompt_tokens, len(seq.output_ids))
+
+    # -- observability -------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        s = self.scheduler
+        return {"waiting": len(s.waiting), "running": len(s.running), "blocks_total": self.blocks.num_blocks,
+                "blocks_used": self.blocks.used, "cache_usage": self.blocks.used / self.blocks.num_blocks,
+                "prefix_hit_rate": self.prefix.hit_rate if self.prefix else 0.0,
+                "prefix_cached_bytes": self.prefix.bytes if self.prefix else 0,
+                "preemptions": s.num_preemptions, **self.counters}
+
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[StepOutput]]:
+        """Run requests to completion (offline use); returns every step output per request."""
+        ids = [f"offline-{i}" for i in range(len(prompts))]
+        for rid, p, sp in zip(ids, prompts, params):
+            self.add_request(rid, p, sp)
+        outs: dict[str, list[StepOutput]] = {rid: [] for rid in ids}
+        while self.has_unfinished():
+            for o in self.step():
+                outs[o.request_id].append(o)
+        return [outs[r] for r in ids]

@@ -1,0 +1,134 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each.
+
+Policy per step, within a token budget (`max_num_batched_tokens`):
+1. running sequences that only need their last token (decode) get 1 token each;
+2. running sequences still prefilling get chunks of what is left of the budget;
+3. waiting sequences are admitted in arrival order while fewer than `max_num_seqs` run, the budget lasts
+   and their blocks can be allocated (prefix-cache hits restore their state first).
+If a running sequence cannot get its blocks, the most recently admitted running sequence is preempted
+(cache dropped, recomputed later from its prompt and the tokens it already generated).
+A prompt chunk stops at each of the prompt's prefix-cache snapshot points, so the state there can be stored.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from ascend_v4.model.cache import new_seq_cache
+
+from .block_manager import BlockManager, PrefixCache
+from .config import EngineConfig
+from .sequence import Sequence, SeqStatus
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    tokens: list[int]  # token ids fed this step
+    needs_logits: bool  # the chunk reaches the sequence's last known token
+
+
+class Scheduler:
+    def __init__(self, cfg: EngineConfig, blocks: BlockManager, prefix: PrefixCache | None, new_cache):
+        self.cfg, self.blocks, self.prefix = cfg, blocks, prefix
+        self.new_cache = new_cache  # () -> empty SeqCache
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # -- queue management ---------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Stop a sequence now and free its cache and blocks (abort frees at once)."""
+        if seq.status is SeqStatus.RUNNING and seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = seq.finish_reason or reason
+        self.blocks.release(seq.blocks)
+        seq.cache = None
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.release(seq.blocks)
+        seq.cache, seq.num_computed, seq.cached_prompt_tokens = None, 0, 0
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _grow(self, seq: Sequence, tokens: int) -> bool:
+        need = self.blocks.blocks_needed(len(seq.blocks), tokens)
+        if not self.blocks.can_allocate(need):
+            return False
+        seq.blocks += self.blocks.allocate(need)
+        return True
+
+    def _chunk_len(self, seq: Sequence, budget: int) -> int:
+        n = min(seq.num_tokens - seq.num_computed, budget)
+        nxt = next((p for p in seq.snapshot_points if p > seq.num_computed), None)
+        if nxt is not None:  # stop at the next prefix-cache snapshot point
+            n = min(n, nxt - seq.num_computed)
+        return n
+
+    # -- one step -------------------------------------------------------------------------------------
+    def schedule(self) -> list[ScheduledChunk]:
+        budget = self.cfg.max_num_batched_tokens
+        out: list[ScheduledChunk] = []
+        # decode first (1 token each), then running prefills, oldest first
+        order = sorted(self.running, key=lambda s: (s.num_tokens - s.num_computed > 1, s.arrival))
+        for seq in order:
+            if seq not in self.running or budget == 0:
+                continue
+            n = self._chunk_len(seq, budget)
+            while not self._grow(seq, seq.num_computed + n):
+                # preempt the latest admitted sequence not already scheduled this step (else this one)
+                scheduled = {id(c.seq) for c in out}
+                victim = next((s for s in reversed(self.running) if id(s) not in scheduled), seq)
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            out.append(self._make(seq, n))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            seq = self.waiting[0]
+            if seq.cache is None:
+                self._restore(seq)
+            n = self._chunk_len(seq, budget)
+            if not self._grow(seq, seq.num_computed + n):
+                break
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            out.append(self._make(seq, n))
+            budget -= n
+        return out
+
+    def _restore(self, seq: Sequence) -> None:
+        """Fresh cache for an admitted sequence, from the prefix cache when its prompt prefix is stored."""
+        ids = seq.all_ids
+        if self.prefix is not None:
+            seq.snapshot_points = PrefixCache.snapshot_points(len(seq.prompt_ids), self.cfg.block_size)
+            hit, state = self.prefix.lookup(ids[:len(seq.prompt_ids)])
+            if state is not None:
+                seq.cache, seq.num_computed = state, hit
+                seq.cached_prompt_tokens = hit
+                return
+        seq.cache, seq.num_computed = self.new_cache(), 0
+
+    @staticmethod
+    def _make(seq: Sequence, n: int) -> ScheduledChunk:
+        toks = seq.all_ids[seq.num_computed:seq.num_computed + n]
+        return ScheduledChunk(seq, toks, seq.num_computed + n == seq.num_tokens)
+
+
+def make_cache_factory(args, dtype: torch.dtype, device):
+    return lambda: new_seq_cache(args, dtype, device)

@@ -1,0 +1,61 @@
+"""One request's state inside the engine."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ascend_v4.model.cache import SeqCache
+
+from .sampling import Sampled, SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    output_ids: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    cache: SeqCache | None = None
+    num_computed: int = 0  # tokens already in the cache
+    blocks: list[int] = field(default_factory=list)  # cache blocks held (accounting)
+    cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
+    snapshot_points: list[int] = field(default_factory=list)  # prompt positions whose state goes to the prefix cache
+    finish_reason: str | None = None  # stop | length | abort | error
+    stop_reason: str | int | None = None  # matched stop string or stop token
+    num_preemptions: int = 0
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    # output text bookkeeping (stop strings are matched on text)
+    text: str = ""
+    emitted_chars: int = 0
+    detok: object | None = None  # tokenizer.IncrementalDecoder, created on the first token
+    logprobs: list[Sampled] = field(default_factory=list)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def in_prefill(self) -> bool:
+        """More than the last token still has to go through the model (prompt, or recompute after preemption)."""
+        return self.num_computed < self.num_tokens - 1 or (not self.output_ids and self.num_computed < self.num_tokens)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
