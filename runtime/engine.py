@@ -14,6 +14,7 @@ thread.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -50,8 +51,11 @@ class StepOutput:
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig | None = None):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig | None = None,
+                 token_sync: Callable[[list[Sampled]], list[Sampled]] | None = None):
+        """`token_sync`: for multi-process runs where every rank steps the same engine (SPMD), a collective
+        that replaces each rank's sampled tokens by rank 0's, so all ranks advance identically."""
+        self.model, self.tokenizer, self.token_sync = model, tokenizer, token_sync
         self.config = cfg = config or EngineConfig()
         args = model.args
         self.max_model_len = min(cfg.max_model_len or args.max_seq_len, args.max_seq_len)
@@ -111,20 +115,27 @@ class Engine:
         need = [(c, s) for c, s in zip(chunks, batch.seqs) if c.needs_logits]
         logits = self.model.logits(x[torch.tensor([s.offset + s.n - 1 for _, s in need], device=x.device)]) \
             if need else None
-        outs: list[StepOutput] = []
         for c in chunks:
             c.seq.num_computed += len(c.tokens)
             if self.prefix is not None and c.seq.num_computed in c.seq.snapshot_points and not c.seq.output_ids:
                 self.prefix.store(c.seq.prompt_ids, c.seq.num_computed, c.seq.cache)
-        for i, (c, _) in enumerate(need):
-            outs.append(self._advance(c.seq, logits[i]))
-        return outs
+        sampled = [self._sample(c.seq, logits[i]) for i, (c, _) in enumerate(need)]
+        if self.token_sync is not None:
+            sampled = self.token_sync(sampled)
+        return [self._advance(c.seq, s) for (c, _), s in zip(need, sampled)]
 
-    def _advance(self, seq: Sequence, logits: torch.Tensor) -> StepOutput:
+    def _stops(self, seq: Sequence) -> set[int]:
+        p = seq.params
+        return set(p.stop_token_ids) | (set() if p.ignore_eos else {self.model.args.eos_token_id})
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> Sampled:
+        p = seq.params
+        banned = sorted(self._stops(seq)) if len(seq.output_ids) < p.min_tokens else None
+        return sample(logits, p, seq.generator, prompt=seq.prompt_ids, output=seq.output_ids, banned=banned)
+
+    def _advance(self, seq: Sequence, s: Sampled) -> StepOutput:
         p, args = seq.params, self.model.args
-        stops = set(p.stop_token_ids) | (set() if p.ignore_eos else {args.eos_token_id})
-        banned = sorted(stops) if len(seq.output_ids) < p.min_tokens else None
-        s = sample(logits, p, seq.generator, prompt=seq.prompt_ids, output=seq.output_ids, banned=banned)
+        stops = self._stops(seq)
         seq.output_ids.append(s.token)
         self.counters["generation_tokens"] += 1
         if seq.first_token_time is None:
