@@ -84,8 +84,11 @@ class Attention(nn.Module):
         kv = apply_rope(self.kv_norm(self.wkv(xq, prequantized=True)), cos, sin)  # [T, hd]
         if self.opts.quant_sim:  # FP8 round-trip of the nope dims, 64-wide blocks; rope dims stay
             kv = torch.cat((ops.fp8_roundtrip(kv[:, :self.nope].contiguous(), 64), kv[:, self.nope:]), -1)
+        if self.kind != WINDOW:
+            ckv, csc = self.compressor.project(x)  # [T, c*dc] each, all sequences at once
         if self.kind == CSA:
             iq, iw = self.indexer.queries(cqq, x, cos, sin)
+            ikv, isc = self.indexer.compressor.project(x)
 
         pool, idx_rows = [], []
         ipool, i_start, i_len, i_base = [], [], [], []
@@ -106,14 +109,15 @@ class Attention(nn.Module):
             pool.append(local)
             rows += local.shape[0]
             if self.kind != WINDOW:
-                lc.comp.append(self.compressor(x[sl], s.start, lc.comp_state, self.freqs))
+                lc.comp.append(self.compressor(ckv[sl], csc[sl], s.start, lc.comp_state, self.freqs))
                 comp = lc.comp.view()
                 visible = (pos + 1) // self.ratio  # entries w < (t+1)//m are complete at t
                 if self.kind == HCA:
                     e = torch.arange(comp.shape[0], device=x.device)[None, :]
                     parts.append(torch.where(e < visible[:, None], e + rows, torch.full_like(e, -1)))
                 else:
-                    lc.index_keys.append(self.indexer.compressor(x[sl], s.start, lc.index_state, self.freqs))
+                    lc.index_keys.append(self.indexer.compressor(ikv[sl], isc[sl], s.start, lc.index_state,
+                                                                 self.freqs))
                     ikeys = lc.index_keys.view()
                     base = sum(k.shape[0] for k in ipool)
                     ipool.append(ikeys)

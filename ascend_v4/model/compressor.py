@@ -32,13 +32,18 @@ class Compressor(nn.Module):
         self.ape = nn.Parameter(torch.empty(ratio, c * dc, dtype=torch.float32), requires_grad=False)
         self.norm = RMSNorm(dc, args.norm_eps, opts.dtype)
 
-    def forward(self, x: torch.Tensor, start: int, state: CompressorState, freqs: torch.Tensor) -> torch.Tensor:
-        """Feed the tokens of one sequence at positions start.. (x [n, D]); returns the new entries [k, dc]
-        (in the activation dtype) and advances `state`."""
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projections of every token of the step at once (one weight read for the whole batch):
+        x [T, D] -> kv, gate logits [T, c*dc] fp32 (slot bias not yet added)."""
+        return self.wkv(x).float(), self.wgate(x).float()
+
+    def forward(self, kv: torch.Tensor, score: torch.Tensor, start: int, state: CompressorState,
+                freqs: torch.Tensor) -> torch.Tensor:
+        """Feed one sequence's projected tokens at positions start.. (kv, score [n, c*dc] from `project`);
+        returns the new entries [k, dc] (in the activation dtype) and advances `state`."""
         m, dc = self.ratio, self.dc
-        pos = torch.arange(start, start + x.shape[0], device=x.device)
-        kv = self.wkv(x).float()  # [n, c*dc]
-        score = self.wgate(x).float() + self.ape[pos % m]
+        pos = torch.arange(start, start + kv.shape[0], device=kv.device)
+        score = score + self.ape[pos % m]
         if state.buf_kv is not None:
             kv, score = torch.cat((state.buf_kv, kv)), torch.cat((state.buf_score, score))
         n_win = kv.shape[0] // m
@@ -60,7 +65,7 @@ class Compressor(nn.Module):
         state.n_entries += n_win
         # Post-processing in the order of the reference: cast, norm, RoPE at the window's first position.
         out = self.norm(pooled.to(self.opts.dtype))
-        wpos = torch.arange(first, first + n_win, device=x.device) * m
+        wpos = torch.arange(first, first + n_win, device=kv.device) * m
         out = apply_rope(out, *cos_sin(freqs, wpos))
         if self.opts.quant_sim:
             if self.for_indexer:
