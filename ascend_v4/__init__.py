@@ -3,6 +3,12 @@
 Public API: `LLM`, `SamplingParams`, `ModelArgs`. Heavy modules load lazily so `import ascend_v4` is cheap.
 """
 
+import os
+
+# torch-npu installed without CANN breaks `import torch` through the device-backend autoload; ascend_v4 imports
+# torch_npu explicitly where it needs it (platform.detect_platform), so autoload is never required.
+os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
+
 __version__ = "0.1.0"
 
 __all__ = ["LLM", "SamplingParams", "ModelArgs", "__version__"]

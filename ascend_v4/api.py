@@ -64,11 +64,14 @@ class LLM:
         dequantize_weights: expand FP8/FP4 weights at load; None = automatic (on CPU for models whose
             dense weights fit in 8 GiB).
         dummy: for `flash` / `pro`, run a dummy checkpoint of the real shapes instead of real weights.
+        npus: devices (ranks) to run on with expert parallelism: N - 1 worker processes are started, each
+            rank holds n_routed_experts / N routed experts (docs/expert_parallel.md). Multi-node: set
+            MASTER_ADDR / MASTER_PORT / LOCAL_WORLD_SIZE. Call `shutdown()` when done (exit also stops them).
     """
 
     def __init__(self, model: str | Path = "tiny", *, device: str = "cpu", dtype: str = "auto",
                  quant_sim: bool = True, dequantize_weights: bool | None = None, dummy: bool = False,
-                 progress: bool = False):
+                 progress: bool = False, npus: int = 1):
         if dtype == "auto":
             dtype = "fp32" if torch.device(device).type == "cpu" else "bf16"
         if dtype not in _DTYPES:
@@ -83,9 +86,27 @@ class LLM:
         self.options = ModelOptions(dtype=tdtype, quant_sim=quant_sim, dequantize_weights=dequantize_weights)
         tok_file = self.path / "tokenizer.json"
         self.tokenizer = Tokenizer.from_dir(self.path) if tok_file.is_file() else Tokenizer.default()
-        self.model = load_model(self.path, self.options, device=device, progress=progress)
+        self.engine = None  # expert-parallel engine (npus > 1)
+        if npus > 1:
+            from ascend_v4.runtime.config import EngineConfig
+            from ascend_v4.runtime.dist_engine import DistEngine
+            from ascend_v4.runtime.distributed import ParallelConfig
+
+            self.engine = DistEngine(self.path, self.options,
+                                     EngineConfig(max_num_batched_tokens=8192, enable_prefix_caching=False),
+                                     ParallelConfig.from_env(npus), device_type=torch.device(device).type,
+                                     tokenizer_dir=str(self.path) if tok_file.is_file() else None,
+                                     tokenizer=self.tokenizer)
+            self.model = self.engine.model  # rank 0's share of the routed experts
+        else:
+            self.model = load_model(self.path, self.options, device=device, progress=progress)
         if resolved.is_dummy:
             log.info("%s: dummy checkpoint (random weights) at %s", model, self.path)
+
+    def shutdown(self) -> None:
+        """Stop the worker processes of an `npus > 1` run (no-op otherwise)."""
+        if self.engine is not None:
+            self.engine.shutdown()
 
     # ------------------------------------------------------------------------------------------ generate
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
@@ -128,7 +149,8 @@ class LLM:
             [sampling_params] * len(ids)
         if len(params) != len(ids):
             raise ValueError(f"{len(params)} sampling params for {len(ids)} prompts")
-        comps = generate_ids(self.model, ids, params, tokenizer=self.tokenizer)
+        comps = self.engine.complete(ids, params) if self.engine is not None else \
+            generate_ids(self.model, ids, params, tokenizer=self.tokenizer)
         results = []
         for text, comp in zip(texts, comps):
             out_ids = comp.token_ids

@@ -172,3 +172,50 @@ def hadamard(x: Tensor) -> Tensor:
 
 __all__ = ["sparse_attn", "indexer_topk", "compress_kv", "quant_gemm", "moe_experts", "hc_pre", "hc_post",
            "hc_head", "fp8_roundtrip", "fp4_roundtrip", "hadamard", "OpInputError", "active_backends"]
+
+
+# ---------------------------------------------------------------------------------------------- integer GEMMs
+def w8a8_gemm(x: Tensor, w: Tensor, w_scale: Tensor) -> Tensor:
+    """W8A8_DYNAMIC linear: y = x W^T with W = w * w_scale and per-token dynamic int8 activations.
+
+    Args:
+        x: [M, K] bf16/fp32 activations (quantised per row inside the op: scale = amax/127).
+        w: [N, K] int8 weight; w_scale: [N, 1] fp32 per-output-channel scale (symmetric, zero offset).
+    Returns:
+        [M, N] in x.dtype (exact integer accumulation, then a_scale * w_scale in fp32).
+    """
+    _check(w.dtype == torch.int8 and w.dim() == 2, "w8a8_gemm", f"w must be int8 [N,K], got {w.dtype} {tuple(w.shape)}")
+    _check(x.dim() == 2 and x.shape[1] == w.shape[1], "w8a8_gemm",
+           f"x must be [M,{w.shape[1]}] for w {tuple(w.shape)}, got {tuple(x.shape)}")
+    _check(w_scale.numel() == w.shape[0] and w_scale.dtype == torch.float32, "w8a8_gemm",
+           f"w_scale must be fp32 [{w.shape[0]},1], got {w_scale.dtype} {tuple(w_scale.shape)}")
+    return _call("w8a8_gemm", x, w, w_scale)
+
+
+def w4a8_gemm(x: Tensor, w_packed: Tensor, w_scale: Tensor) -> Tensor:
+    """W4A8_DYNAMIC linear: as `w8a8_gemm` with an int4 weight in [-8, 7] packed two per byte along the output
+    dim (int8 [N/2, K]: row 2j low nibble, row 2j+1 high nibble; msModelSlim ascendV1 layout).
+
+    Args:
+        x: [M, K] bf16/fp32; w_packed: [N/2, K] int8; w_scale: [N, 1] fp32.
+    Returns:
+        [M, N] in x.dtype.
+    """
+    _check(w_packed.dtype == torch.int8 and w_packed.dim() == 2, "w4a8_gemm",
+           f"w_packed must be int8 [N/2,K], got {w_packed.dtype} {tuple(w_packed.shape)}")
+    _check(x.dim() == 2 and x.shape[1] == w_packed.shape[1], "w4a8_gemm",
+           f"x must be [M,{w_packed.shape[1]}] for w_packed {tuple(w_packed.shape)}, got {tuple(x.shape)}")
+    _check(w_scale.numel() == 2 * w_packed.shape[0] and w_scale.dtype == torch.float32, "w4a8_gemm",
+           f"w_scale must be fp32 [{2 * w_packed.shape[0]},1], got {w_scale.dtype} {tuple(w_scale.shape)}")
+    return _call("w4a8_gemm", x, w_packed, w_scale)
+
+
+def int8_act_roundtrip(x: Tensor) -> Tensor:
+    """Per-token (last dim) dynamic int8 quantise + dequantise, keeping dtype: the activation numerics of
+    `w8a8_gemm` / `w4a8_gemm` for layers whose int weights were expanded to dense at load."""
+    _check(x.dim() >= 1 and x.shape[-1] > 0, "int8_act_roundtrip",
+           f"x must have a non-empty last dim, got {tuple(x.shape)}")
+    return _call("int8_act_roundtrip", x)
+
+
+__all__ += ["w8a8_gemm", "w4a8_gemm", "int8_act_roundtrip"]

@@ -32,6 +32,15 @@ def register_device_kernels() -> dict[str, str]:
                             "using the reference ops", e)
         else:
             chosen.update(_register_triton())
+    if choice in ("auto", "npu"):
+        # Registers PrivateUse1 kernels only; torch_npu itself is imported lazily when an NPU tensor arrives.
+        from .npu import register as _register_npu
+
+        npu = _register_npu()
+        if choice == "npu" and not npu:
+            log.warning("ASCEND_V4_OP_BACKEND=npu but no NPU is visible; the NPU kernels are registered and run "
+                        "only for tensors on an NPU")
+        chosen.update(npu)
     return chosen
 
 

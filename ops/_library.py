@@ -149,3 +149,43 @@ REFERENCE = {
 
 ALL_OPS = {f._name: f for f in (sparse_attn, indexer_topk, compress_kv, quant_gemm, moe_experts, hc_pre,
                                    hc_post, hc_head, fp8_roundtrip, fp4_roundtrip, hadamard)}
+
+
+# ---------------------------------------------------------------------------------------------- integer GEMMs
+# Appended for the Ascend A2/A3 W8A8 / W4A8 formats written by `ascend-v4 quantize` (reference: int_gemm.py).
+from .reference import int_gemm as _int  # noqa: E402
+
+
+@torch.library.custom_op(f"{NS}::w8a8_gemm", mutates_args=())
+def w8a8_gemm(x: Tensor, w: Tensor, w_scale: Tensor) -> Tensor:
+    return _int.w8a8_gemm(x, w, w_scale)
+
+
+@w8a8_gemm.register_fake
+def _(x, w, w_scale):
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+@torch.library.custom_op(f"{NS}::w4a8_gemm", mutates_args=())
+def w4a8_gemm(x: Tensor, w_packed: Tensor, w_scale: Tensor) -> Tensor:
+    return _int.w4a8_gemm(x, w_packed, w_scale)
+
+
+@w4a8_gemm.register_fake
+def _(x, w_packed, w_scale):
+    return x.new_empty((x.shape[0], 2 * w_packed.shape[0]))
+
+
+@torch.library.custom_op(f"{NS}::int8_act_roundtrip", mutates_args=())
+def int8_act_roundtrip(x: Tensor) -> Tensor:
+    return _int.int8_act_roundtrip(x)
+
+
+@int8_act_roundtrip.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+REFERENCE.update({"w8a8_gemm": _int.w8a8_gemm, "w4a8_gemm": _int.w4a8_gemm,
+                  "int8_act_roundtrip": _int.int8_act_roundtrip})
+ALL_OPS.update({f._name: f for f in (w8a8_gemm, w4a8_gemm, int8_act_roundtrip)})

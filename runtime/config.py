@@ -20,6 +20,8 @@ class EngineConfig:
         prefix_cache_gib: memory for prefix-cache snapshots (least recently used evicted first).
         max_queue: requests allowed to wait beyond the running set; more are refused (server: 429).
         step_timeout_s: a step taking longer marks the engine unhealthy (hang detection).
+        speculative_mtp: MTP speculative decoding: the MTP block drafts one token per sequence, verified
+            in the next step together with the real one (2 tokens per step when accepted).
     """
 
     max_num_seqs: int = 32
@@ -32,6 +34,7 @@ class EngineConfig:
     prefix_cache_gib: float = 1.0
     max_queue: int = 256
     step_timeout_s: float = 600.0
+    speculative_mtp: bool = False
 
     def __post_init__(self) -> None:
         for f in ("max_num_seqs", "max_num_batched_tokens", "block_size"):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ascend_v4.model.cache import StepBatch
+from ascend_v4.model.cache import SeqSlice, StepBatch, mark, rollback
 from ascend_v4.model.transformer import Transformer
 from ascend_v4.tokenizer import Tokenizer
 
@@ -69,7 +69,8 @@ class Engine:
         device = model.embed.weight.device
         self.scheduler = Scheduler(cfg, self.blocks, self.prefix, make_cache_factory(args, dtype, device))
         self.seqs: dict[str, Sequence] = {}
-        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "finished": 0, "aborted": 0}
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "finished": 0, "aborted": 0,
+                         "spec_proposed": 0, "spec_accepted": 0}
         self.device = device
 
     # -- requests ---------------------------------------------------------------------------------
@@ -109,51 +110,117 @@ class Engine:
         if not chunks:
             return []
         self.counters["steps"] += 1
+        # Draft-carrying chunks may be rejected: remember what they will overwrite in the cache.
+        marks = {id(c.seq): mark(c.seq.cache, range(c.seq.num_computed, c.seq.num_computed + len(c.tokens)))
+                 for c in chunks if c.draft is not None}
         batch = StepBatch.build([(c.seq.cache, c.tokens) for c in chunks], self.device)
         x = self.model(batch)
         batch.commit()
         need = [(c, s) for c, s in zip(chunks, batch.seqs) if c.needs_logits]
-        logits = self.model.logits(x[torch.tensor([s.offset + s.n - 1 for _, s in need], device=x.device)]) \
-            if need else None
-        for c in chunks:
-            c.seq.num_computed += len(c.tokens)
-            if self.prefix is not None and c.seq.num_computed in c.seq.snapshot_points and not c.seq.output_ids:
-                self.prefix.store(c.seq.prompt_ids, c.seq.num_computed, c.seq.cache)
-        sampled = [self._sample(c.seq, logits[i]) for i, (c, _) in enumerate(need)]
+        # Rows with logits: the last known token's row, and with a draft also the draft's row after it.
+        rows = [r for c, s in need for r in ([s.offset + s.n - 2, s.offset + s.n - 1] if c.draft is not None
+                                             else [s.offset + s.n - 1])]
+        logits = self.model.logits(x[torch.tensor(rows, device=x.device)]) if need else None
+        sampled, k = [], 0
+        for c, _ in need:  # y0 from the real position; y1 from the draft's, used only if y0 == draft
+            sampled.append(self._sample(c.seq, logits[k]))
+            if c.draft is not None:
+                sampled.append(self._sample(c.seq, logits[k + 1], extra=[c.draft]))
+            k += 2 if c.draft is not None else 1
         if self.token_sync is not None:
             sampled = self.token_sync(sampled)
-        return [self._advance(c.seq, s) for (c, _), s in zip(need, sampled)]
+
+        outs, kept, k = [], [], 0
+        for c, s in zip(chunks, batch.seqs):
+            seq = c.seq
+            if not c.needs_logits:
+                seq.num_computed += len(c.tokens)
+                kept.append((c, s))
+                continue
+            got = sampled[k:k + (2 if c.draft is not None else 1)]
+            k += len(got)
+            if c.draft is not None:
+                self.counters["spec_proposed"] += 1
+                seq.draft = None
+                if got[0].token == c.draft:
+                    self.counters["spec_accepted"] += 1
+                else:  # rejected: undo both positions; the real token is fed again next step
+                    rollback(seq.cache, marks[id(seq)])
+                    got = got[:1]
+            if len(got) == 2 or c.draft is None:
+                seq.num_computed += len(c.tokens)
+                kept.append((c, s))
+            outs.append(self._advance(seq, got))
+        if self.config.speculative_mtp and self.model.mtp:
+            self._mtp_step(x, kept)
+        for c, _ in kept:
+            seq = c.seq
+            if self.prefix is not None and seq.num_computed in seq.snapshot_points and not seq.output_ids:
+                self.prefix.store(seq.prompt_ids, seq.num_computed, seq.cache)
+        return outs
+
+    def _mtp_step(self, x: torch.Tensor, kept: list) -> None:
+        """Run the MTP block over every row the main model kept this step (its window cache needs them all)
+        and draft one token for each sequence that just produced one."""
+        live = [(c, s) for c, s in kept if not c.seq.finished]
+        if not live:
+            return
+        seqs, toks, poss, idx, draft_rows, off = [], [], [], [], [], 0
+        for c, s in live:
+            seq, n = c.seq, len(c.tokens)
+            ids = seq.all_ids
+            seqs.append(SeqSlice(seq.cache, off, s.start, n))
+            toks += ids[s.start + 1:s.start + n + 1]  # the token after each position
+            poss += range(s.start, s.start + n)
+            idx += range(s.offset, s.offset + n)
+            if c.needs_logits:
+                draft_rows.append((seq, off + n - 1))
+            off += n
+        mb = StepBatch(torch.tensor(toks, device=x.device), torch.tensor(poss, device=x.device), seqs)
+        rows = torch.tensor([r for _, r in draft_rows], dtype=torch.long, device=x.device)
+        lg = self.model.mtp_logits(x[torch.tensor(idx, device=x.device)], mb.tokens, mb, rows=rows)
+        drafts = lg.argmax(-1).tolist()
+        if self.token_sync is not None:  # every rank must verify the same drafts
+            drafts = [d.token for d in self.token_sync([Sampled(t) for t in drafts])]
+        for (seq, _), d in zip(draft_rows, drafts):
+            seq.draft = d
 
     def _stops(self, seq: Sequence) -> set[int]:
         p = seq.params
         return set(p.stop_token_ids) | (set() if p.ignore_eos else {self.model.args.eos_token_id})
 
-    def _sample(self, seq: Sequence, logits: torch.Tensor) -> Sampled:
+    def _sample(self, seq: Sequence, logits: torch.Tensor, extra: list[int] = ()) -> Sampled:
         p = seq.params
-        banned = sorted(self._stops(seq)) if len(seq.output_ids) < p.min_tokens else None
-        return sample(logits, p, seq.generator, prompt=seq.prompt_ids, output=seq.output_ids, banned=banned)
+        out = seq.output_ids + list(extra)
+        banned = sorted(self._stops(seq)) if len(out) < p.min_tokens else None
+        return sample(logits, p, seq.generator, prompt=seq.prompt_ids, output=out, banned=banned)
 
-    def _advance(self, seq: Sequence, s: Sampled) -> StepOutput:
+    def _advance(self, seq: Sequence, got: list[Sampled]) -> StepOutput:
+        """Append the step's accepted tokens (1, or 2 with an accepted draft) and apply stop conditions."""
         p, args = seq.params, self.model.args
         stops = self._stops(seq)
-        seq.output_ids.append(s.token)
-        self.counters["generation_tokens"] += 1
-        if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
-        reason = None
-        if s.token in stops:
-            reason, seq.stop_reason = "stop", (None if s.token == args.eos_token_id else s.token)
-        # Incremental text; the decoder never emits half of a multi-byte character. Stop tokens are not text.
         if seq.detok is None:
             seq.detok = self.tokenizer.incremental_decoder()
-        if reason is None:
-            seq.text += seq.detok.feed(s.token)
-        if reason is None and p.stop:
-            hit = min(((seq.text.find(x), x) for x in p.stop if x in seq.text), default=None)
-            if hit is not None:
-                seq.text, reason, seq.stop_reason = seq.text[:hit[0]], "stop", hit[1]
-        if reason is None and (len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len):
-            reason = "length"
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        reason, taken = None, []
+        for s in got:
+            seq.output_ids.append(s.token)
+            taken.append(s)
+            self.counters["generation_tokens"] += 1
+            if s.token in stops:
+                reason, seq.stop_reason = "stop", (None if s.token == args.eos_token_id else s.token)
+            # Incremental text; the decoder never emits half of a multi-byte character. Stop tokens are not text.
+            if reason is None:
+                seq.text += seq.detok.feed(s.token)
+            if reason is None and p.stop:
+                hit = min(((seq.text.find(x), x) for x in p.stop if x in seq.text), default=None)
+                if hit is not None:
+                    seq.text, reason, seq.stop_reason = seq.text[:hit[0]], "stop", hit[1]
+            if reason is None and (len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+                reason = "length"
+            if reason is not None:
+                break
         # Hold back an incomplete UTF-8 character and any tail that may still become a stop string.
         if reason is not None and not isinstance(seq.stop_reason, str):  # text not cut at a stop string
             seq.text += seq.detok.flush()
@@ -165,7 +232,7 @@ class Engine:
             self.scheduler.finish(seq, reason)
             self.seqs.pop(seq.request_id, None)
             self.counters["finished"] += 1
-        return self._output(seq, [s.token], new_text, [s] if p.logprobs is not None else [])
+        return self._output(seq, [t.token for t in taken], new_text, taken if p.logprobs is not None else [])
 
     @staticmethod
     def _output(seq: Sequence, toks, text, lps) -> StepOutput:

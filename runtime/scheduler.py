@@ -27,8 +27,9 @@ from .sequence import Sequence, SeqStatus
 @dataclass
 class ScheduledChunk:
     seq: Sequence
-    tokens: list[int]  # token ids fed this step
+    tokens: list[int]  # token ids fed this step (ends with the MTP draft when `draft` is set)
     needs_logits: bool  # the chunk reaches the sequence's last known token
+    draft: int | None = None  # speculative token appended after the last known one
 
 
 class Scheduler:
@@ -57,7 +58,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.release(seq.blocks)
-        seq.cache, seq.num_computed, seq.cached_prompt_tokens = None, 0, 0
+        seq.cache, seq.num_computed, seq.cached_prompt_tokens, seq.draft = None, 0, 0, None
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -87,7 +88,7 @@ class Scheduler:
             if seq not in self.running or budget == 0:
                 continue
             n = self._chunk_len(seq, budget)
-            while not self._grow(seq, seq.num_computed + n):
+            while not self._grow(seq, seq.num_computed + n + self._draft_len(seq, n)):
                 # preempt the latest admitted sequence not already scheduled this step (else this one)
                 scheduled = {id(c.seq) for c in out}
                 victim = next((s for s in reversed(self.running) if id(s) not in scheduled), seq)
@@ -103,7 +104,7 @@ class Scheduler:
             if seq.cache is None:
                 self._restore(seq)
             n = self._chunk_len(seq, budget)
-            if not self._grow(seq, seq.num_computed + n):
+            if not self._grow(seq, seq.num_computed + n + self._draft_len(seq, n)):
                 break
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
@@ -125,9 +126,14 @@ class Scheduler:
         seq.cache, seq.num_computed = self.new_cache(), 0
 
     @staticmethod
-    def _make(seq: Sequence, n: int) -> ScheduledChunk:
+    def _draft_len(seq: Sequence, n: int) -> int:
+        return int(seq.draft is not None and seq.num_computed + n == seq.num_tokens)
+
+    def _make(self, seq: Sequence, n: int) -> ScheduledChunk:
         toks = seq.all_ids[seq.num_computed:seq.num_computed + n]
-        return ScheduledChunk(seq, toks, seq.num_computed + n == seq.num_tokens)
+        draft = seq.draft if self._draft_len(seq, n) else None
+        return ScheduledChunk(seq, toks + ([draft] if draft is not None else []),
+                              seq.num_computed + n == seq.num_tokens, draft)
 
 
 def make_cache_factory(args, dtype: torch.dtype, device):

@@ -34,7 +34,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     present: dict[str, bool] = {}
     for item in items:
         for marker, check in checks.items():
-            if marker in item.keywords:
+            if item.get_closest_marker(marker) is not None:
                 if marker not in present:
                     present[marker] = check()
                 if not present[marker]:

@@ -15,11 +15,16 @@ Dtype rule (the target dtype is what the model declared on `meta`):
 * F8_E4M3, F8_E8M0, I64 -> exactly float8_e4m3fn, float8_e8m0fnu, int64 (never converted: FP8 stays packed);
 * I8 (packed FP4) -> int8, or float4_e2m1fn_x2 as a bit-for-bit view (same shape `[out, in/2]`);
 * shapes must match exactly.
+
+Converted checkpoints (`ascend-v4 quantize`): the reader reports which linears are stored in another tensor
+format (`CheckpointInfo.linear_formats`); before matching names, each such module is re-declared on meta with
+`module.set_format(format, down=...)` (`ascend_v4.model.layers.Linear`), so the copy stays strict by name.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +35,7 @@ from torch import nn
 from ascend_v4.checkpoint.errors import CheckpointError
 from ascend_v4.checkpoint.reader import MTP_PREFIX, TORCH_DTYPES, ProgressBar, TensorEntry, read_checkpoint
 from ascend_v4.model.args import ModelArgs
+from ascend_v4.quant.recipes import is_down_proj
 
 _FLOAT_TARGETS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # Checkpoint dtype -> model dtypes it may be loaded into (besides its own torch dtype).
@@ -47,7 +53,7 @@ class LoadReport:
     bytes: int  # bytes read from the checkpoint
     seconds: float
     shards: int
-    skipped: int  # checkpoint tensors deliberately not loaded (MTP when excluded)
+    skipped: int  # checkpoint tensors deliberately not loaded (MTP when excluded, `skip` filter)
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,8 @@ def check_target(ent: TensorEntry, target: _Target) -> str | None:
 
 
 def load_checkpoint(model: nn.Module, ckpt_dir: str | Path, *, args: ModelArgs | None = None, progress: bool = False,
-                    include_mtp: bool = True, device: torch.device | str = "cpu") -> LoadReport:
+                    include_mtp: bool = True, device: torch.device | str = "cpu",
+                    skip: Callable[[str], bool] | None = None) -> LoadReport:
     """Fill a `meta`-built model from a checkpoint directory, shard by shard.
 
     Args:
@@ -94,6 +101,8 @@ def load_checkpoint(model: nn.Module, ckpt_dir: str | Path, *, args: ModelArgs |
         progress: progress bar on stderr (shard i/N, bytes, tensors, ETA).
         include_mtp: load `mtp.*` tensors (they are always skipped when `args.n_mtp_layers == 0`).
         device: where the loaded tensors live.
+        skip: checkpoint tensor names for which it returns True are not loaded (counted in `skipped`), e.g.
+            the routed experts of other ranks under expert parallelism (the model does not declare them).
 
     After all shards, a parameter or persistent buffer still on `meta` is an error ("missing from
     checkpoint"); then `model.post_load()` is called when the model defines it.
@@ -106,6 +115,7 @@ def load_checkpoint(model: nn.Module, ckpt_dir: str | Path, *, args: ModelArgs |
     info = read_checkpoint(ckpt_dir, args=args, include_mtp=include_mtp)
     skip_mtp = not include_mtp or info.args.n_mtp_layers == 0
     where = str(info.path)
+    _apply_linear_formats(model, info.linear_formats)
     targets = _targets(model)
 
     # Check everything we can from headers before copying a byte.
@@ -114,7 +124,7 @@ def load_checkpoint(model: nn.Module, ckpt_dir: str | Path, *, args: ModelArgs |
     bad: set[str] = set()
     skipped = 0
     for name, ent in info.tensors.items():
-        if skip_mtp and name.startswith(MTP_PREFIX):
+        if (skip_mtp and name.startswith(MTP_PREFIX)) or (skip is not None and skip(name)):
             skipped += 1
             continue
         tgt = targets.get(name)
@@ -169,6 +179,19 @@ def load_checkpoint(model: nn.Module, ckpt_dir: str | Path, *, args: ModelArgs |
     if callable(post):
         post()
     return LoadReport(n_tensors, n_bytes, time.monotonic() - t0, len(shards), skipped)
+
+
+def _apply_linear_formats(model: nn.Module, linear_formats: dict[str, str]) -> None:
+    """Re-declare the linears a converted checkpoint stores in another format (absent modules are skipped: the
+    name check below reports them)."""
+    for base, fmt in linear_formats.items():
+        try:
+            mod = model.get_submodule(base)
+        except AttributeError:
+            continue
+        set_format = getattr(mod, "set_format", None)
+        if callable(set_format):
+            set_format(fmt, down=is_down_proj(base))
 
 
 def _is_meta(tgt: _Target) -> bool:

@@ -11,6 +11,11 @@ the file is reported with the file name before anything is mmapped.
 
 `read_checkpoint` collects *every* problem (structure, then the inventory of
 `checkpoint.spec.expected_tensors`) and raises one `CheckpointError` listing them.
+
+Directories written by `ascend-v4 quantize` (`ascend_v4.quant`) are read the same way: their index may be
+msModelSlim's `quant_model_weights.safetensors.index.json`, and the stored format of each linear comes from
+their manifest (or an msModelSlim `quant_model_description.json`); a conversion that never finished (journal
+present, manifest absent) is refused.
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ from typing import TextIO
 import torch
 
 from ascend_v4.checkpoint.errors import CheckpointError
-from ascend_v4.checkpoint.spec import TensorSpec, expected_tensors
+from ascend_v4.checkpoint.spec import TensorSpec, expected_tensors, official_linears
 from ascend_v4.model.args import ModelArgs
+from ascend_v4.quant import manifest as quant_manifest
 
 INDEX_NAME = "model.safetensors.index.json"
+QUANT_INDEX_NAME = "quant_model_weights.safetensors.index.json"  # msModelSlim ascendV1 outputs
 SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 MTP_PREFIX = "mtp."
@@ -85,6 +92,9 @@ class CheckpointInfo:
     shards: list[ShardHeader]  # in file-name order
     has_index: bool
     tensors: dict[str, TensorEntry] = field(default_factory=dict)  # every tensor listed by index and shard
+    # Converted checkpoints: {linear base: ascend_v4.quant tensor format} of linears not in their official format.
+    linear_formats: dict[str, str] = field(default_factory=dict)
+    conversion: dict | None = None  # the `ascend-v4 quantize` manifest, when there is one
 
     @property
     def total_bytes(self) -> int:
@@ -207,10 +217,17 @@ def read_checkpoint(path: str | Path, *, args: ModelArgs | None = None, include_
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"{root}: checkpoint directory does not exist")
+    if quant_manifest.is_unfinished(root):
+        raise CheckpointError(f"{root}: an `ascend-v4 quantize` conversion into this directory did not finish "
+                              f"({quant_manifest.JOURNAL_NAME} present, no {quant_manifest.MANIFEST_NAME}); run it "
+                              f"again with --resume")
     if args is None:
         args = ModelArgs.from_dir(root)
     problems: list[str] = []
     index_path = root / INDEX_NAME
+    if not index_path.is_file() and (root / QUANT_INDEX_NAME).is_file():
+        index_path = root / QUANT_INDEX_NAME
+    index_name = index_path.name
     weight_map: dict[str, str] = {}
     has_index = index_path.is_file()
     if has_index:
@@ -238,7 +255,7 @@ def read_checkpoint(path: str | Path, *, args: ModelArgs | None = None, include_
         fpath = root / fname
         if not fpath.is_file():
             names = by_file.get(fname, [])
-            problems.append(f"{INDEX_NAME}: names shard {fname} which does not exist "
+            problems.append(f"{index_name}: names shard {fname} which does not exist "
                             f"({len(names)} tensors, e.g. {names[0] if names else '?'})")
             reported.update(names)
             continue
@@ -262,13 +279,18 @@ def read_checkpoint(path: str | Path, *, args: ModelArgs | None = None, include_
                 problems.append(f"{fname}: {name}: listed in the index but not in the shard")
                 reported.add(name)
 
+    official = expected_tensors(args)
+    linear_formats = quant_manifest.linear_formats(root, official_linears(official)) \
+        if quant_manifest.is_converted(root) else {}
     if check_spec:
-        problems += validate_tensors(tensors, expected_tensors(args), ignore_mtp=not include_mtp
-                                     or args.n_mtp_layers == 0, index_name=INDEX_NAME if has_index else SINGLE_NAME,
+        problems += validate_tensors(tensors, expected_tensors(args, linear_formats=linear_formats)
+                                     if linear_formats else official, ignore_mtp=not include_mtp
+                                     or args.n_mtp_layers == 0, index_name=index_name if has_index else SINGLE_NAME,
                                      already_reported=reported)
     if problems:
         raise CheckpointError.from_problems(str(root), problems)
-    return CheckpointInfo(root, args, shards, has_index, tensors)
+    return CheckpointInfo(root, args, shards, has_index, tensors, linear_formats,
+                          quant_manifest.read_manifest(root))
 
 
 def validate_tensors(found: dict[str, TensorEntry], expected: dict[str, TensorSpec], *, ignore_mtp: bool = False,
@@ -346,4 +368,5 @@ def _fmt_bytes(n: float) -> str:
 
 
 __all__ = ["TensorEntry", "ShardHeader", "CheckpointInfo", "read_safetensors_header", "read_checkpoint",
-           "validate_tensors", "ProgressBar", "INDEX_NAME", "SINGLE_NAME", "CONFIG_NAME", "DTYPE_BITS", "TORCH_DTYPES"]
+           "validate_tensors", "ProgressBar", "INDEX_NAME", "QUANT_INDEX_NAME", "SINGLE_NAME", "CONFIG_NAME",
+           "DTYPE_BITS", "TORCH_DTYPES"]

@@ -6,13 +6,20 @@ are the same strings (tests assert it), so loading needs no rename table.
 
 Shapes are the *stored* shapes as torch sees them after `safe_open(...).get_tensor`: FP4 experts are
 I8 `[out, in/2]` (two e2m1 values per byte, low nibble first).
+
+Checkpoints converted by `ascend-v4 quantize` store some linears in another tensor format: `linear_formats`
+(`{linear base name: ascend_v4.quant format}`) replaces those linears' `.weight` / `.scale` by the tensors of
+their format (e.g. `.weight` I8 + `.weight_scale` / `.weight_offset` F32 for `int8_channel`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ascend_v4.model.args import CSA, HCA, WINDOW, ModelArgs, ceil_div
+from ascend_v4.quant import get_format
+from ascend_v4.quant.recipes import is_down_proj
 
 # safetensors dtype names (header "dtype" field)
 F8, E8M0, I8, BF16, F32, I64 = "F8_E4M3", "F8_E8M0", "I8", "BF16", "F32", "I64"
@@ -110,8 +117,37 @@ def mtp_extra_tensors(args: ModelArgs, prefix: str) -> dict[str, TensorSpec]:
     return out
 
 
-def expected_tensors(args: ModelArgs, include_mtp: bool = True) -> dict[str, TensorSpec]:
-    """Every tensor of the official checkpoint for `args`, in file order (top-level, layers, MTP)."""
+def expected_tensors(args: ModelArgs, include_mtp: bool = True,
+                     linear_formats: Mapping[str, str] | None = None) -> dict[str, TensorSpec]:
+    """Every tensor of the official checkpoint for `args`, in file order (top-level, layers, MTP); with
+    `linear_formats`, of a converted checkpoint storing those linears in those formats."""
+    out = _official_tensors(args, include_mtp)
+    return apply_linear_formats(out, linear_formats) if linear_formats else out
+
+
+def official_linears(specs: Mapping[str, TensorSpec]) -> dict[str, str]:
+    """{linear base name: its official tensor format (`fp8_block` / `fp4_mx`)} of an inventory."""
+    return {name[:-len(".weight")]: ("fp8_block" if s.kind == "fp8" else "fp4_mx")
+            for name, s in specs.items() if s.kind in ("fp8", "fp4") and name.endswith(".weight")}
+
+
+def apply_linear_formats(specs: Mapping[str, TensorSpec], linear_formats: Mapping[str, str]) -> dict[str, TensorSpec]:
+    """The inventory with each linear of `linear_formats` stored in its format instead (same position)."""
+    out: dict[str, TensorSpec] = {}
+    for name, s in specs.items():
+        base, _, leaf = name.rpartition(".")
+        fmt = linear_formats.get(base)
+        if fmt is None or leaf not in ("weight", "scale"):
+            out[name] = s
+            continue
+        if leaf == "weight":
+            o, i = s.shape[0], s.shape[1] * (2 if s.kind == "fp4" else 1)
+            for sfx, lay in get_format(fmt).layout(o, i, is_down_proj(base)).items():
+                out[f"{base}.{sfx}"] = TensorSpec(lay.shape, lay.st_dtype, fmt)
+    return out
+
+
+def _official_tensors(args: ModelArgs, include_mtp: bool) -> dict[str, TensorSpec]:
     a, out = args, {}
     _bf16(out, "embed.weight", a.vocab_size, a.dim)
     for l in range(a.n_layers):
@@ -130,7 +166,7 @@ def expected_tensors(args: ModelArgs, include_mtp: bool = True) -> dict[str, Ten
 
 
 def dtype_nbytes(dtype: str) -> int:
-    return {F8: 1, E8M0: 1, I8: 1, BF16: 2, F32: 4, I64: 8}[dtype]
+    return {F8: 1, E8M0: 1, I8: 1, BF16: 2, F32: 4, I64: 8}[dtype]  # also every converted format's dtypes
 
 
 def checkpoint_nbytes(args: ModelArgs) -> int:
@@ -144,5 +180,6 @@ def checkpoint_nbytes(args: ModelArgs) -> int:
     return total
 
 
-__all__ = ["TensorSpec", "expected_tensors", "block_tensors", "checkpoint_nbytes", "dtype_nbytes",
+__all__ = ["TensorSpec", "expected_tensors", "official_linears", "apply_linear_formats", "block_tensors",
+           "checkpoint_nbytes", "dtype_nbytes",
            "F8", "E8M0", "I8", "BF16", "F32", "I64", "HCA", "CSA", "WINDOW"]

@@ -30,12 +30,22 @@ def main() -> None:
     """
 
 
+from ascend_v4.cli.doctor import doctor  # noqa: E402
 from ascend_v4.cli.dummy import dummy_checkpoint  # noqa: E402
 from ascend_v4.cli.generate import generate  # noqa: E402
 from ascend_v4.cli.info import info  # noqa: E402
+from ascend_v4.cli.serve import serve  # noqa: E402
+from ascend_v4.cli.bench import bench  # noqa: E402
+from ascend_v4.cli.plan import plan  # noqa: E402
+from ascend_v4.cli.quantize import quantize  # noqa: E402
 
 main.add_command(info)
 main.add_command(dummy_checkpoint)
 main.add_command(generate)
+main.add_command(serve)
+main.add_command(bench)
+main.add_command(doctor)
+main.add_command(quantize)
+main.add_command(plan)
 
 __all__ = ["main"]

@@ -9,6 +9,7 @@ which is what a paged block table will later address instead (runtime/ owns pagi
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -135,3 +136,38 @@ class StepBatch:
         """Advance every sequence's length after the forward pass wrote its cache."""
         for s in self.seqs:
             s.cache.length = s.start + s.n
+
+
+@dataclass
+class CacheMark:
+    """What `mark` saved: enough to undo one step's writes to a SeqCache (speculative decoding)."""
+
+    length: int
+    rows: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (ring slots, their old rows)
+    counts: list[tuple[int | None, int | None]]  # per layer: comp.n, index_keys.n
+    states: list[tuple[CompressorState | None, CompressorState | None]]
+
+
+def mark(cache: SeqCache, positions: range) -> CacheMark:
+    """Remember the state a step feeding `positions` will change. Compressor states are replaced, not
+    mutated, by the forward pass, so shallow copies suffice; ring rows are copied."""
+    rows, counts, states = [], [], []
+    for lc in cache.layers:
+        w = lc.window.shape[0]
+        slots = torch.tensor(sorted({p % w for p in positions}), dtype=torch.long, device=lc.window.device)
+        rows.append((slots, lc.window[slots].clone()))
+        counts.append((lc.comp.n if lc.comp else None, lc.index_keys.n if lc.index_keys else None))
+        states.append(tuple(copy.copy(s) if s is not None else None for s in (lc.comp_state, lc.index_state)))
+    return CacheMark(cache.length, rows, counts, states)
+
+
+def rollback(cache: SeqCache, m: CacheMark) -> None:
+    """Undo everything written since `mark` (rejected draft tokens)."""
+    cache.length = m.length
+    for lc, (slots, old), (nc, ni), (cs, ix) in zip(cache.layers, m.rows, m.counts, m.states):
+        lc.window[slots] = old
+        if lc.comp is not None:
+            lc.comp.n = nc
+        if lc.index_keys is not None:
+            lc.index_keys.n = ni
+        lc.comp_state, lc.index_state = cs, ix

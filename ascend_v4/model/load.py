@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -13,12 +15,31 @@ from .layers import ModelOptions
 from .transformer import Transformer
 
 
+_EXPERT_TENSOR = re.compile(r"^(?:layers|mtp)\.\d+\.ffn\.experts\.(\d+)\.")
+
+
+def expert_skip(experts: range | None) -> Callable[[str], bool] | None:
+    """Loader filter: True for routed-expert tensors whose global id is not in `experts` (None: load all)."""
+    if experts is None:
+        return None
+    keep = set(experts)
+
+    def skip(name: str) -> bool:
+        m = _EXPERT_TENSOR.match(name)
+        return m is not None and int(m.group(1)) not in keep
+
+    return skip
+
+
 def load_model(path: str | Path, opts: ModelOptions | None = None, *, device: str | torch.device = "cpu",
-               progress: bool = False) -> Transformer:
+               progress: bool = False, experts: range | None = None) -> Transformer:
     """Read `<path>/config.json`, build the model without allocating weights, load every shard (mmap,
-    one shard at a time, FP8/FP4 kept packed unless `opts.dequantize_weights`), move it to `device`."""
+    one shard at a time, FP8/FP4 kept packed unless `opts.dequantize_weights`), move it to `device`.
+
+    `experts`: build and load only these routed experts (global ids; expert parallelism), skipping the
+    other experts' tensors in the checkpoint."""
     args = ModelArgs.from_dir(path)
     with torch.device("meta"):
-        model = Transformer(args, opts or ModelOptions())
-    load_checkpoint(model, path, args=args, progress=progress)
+        model = Transformer(args, opts or ModelOptions(), experts=experts)
+    load_checkpoint(model, path, args=args, progress=progress, skip=expert_skip(experts))
     return model.to(device).eval()

@@ -1,9 +1,11 @@
 """V4 MoE (model-spec §6): sqrt-softplus router scores, selection-only bias, hash routing (`tid2eid`) in the
 first layers, clamped SwiGLU routed experts (FP4) plus one shared expert (FP8), routed scaling.
 
-Expert parallelism later plugs in as `expert_filter`: a callable the runtime injects that maps global expert
-ids to local ones (-1 for experts owned by other ranks) and combines partial results; the model itself never
-imports the runtime.
+Expert parallelism: a rank may build only some routed experts (`experts=` global ids; parameter names keep the
+global id, `experts.E.w1.weight`), and the runtime injects `MoE.expert_parallel`, a callable
+`(x, ids, weights, run_local) -> routed [T, D] fp32` that dispatches (token, expert) pairs to the experts'
+owners, runs `run_local` there and combines the results back (`ascend_v4.runtime.expert_parallel`). The model
+itself never imports the runtime.
 """
 
 from __future__ import annotations
@@ -63,17 +65,32 @@ class Expert(nn.Module):
         return self.w2(a.to(x.dtype))
 
 
+class ExpertSet(nn.ModuleDict):
+    """The routed experts a rank holds, keyed by global expert id (as a string, so parameter names stay
+    `experts.E.w1.weight`). Behaves like the former ModuleList: `experts[e]` takes the global id as an int,
+    iteration yields the modules in ascending id order."""
+
+    def __getitem__(self, key: int | str) -> nn.Module:
+        return super().__getitem__(str(key))
+
+    def __iter__(self):
+        return iter(self.values())
+
+
 class MoE(nn.Module):
-    def __init__(self, args: ModelArgs, opts: ModelOptions, layer_id: int):
+    def __init__(self, args: ModelArgs, opts: ModelOptions, layer_id: int, experts: range | None = None):
+        """`experts`: global ids of the routed experts built here (default: all; expert parallelism builds a
+        rank's share and needs `expert_parallel` set before forward)."""
         super().__init__()
         self.args, self.opts = args, opts
         self.gate = Gate(args, opts, layer_id)
         fmt = FP4 if args.expert_dtype == "fp4" else FP8
-        self.experts = nn.ModuleList(Expert(args.dim, args.moe_inter_dim, fmt, opts, args.swiglu_limit)
-                                     for _ in range(args.n_routed_experts))
+        self.expert_ids = sorted(experts if experts is not None else range(args.n_routed_experts))
+        self.experts = ExpertSet({str(e): Expert(args.dim, args.moe_inter_dim, fmt, opts, args.swiglu_limit)
+                                  for e in self.expert_ids})
         self.shared_experts = Expert(args.dim, args.moe_inter_dim, FP8, opts, args.swiglu_limit)
         self._lists: tuple | None = None
-        self.expert_filter = None  # injected by the runtime for expert parallelism
+        self.expert_parallel = None  # injected by the runtime: (x, ids, w, run_local) -> routed [T, D] fp32
 
     def post_load(self) -> None:
         self._lists = None  # weights were (re)assigned: rebuild the per-expert lists lazily
@@ -91,22 +108,30 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """x [T, D] normed FFN input; tokens [T] ids (hash routing). Returns [T, D] in x.dtype."""
         ids, w = self.gate(x, tokens)
-        if self.expert_filter is not None:
-            ids = self.expert_filter(ids)
+        if self.expert_parallel is not None:
+            routed = self.expert_parallel(x, ids, w, self.run_local)
+        elif len(self.expert_ids) != self.args.n_routed_experts:
+            raise RuntimeError(f"MoE holds {len(self.expert_ids)} of {self.args.n_routed_experts} routed experts "
+                               "but no expert_parallel dispatcher is set")
+        else:
+            routed = self.run_local(x, ids, w)
+        return (routed + self.shared_experts(x).float()).to(x.dtype)
+
+    def run_local(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Routed experts held here: x [T, D]; ids [T, k] positions in `expert_ids` (-1 = skip); w [T, k] fp32.
+        Returns [T, D] fp32."""
         w1, s1, w2, s2, w3, s3 = self._weight_lists()
         if s1[0] is None:  # dense (dequantized) experts: plain per-expert loop, same maths
-            routed = self._dense_experts(x, ids, w)
-        else:
-            routed = ops.moe_experts(x, ids, w, w1, s1, w2, s2, w3, s3, self.args.swiglu_limit,
-                                     self.opts.quant_sim)
-        return (routed + self.shared_experts(x).float()).to(x.dtype)
+            return self._dense_experts(x, ids, w)
+        return ops.moe_experts(x, ids, w, w1, s1, w2, s2, w3, s3, self.args.swiglu_limit, self.opts.quant_sim)
 
     def _dense_experts(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         k = ids.shape[1]
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat + 1, minlength=len(self.experts) + 1).tolist()
+        experts = list(self.experts.values())  # local position -> module
+        counts = torch.bincount(flat + 1, minlength=len(experts) + 1).tolist()
         pos = counts[0]
         for e, n in enumerate(counts[1:]):
             if n == 0:
@@ -114,5 +139,5 @@ class MoE(nn.Module):
             pairs = order[pos:pos + n]
             pos += n
             tok = pairs // k
-            out.index_add_(0, tok, self.experts[e](x[tok], w.reshape(-1)[pairs]).float())
+            out.index_add_(0, tok, experts[e](x[tok], w.reshape(-1)[pairs]).float())
         return out

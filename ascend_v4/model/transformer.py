@@ -27,7 +27,7 @@ def _f32(*shape: int) -> nn.Parameter:
 class Block(nn.Module):
     """One layer: x <- hc_post(attn(norm(hc_pre(x)))), then the same around the MoE."""
 
-    def __init__(self, args: ModelArgs, opts: ModelOptions, layer_id: int):
+    def __init__(self, args: ModelArgs, opts: ModelOptions, layer_id: int, experts: range | None = None):
         super().__init__()
         self.args, self.layer_id = args, layer_id
         n, d = args.hc_mult, args.dim
@@ -37,7 +37,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(d, args.norm_eps, opts.dtype)
         self.ffn_norm = RMSNorm(d, args.norm_eps, opts.dtype)
         self.attn = Attention(args, opts, layer_id)
-        self.ffn = MoE(args, opts, layer_id)
+        self.ffn = MoE(args, opts, layer_id, experts)
 
     def _pre(self, x: torch.Tensor, unit: str):
         a = self.args
@@ -56,8 +56,8 @@ class MTPBlock(Block):
     """Multi-token prediction block `mtp.{i}`: predicts token t+2 from the main model's final streams at t and
     the embedding of token t+1 (window-only attention, score-routed MoE)."""
 
-    def __init__(self, args: ModelArgs, opts: ModelOptions, layer_id: int):
-        super().__init__(args, opts, layer_id)
+    def __init__(self, args: ModelArgs, opts: ModelOptions, layer_id: int, experts: range | None = None):
+        super().__init__(args, opts, layer_id, experts)
         d, n = args.dim, args.hc_mult
         self.e_proj = Linear(d, d, FP8, opts)
         self.h_proj = Linear(d, d, FP8, opts)
@@ -74,22 +74,25 @@ class MTPBlock(Block):
 
 
 class Transformer(nn.Module):
-    """Build under `torch.device("meta")`, then load a checkpoint with `ascend_v4.checkpoint.load_checkpoint`."""
+    """Build under `torch.device("meta")`, then load a checkpoint with `ascend_v4.checkpoint.load_checkpoint`.
 
-    def __init__(self, args: ModelArgs, opts: ModelOptions | None = None):
+    `experts`: global ids of the routed experts this rank holds in every MoE (default: all; expert parallelism).
+    """
+
+    def __init__(self, args: ModelArgs, opts: ModelOptions | None = None, *, experts: range | None = None):
         super().__init__()
         self.args, self.opts = args, opts or ModelOptions()
         a, o = args, self.opts
         self.embed = nn.Embedding(a.vocab_size, a.dim, dtype=o.dtype)
         self.embed.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(Block(a, o, i) for i in range(a.n_layers))
+        self.layers = nn.ModuleList(Block(a, o, i, experts) for i in range(a.n_layers))
         self.norm = RMSNorm(a.dim, a.norm_eps, o.dtype)
         # The head runs in fp32 (model-spec §3): keep its weight fp32 rather than upcasting per call.
         self.head = nn.Linear(a.dim, a.vocab_size, bias=False, dtype=torch.float32)
         self.head.weight.requires_grad_(False)
         n = a.hc_mult
         self.hc_head_fn, self.hc_head_base, self.hc_head_scale = _f32(n, n * a.dim), _f32(n), _f32(1)
-        self.mtp = nn.ModuleList(MTPBlock(a, o, a.n_layers + i) for i in range(a.n_mtp_layers))
+        self.mtp = nn.ModuleList(MTPBlock(a, o, a.n_layers + i, experts) for i in range(a.n_mtp_layers))
 
     @torch.no_grad()
     def post_load(self) -> None:
@@ -129,9 +132,13 @@ class Transformer(nn.Module):
         return self._head(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.norm)
 
     @torch.no_grad()
-    def mtp_logits(self, x: torch.Tensor, next_tokens: torch.Tensor, batch: StepBatch, i: int = 0) -> torch.Tensor:
+    def mtp_logits(self, x: torch.Tensor, next_tokens: torch.Tensor, batch: StepBatch, i: int = 0,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
         """Draft logits from MTP block i: x [T, n, D] main final streams at the step's tokens, next_tokens [T]
-        the token after each (the MTP block's own window cache is layer n_layers + i of the batch caches)."""
+        the token after each (the MTP block's own window cache is layer n_layers + i of the batch caches).
+        Every row goes through the block (its cache needs them all); `rows` limits which get logits."""
         blk = self.mtp[i]
         y = blk.forward_mtp(x, self.embed(next_tokens), batch)
+        if rows is not None:
+            y = y[rows]
         return self._head(y, blk.hc_head_fn, blk.hc_head_base, blk.hc_head_scale, blk.norm)

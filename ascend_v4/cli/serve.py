@@ -1,0 +1,85 @@
+"""`ascend-v4 serve`: the OpenAI- and Anthropic-compatible HTTP server (ascend_v4.server; docs/serving.md)."""
+
+from __future__ import annotations
+
+import click
+
+
+def _echo(line: str) -> None:
+    click.echo(line)
+
+
+@click.command("serve")
+@click.option("--model", default=None,
+              help="Preset (flash/pro: real weights; tiny/small: dummy weights), checkpoint directory, or Hugging "
+                   "Face repo id in the local cache. Default: the tiny dummy, for trying the API.")
+@click.option("--npus", default=1, show_default=True, type=int,
+              help="NPUs to serve on. More than 1 needs expert parallelism (not available yet).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0 = any free port.")
+@click.option("--api-key", default=None, help="Require this key (Authorization: Bearer KEY or x-api-key: KEY).")
+@click.option("--served-model-name", "served_model_names", multiple=True,
+              help="Model name clients use (repeatable; the first is reported). Default: deepseek-v4-flash / "
+                   "deepseek-v4-pro for those presets, else the --model text. deepseek-chat and "
+                   "deepseek-reasoner are always accepted as aliases fixing the thinking mode.")
+@click.option("--max-num-seqs", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Sequences decoded together at most.")
+@click.option("--max-queue", default=256, show_default=True, type=click.IntRange(min=0),
+              help="Requests waiting beyond the running ones; more get HTTP 429 with Retry-After.")
+@click.option("--max-model-len", default=None, type=click.IntRange(min=2),
+              help="Context length (prompt + output) per request. Default: the model's.")
+@click.option("--max-num-batched-tokens", default=2048, show_default=True, type=click.IntRange(min=1),
+              help="Token budget of one engine step (longer prompts are prefilled in chunks).")
+@click.option("--cache-gib", default=4.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Memory for the sequences' caches.")
+@click.option("--no-prefix-caching", is_flag=True, help="Do not reuse cached prompt prefixes.")
+@click.option("--device", default="auto", show_default=True, help="auto (detect), cpu, cuda or npu.")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True)
+@click.option("--dummy", is_flag=True, help="With --model flash/pro: random weights of the real shapes.")
+@click.option("--require-reasoning-passback", is_flag=True,
+              help="Answer 400, as DeepSeek's API does, when an assistant tool-call turn in thinking mode comes "
+                   "back without its reasoning_content.")
+@click.option("--encoder-version", type=click.Choice(["auto", "april", "0731"]), default="auto", show_default=True,
+              help="Chat encoder's effort-preamble ladder; auto = 0731 for checkpoints with DSpark heads.")
+@click.option("--default-max-tokens", default=4096, show_default=True, type=click.IntRange(min=1),
+              help="Chat output budget when a request gives no max_tokens.")
+@click.option("--drain-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0),
+              help="On Ctrl-C, seconds to let in-flight requests finish.")
+@click.option("--access-log/--no-access-log", default=True, show_default=True)
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+def serve(model, npus, host, port, api_key, served_model_names, max_num_seqs, max_queue, max_model_len,
+          max_num_batched_tokens, cache_gib, no_prefix_caching, device, dtype, dummy, require_reasoning_passback,
+          encoder_version, default_max_tokens, drain_timeout, access_log, log_level):
+    """Serve a model over HTTP: OpenAI (/v1/chat/completions, /v1/completions, /v1/models) and Anthropic
+    (/v1/messages, /v1/messages/count_tokens) APIs with DeepSeek's semantics, plus /health, /metrics,
+    /tokenize and /detokenize.
+
+    \b
+    Examples:
+      ascend-v4 serve                                   # tiny dummy model on 127.0.0.1:8000
+      ascend-v4 serve --model flash --api-key sk-local --max-model-len 131072
+      ascend-v4 serve --model /data/DeepSeek-V4-Flash --host 0.0.0.0 --port 8000
+    """
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise click.ClickException(f"the server needs the `server` extra: pip install 'ascend-v4[server]' ({e})") \
+            from None
+    from ascend_v4.server.launch import ServeError, ServeOptions, serve as run_serve
+    from ascend_v4.checkpoint.errors import CheckpointError
+    from ascend_v4.model.args import ConfigError
+
+    opts = ServeOptions(model=model, host=host, port=port, npus=npus, api_key=api_key,
+                        served_model_names=list(served_model_names), max_num_seqs=max_num_seqs, max_queue=max_queue,
+                        max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
+                        cache_gib=cache_gib, enable_prefix_caching=not no_prefix_caching, device=device, dtype=dtype,
+                        dummy=dummy, require_reasoning_passback=require_reasoning_passback,
+                        encoder_version=encoder_version, default_max_tokens=default_max_tokens,
+                        drain_timeout_s=drain_timeout, access_log=access_log, log_level=log_level)
+    try:
+        run_serve(opts, echo=_echo)
+    except (ServeError, CheckpointError, ConfigError, ValueError) as e:
+        raise click.ClickException(str(e)) from e

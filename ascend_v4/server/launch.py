@@ -1,0 +1,159 @@
+"""What `ascend-v4 serve` runs: options -> model + engine -> app -> uvicorn on a socket bound up front.
+
+The socket is bound before the model loads, so a busy port fails at once; `--port 0` picks a free port and
+the startup line prints the real URL. Ctrl-C (SIGINT) or SIGTERM: uvicorn stops accepting, waits up to
+`drain_timeout_s` for in-flight requests (streams included) to finish, then the app's shutdown stops the
+engine. A second Ctrl-C exits at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+log = logging.getLogger("ascend_v4.server")
+
+DEFAULT_MODEL = "tiny"
+# Served names of the real presets (serving-notes §1.1); others serve the --model text itself.
+PRESET_NAMES = {"flash": "deepseek-v4-flash", "pro": "deepseek-v4-pro"}
+
+
+class ServeError(Exception):
+    """Bad options or a start-up failure, reported as one line."""
+
+
+@dataclass
+class ServeOptions:
+    """Options of `ascend-v4 serve` (see its --help for each)."""
+
+    model: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    npus: int = 1
+    api_key: str | None = None
+    served_model_names: list[str] = field(default_factory=list)
+    max_num_seqs: int = 32
+    max_queue: int = 256
+    max_model_len: int | None = None
+    max_num_batched_tokens: int = 2048
+    cache_gib: float = 4.0
+    enable_prefix_caching: bool = True
+    device: str = "auto"
+    dtype: str = "auto"
+    dummy: bool = False
+    require_reasoning_passback: bool = False
+    encoder_version: str = "auto"
+    default_max_tokens: int = 4096
+    drain_timeout_s: float = 30.0
+    access_log: bool = True
+    log_level: str = "info"
+
+
+def check_options(opts: ServeOptions) -> None:
+    if opts.npus < 1:
+        raise ServeError(f"--npus must be >= 1, got {opts.npus}")
+    if opts.npus > 1:
+        raise ServeError(f"--npus {opts.npus}: serving on more than one NPU needs expert parallelism, which is not "
+                         "available yet (it is being built). Run with --npus 1.")
+    if opts.encoder_version not in ("auto", "april", "0731"):
+        raise ServeError(f"--encoder-version must be auto, april or 0731, got {opts.encoder_version!r}")
+
+
+def served_names(opts: ServeOptions, preset: str | None) -> list[str]:
+    if opts.served_model_names:
+        return list(dict.fromkeys(opts.served_model_names))
+    spec = opts.model or DEFAULT_MODEL
+    names = [PRESET_NAMES[preset]] if preset in PRESET_NAMES else []
+    return list(dict.fromkeys([*names, spec]))
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ServeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def build_app(opts: ServeOptions):
+    """Load the model, start the engine, and return (app, description of what is served)."""
+    from ascend_v4.api import LLM
+    from ascend_v4.checkpoint.resolve import resolve_model
+    from ascend_v4.platform import detect_platform
+    from ascend_v4.runtime.async_engine import AsyncEngine
+    from ascend_v4.runtime.config import EngineConfig
+    from ascend_v4.runtime.engine import Engine
+
+    from .app import create_app
+    from .serving import ServerConfig, encoder_version_of
+
+    spec = opts.model or DEFAULT_MODEL
+    device = detect_platform().device if opts.device == "auto" else opts.device
+    resolved = resolve_model(spec, dummy=opts.dummy)
+    llm = LLM(spec, device=device, dtype=opts.dtype, dummy=opts.dummy, progress=sys.stderr.isatty())
+    try:
+        cfg = EngineConfig(max_num_seqs=opts.max_num_seqs, max_queue=opts.max_queue, max_model_len=opts.max_model_len,
+                           max_num_batched_tokens=opts.max_num_batched_tokens, cache_gib=opts.cache_gib,
+                           enable_prefix_caching=opts.enable_prefix_caching)
+    except ValueError as e:
+        raise ServeError(str(e)) from None
+    engine = AsyncEngine(Engine(llm.model, llm.tokenizer, cfg))
+    encoder = encoder_version_of(llm.path) if opts.encoder_version == "auto" else opts.encoder_version
+    names = served_names(opts, resolved.preset)
+    config = ServerConfig(model_names=names, api_key=opts.api_key,
+                          require_reasoning_passback=opts.require_reasoning_passback, encoder_version=encoder,
+                          default_max_tokens=opts.default_max_tokens, model_root=str(llm.path))
+    dummy_note = ", dummy checkpoint: random weights, gibberish output" if resolved.is_dummy else ""
+    what = (f"model {names[0]} ({llm.path}{dummy_note}; device {device}, max_model_len "
+            f"{engine.engine.max_model_len}, max_num_seqs {cfg.max_num_seqs}, max_queue {cfg.max_queue}, "
+            f"encoder {encoder})")
+    return create_app(engine, config), what
+
+
+def serve(opts: ServeOptions, echo: Callable[[str], None] = print) -> None:
+    """Run the server until Ctrl-C / SIGTERM (blocking)."""
+    import uvicorn
+
+    check_options(opts)
+    logging.basicConfig(level=opts.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("ascend_v4").setLevel(opts.log_level.upper())
+    if opts.model is None:
+        echo(f"no --model given: serving the `{DEFAULT_MODEL}` dummy model (random weights, for trying the API; "
+             "pass --model flash|pro|DIR for real weights)")
+    sock = bind_socket(opts.host, opts.port)
+    host, port = sock.getsockname()[:2]
+    app, what = build_app(opts)
+    shown_host = f"[{host}]" if ":" in host else host
+    url = f"http://{shown_host}:{port}"
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if not self.should_exit:
+                echo(f"ascend-v4 serve: listening on {url} — {what}")
+                echo(f"  OpenAI: {url}/v1   Anthropic: {url} (/v1/messages)   health: {url}/health   "
+                     f"metrics: {url}/metrics   auth: {'API key required' if opts.api_key else 'none'}")
+                if sys.stdout:
+                    sys.stdout.flush()
+
+        async def shutdown(self, sockets=None) -> None:
+            n = app.state.server.engine.in_flight
+            echo(f"ascend-v4 serve: shutting down; draining {n} in-flight request(s) "
+                 f"(up to {opts.drain_timeout_s:g} s, Ctrl-C again to exit now)")
+            await super().shutdown(sockets=sockets)
+
+    config = uvicorn.Config(app, log_level=opts.log_level.lower(), access_log=opts.access_log,
+                            timeout_graceful_shutdown=opts.drain_timeout_s, timeout_keep_alive=5)
+    try:
+        _Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, after the graceful shutdown
+        pass
+    echo("ascend-v4 serve: stopped")

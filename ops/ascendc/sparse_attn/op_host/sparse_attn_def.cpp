@@ -1,0 +1,71 @@
+// OpDef of SparseAttn (A2/A3: BF16/FP16 KV) and SparseAttnKvQuant (950: e4m3 KV + one UE8M0 per 64 dims).
+// Generated API: aclnnSparseAttn(q, kv, idx, sink, scale, out) / aclnnSparseAttnKvQuant(q, kv, kv_scale, idx,
+// sink, scale, out). Semantics = ops/reference/attention.py::sparse_attn (model-spec.md §4.6).
+// Evidence: written only (no CANN here). See docs/npu.md.
+#include "register/op_def_registry.h"
+#include "sparse_attn_tiling.h"
+
+namespace ops {
+
+static OpAICoreConfig MakeConfig()
+{
+    OpAICoreConfig config;
+    config.DynamicCompileStaticFlag(true)
+        .DynamicFormatFlag(false)
+        .DynamicRankSupportFlag(true)
+        .DynamicShapeSupportFlag(true)
+        .NeedCheckSupportFlag(false)
+        .PrecisionReduceFlag(true)
+        .ExtendCfgInfo("aclnnSupport.value", "support_aclnn");
+    return config;
+}
+
+class SparseAttn : public OpDef {
+public:
+    explicit SparseAttn(const char *name) : OpDef(name)
+    {
+        this->Input("q").ParamType(REQUIRED).DataType({ge::DT_BF16, ge::DT_FLOAT16})
+            .Format({ge::FORMAT_ND, ge::FORMAT_ND}).AutoContiguous();
+        this->Input("kv").ParamType(REQUIRED).DataType({ge::DT_BF16, ge::DT_FLOAT16})
+            .Format({ge::FORMAT_ND, ge::FORMAT_ND}).AutoContiguous();
+        this->Input("idx").ParamType(REQUIRED).DataType({ge::DT_INT32, ge::DT_INT32})
+            .Format({ge::FORMAT_ND, ge::FORMAT_ND}).AutoContiguous();
+        this->Input("sink").ParamType(REQUIRED).DataType({ge::DT_FLOAT, ge::DT_FLOAT})
+            .Format({ge::FORMAT_ND, ge::FORMAT_ND});
+        this->Output("out").ParamType(REQUIRED).DataType({ge::DT_BF16, ge::DT_FLOAT16})
+            .Format({ge::FORMAT_ND, ge::FORMAT_ND});
+        this->Attr("scale").AttrType(REQUIRED).Float(1.0f);
+
+        this->SetInferShape(ge::InferShapeSparseAttn).SetInferDataType(ge::InferDataTypeSparseAttn);
+        this->AICore().SetTiling(optiling::TilingSparseAttn);
+        OpAICoreConfig config = MakeConfig();
+        this->AICore().AddConfig("ascend910b", config);
+        this->AICore().AddConfig("ascend910_93", config);
+        this->AICore().AddConfig("ascend950", config);
+    }
+};
+
+class SparseAttnKvQuant : public OpDef {
+public:
+    explicit SparseAttnKvQuant(const char *name) : OpDef(name)
+    {
+        this->Input("q").ParamType(REQUIRED).DataType({ge::DT_BF16}).Format({ge::FORMAT_ND}).AutoContiguous();
+        this->Input("kv").ParamType(REQUIRED).DataType({ge::DT_FLOAT8_E4M3FN}).Format({ge::FORMAT_ND})
+            .AutoContiguous();
+        this->Input("kv_scale").ParamType(REQUIRED).DataType({ge::DT_UINT8}).Format({ge::FORMAT_ND})
+            .AutoContiguous();
+        this->Input("idx").ParamType(REQUIRED).DataType({ge::DT_INT32}).Format({ge::FORMAT_ND}).AutoContiguous();
+        this->Input("sink").ParamType(REQUIRED).DataType({ge::DT_FLOAT}).Format({ge::FORMAT_ND});
+        this->Output("out").ParamType(REQUIRED).DataType({ge::DT_BF16}).Format({ge::FORMAT_ND});
+        this->Attr("scale").AttrType(REQUIRED).Float(1.0f);
+
+        this->SetInferShape(ge::InferShapeSparseAttn).SetInferDataType(ge::InferDataTypeSparseAttn);
+        this->AICore().SetTiling(optiling::TilingSparseAttnKvQuant);
+        this->AICore().AddConfig("ascend950", MakeConfig());  // FP8 exists only on 950 (ascend-notes §0.1)
+    }
+};
+
+OP_ADD(SparseAttn);
+OP_ADD(SparseAttnKvQuant);
+
+}  // namespace ops

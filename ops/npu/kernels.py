@@ -1,0 +1,344 @@
+"""NPU (PrivateUse1) implementations of the ascend_v4:: ops. Each takes the reference's arguments and returns
+the reference's result (shapes, dtypes), so the seam and the fake impls are shared.
+
+Per op, first match wins (`Backend.describe()` says which one a process uses):
+
+| op            | 1. op library (ops/ascendc)           | 2. triton-ascend    | 3. always available |
+|---------------|---------------------------------------|---------------------|---------------------|
+| sparse_attn   | `ascend_v4::npu_sparse_attn`          | ops/triton launcher | reference           |
+| quant_gemm    | `ascend_v4::npu_moe_gemm`, one group  | ops/triton launcher | reference maths, FP8-free weight decode |
+| moe_experts   | torch_npu routing + `npu_moe_gemm`    | -                   | torch_npu routing + `npu_grouped_matmul` on BF16-decoded active experts |
+| fp8_roundtrip | -                                     | -                   | float-only e4m3 rounding (bit-exact with the reference) |
+| w8a8_gemm     | -                                     | -                   | `npu_dynamic_quant` + `npu_quant_matmul` (bf16/fp16 x; fp32 x: reference) |
+| w4a8_gemm     | -                                     | -                   | int4 -> int8 unpack per call, then as w8a8_gemm |
+| int8_act_roundtrip | -                                | -                   | `npu_dynamic_quant`, dequantised (bf16/fp16; fp32: reference) |
+| others        | -                                     | ops/triton launcher | reference (registered default) |
+
+torch_npu functions used, with the signatures of torch_npu 2.13.0 (schemas registered in `libtorch_npu.so`,
+semantics from `torch_npu/_op_plugin_docs.py` and the aclnn docs):
+* `npu_moe_init_routing_v2(x, expert_idx, *, active_num, expert_num, expert_tokens_num_type=1,
+  expert_tokens_num_flag=True, quant_mode=-1, active_expert_range, row_idx_type=0)` ->
+  (expanded_x [T*k, H], expanded_row_idx [T*k] int32, counts [E] int64, expanded_scale): expert_idx is
+  flattened row-major and key-value sorted (deterministic), expanded_x[i] = x[sorted_row_idx[i] // k],
+  expanded_row_idx[sorted_row_idx[i]] = i (row_idx_type 0, "gather" index).
+* `npu_moe_token_unpermute(permuted_tokens, sorted_indices, probs)` -> out[t] = sum_j probs[t, j] *
+  permuted_tokens[sorted_indices[t*k + j]]; indices unique in [0, T*k).
+* `npu_grouped_matmul([x], weights, *, group_list, split_item=3, group_type=0, group_list_type=1)`: one x,
+  one weight [K, N] per group (transposed views allowed), counts per group, one output; at most 128 groups.
+* `npu_dynamic_quant(x)` -> (int8 y, fp32 scale [rows]): scale = rowmax|x| / 127, y = round(x / scale);
+  x float16/bfloat16 only.
+* `npu_quant_matmul(x1 int8 [M, K], x2 int8 [K, N], scale [N] fp32, *, pertoken_scale [M] fp32,
+  output_dtype=bf16|fp16)` -> (x1 . x2) * scale * pertoken_scale.
+A2/A3 have no FP8: nothing on the NPU path casts to or from a float8 dtype (the reference does); FP8 and
+FP4 bytes are decoded by table lookup.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.metadata
+import importlib.util
+import logging
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..reference import formats as _fmt
+from ..reference.attention import sparse_attn as _ref_sparse_attn
+from ._loader import OpLibrary, load_op_library
+
+log = logging.getLogger("ascend_v4.ops")
+
+GMM_MAX_GROUPS = 128  # npu_grouped_matmul: at most 128 weights per call (single x, weight list, single y)
+FMT_BF16, FMT_FP8, FMT_FP4 = 0, 1, 2  # weight_fmt attribute of npu_moe_gemm (= tiling_rules.h WeightFmt)
+TRITON_OPS = ("sparse_attn", "indexer_topk", "compress_kv", "quant_gemm", "hc_pre", "hc_post", "hc_head")
+
+
+# ---------------------------------------------------------------------------------------------- FP8-free decode
+@functools.lru_cache(maxsize=None)
+def _e4m3_table(device: torch.device) -> torch.Tensor:
+    """fp32 value of every e4m3fn byte (256 entries), built on the CPU (which has the dtype) and moved."""
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().to(device)
+
+
+def dense_weight(w: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Packed FP8 [N, K] (128x128 UE8M0 blocks) or FP4 int8 [N, K/2] (1x32 UE8M0) -> dense [N, K] `dtype`,
+    by table lookup only (same values as reference.formats.dequant_*)."""
+    scale = torch.exp2(s.view(torch.uint8).float() - _fmt.E8M0_BIAS)  # e8m0 byte 255 (NaN) never occurs
+    if w.dtype == torch.int8:
+        codes = _fmt.unpack_fp4_codes(w).long()
+        v = _fmt.FP4_LUT.to(w.device)[codes].view(w.shape[0], -1, 32)
+        return (v * scale[..., None]).view(w.shape[0], -1).to(dtype)
+    n, k = w.shape
+    v = _e4m3_table(w.device)[w.view(torch.uint8).long()]
+    grid = scale.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]
+    return (v * grid).to(dtype)
+
+
+def fp8_roundtrip(x: torch.Tensor, block: int) -> torch.Tensor:
+    """reference.formats.fp8_roundtrip without a float8 dtype: round to the e4m3 grid in fp32.
+
+    e4m3fn: 3 mantissa bits, normal exponents down to 2^-6, subnormal step 2^-9, max 448. Values are
+    already clamped to +-448 and torch.round is round-half-even, like the fp8 cast."""
+    shape, n = x.shape, x.shape[-1]
+    xb = x.float().reshape(-1, n // block, block)
+    scale = torch.exp2(_fmt.pow2_scale_exponent(xb.abs().amax(-1, keepdim=True), _fmt.FP8_MAX, 1e-4))
+    v = (xb / scale).clamp(-_fmt.FP8_MAX, _fmt.FP8_MAX)
+    e = torch.floor(torch.log2(v.abs().clamp_min(2.0 ** -6)))  # subnormals share the 2^-6 binade's step
+    step = torch.exp2(e - 3)
+    q = torch.round(v / step) * step
+    return (q * scale).reshape(shape).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- backend choice
+@dataclass
+class Backend:
+    """What this process uses on the NPU; resolved once, at the first NPU call (see `backend()`)."""
+
+    torch_npu: object
+    lib: OpLibrary
+    triton: dict[str, Callable] = field(default_factory=dict)
+
+    def choice(self, op: str) -> str:
+        if op in ("sparse_attn", "quant_gemm") and self.lib.loaded:
+            return "ascendc"
+        if op == "moe_experts":
+            return "torch_npu+ascendc" if self.lib.loaded else "torch_npu+grouped_matmul"
+        if op == "fp8_roundtrip":
+            return "fp8-free"
+        if op in ("w8a8_gemm", "w4a8_gemm", "int8_act_roundtrip"):
+            return "torch_npu"
+        if op in self.triton:
+            return "triton-ascend"
+        return "fp8-free-reference" if op == "quant_gemm" else "reference"
+
+    def describe(self) -> dict[str, str]:
+        from .._library import ALL_OPS
+
+        return {op.split("::")[-1]: self.choice(op.split("::")[-1]) for op in ALL_OPS}
+
+
+def _triton_ascend_launchers() -> dict[str, Callable]:
+    """The ops/triton launchers when triton-ascend is installed (never upstream triton on an NPU box)."""
+    try:
+        importlib.metadata.distribution("triton-ascend")
+    except importlib.metadata.PackageNotFoundError:
+        return {}
+    try:
+        from ..triton import launchers
+
+        fns = launchers()
+    except Exception as e:  # ImportError, or triton's own errors when no Ascend driver is active
+        log.warning("triton-ascend is installed but the ascend-v4 Triton kernels do not load (%s)", e)
+        return {}
+    return {op: fn for op, fn in fns.items() if op in TRITON_OPS}
+
+
+def make_backend(torch_npu: object, lib: OpLibrary, triton: dict[str, Callable] | None = None) -> Backend:
+    b = Backend(torch_npu, lib, dict(triton or {}))
+    if not lib.loaded:
+        fallback = "triton-ascend kernels" if b.triton else "reference ops"
+        log.warning("ascend-v4 NPU op library unavailable: %s. sparse_attn / quant_gemm use %s, moe_experts uses "
+                    "torch_npu routing + npu_grouped_matmul on BF16-decoded experts (slower). Run "
+                    "`ascend-v4 doctor` for details.", lib.reason, fallback)
+    return b
+
+
+@functools.lru_cache(maxsize=1)
+def backend() -> Backend:
+    """Resolve the NPU backend once per process: torch_npu (already imported, the tensors are on the NPU),
+    the op library (loaded here, warning once if missing), triton-ascend launchers as the next fallback."""
+    tnpu = importlib.import_module("torch_npu")
+    lib = load_op_library()
+    return make_backend(tnpu, lib, {} if lib.loaded else _triton_ascend_launchers())
+
+
+# The backend the kernels below use; tests swap it (torch_npu test double) with `use_backend`.
+_active: list[Backend] = []
+
+
+def current() -> Backend:
+    return _active[-1] if _active else backend()
+
+
+class use_backend:
+    """Context manager: run the NPU kernels against `b` (e.g. a torch_npu test double) instead of `backend()`."""
+
+    def __init__(self, b: Backend):
+        self.b = b
+
+    def __enter__(self) -> Backend:
+        _active.append(self.b)
+        return self.b
+
+    def __exit__(self, *exc) -> None:
+        _active.remove(self.b)
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+def sparse_attn(q, kv, idx, sink, scale):
+    b = current()
+    if b.lib.loaded and q.dtype in (torch.bfloat16, torch.float16) and kv.dtype == q.dtype:
+        return torch.ops.ascend_v4.npu_sparse_attn(q.contiguous(), kv.contiguous(), idx.to(torch.int32).contiguous(),
+                                                   sink.float().contiguous(), float(scale))
+    if "sparse_attn" in b.triton:
+        return b.triton["sparse_attn"](q, kv, idx, sink, scale)
+    return _ref_sparse_attn(q, kv, idx, sink, scale)
+
+
+def _weight_fmt(w: torch.Tensor) -> tuple[int, int, int]:
+    """(weight_fmt, scale_block_n, scale_block_k) of a packed weight (model-spec §8.3, §8.4)."""
+    return (FMT_FP4, 1, 32) if w.dtype == torch.int8 else (FMT_FP8, 128, 128)
+
+
+# uint8 views of the per-expert weight lists, built once per list (the model passes the same lists each step);
+# keyed by id of the first weight, validated through a weak reference (tensors cannot be dict keys by value)
+_views: dict[int, tuple[weakref.ref, int, list, list]] = {}
+
+
+def _byte_views(ws: list[torch.Tensor], ss: list[torch.Tensor]) -> tuple[list, list]:
+    hit = _views.get(id(ws[0]))
+    if hit is not None and hit[0]() is ws[0] and hit[1] == len(ws):
+        return hit[2], hit[3]
+    wv, sv = [w.view(torch.uint8) for w in ws], [s.view(torch.uint8) for s in ss]
+    _views[id(ws[0])] = (weakref.ref(ws[0]), len(ws), wv, sv)
+    return wv, sv
+
+
+def _lib_gemm(x, ws, ss, counts, out_dtype):
+    fmt, bn, bk = _weight_fmt(ws[0])
+    wv, sv = _byte_views(ws, ss)
+    return torch.ops.ascend_v4.npu_moe_gemm(x.contiguous(), wv, sv, counts, fmt, bn, bk, out_dtype)
+
+
+def quant_gemm(x, w, s, act_quant):
+    b = current()
+    if act_quant:
+        x = fp8_roundtrip(x, 128)
+    if b.lib.loaded and x.dtype in (torch.bfloat16, torch.float16):
+        counts = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+        return _lib_gemm(x, [w], [s], counts, x.dtype)
+    if "quant_gemm" in b.triton:
+        return b.triton["quant_gemm"](x, w, s, False)
+    return F.linear(x, dense_weight(w, s, x.dtype))
+
+
+def _grouped_gemm_bf16(b: Backend, x, ws, ss, counts_dev, rows_total):
+    """npu_grouped_matmul over the experts that received rows, their weights decoded to x.dtype.
+    One host sync (the counts): fine eagerly, not capturable in an ACL graph (the op library path is)."""
+    counts = counts_dev.tolist()
+    n = ws[0].shape[0]
+    out = x.new_zeros(rows_total, n)
+    active = [e for e, c in enumerate(counts) if c]
+    r0 = 0
+    for i in range(0, len(active), GMM_MAX_GROUPS):
+        chunk = active[i:i + GMM_MAX_GROUPS]
+        rows = sum(counts[e] for e in chunk)
+        wl = [dense_weight(ws[e], ss[e], x.dtype).t() for e in chunk]  # [K, N] views, "weight transposed"
+        gl = torch.tensor([counts[e] for e in chunk], dtype=torch.int64, device=x.device)
+        y = b.torch_npu.npu_grouped_matmul([x[r0:r0 + rows]], wl, group_list=gl, split_item=3, group_type=0,
+                                           group_list_type=1)[0]
+        out[r0:r0 + rows] = y
+        r0 += rows
+    return out
+
+
+def moe_experts(x, topk_ids, topk_weights, w1, s1, w2, s2, w3, s3, swiglu_limit, act_quant):
+    """Routed experts (reference.gemm.moe_experts semantics) with torch_npu routing.
+
+    Slots with id -1 (experts of other EP ranks) go to a phantom expert E: it sorts last, no GEMM touches
+    its rows (they stay zero) and its unpermute weight is 0, so every index stays valid and unique."""
+    b = current()
+    tnpu = b.torch_npu
+    T, D = x.shape
+    k = topk_ids.shape[1]
+    E = len(w1)
+    valid = topk_ids >= 0
+    ids = torch.where(valid, topk_ids, torch.full_like(topk_ids, E)).to(torch.int32)
+    xs, row_idx, counts, _ = tnpu.npu_moe_init_routing_v2(
+        x, ids, active_num=T * k, expert_num=E + 1, expert_tokens_num_type=1, expert_tokens_num_flag=True,
+        quant_mode=-1, active_expert_range=[0, E + 1], row_idx_type=0)
+    counts = counts[:E].to(torch.int64)  # [E] rows per real expert; the phantom's rows are the tail
+    ri = row_idx.long()
+    wsorted = torch.zeros(T * k, dtype=torch.float32, device=x.device).scatter_(0, ri, topk_weights.reshape(-1).float())
+    if b.lib.loaded and x.dtype in (torch.bfloat16, torch.float16):
+        gemm = lambda h, ws, ss: _lib_gemm(h, ws, ss, counts, x.dtype)  # noqa: E731  (rows past the groups: 0)
+    else:
+        gemm = lambda h, ws, ss: _grouped_gemm_bf16(b, h, ws, ss, counts, T * k)  # noqa: E731
+    h = fp8_roundtrip(xs, 128) if act_quant else xs  # shared by w1 and w3, as in the reference
+    g = gemm(h, w1, s1).float().clamp(max=swiglu_limit)
+    u = gemm(h, w3, s3).float().clamp(-swiglu_limit, swiglu_limit)
+    a = (F.silu(g) * u * wsorted[:, None]).to(x.dtype)  # routing weight before w2 (reference order)
+    if act_quant:
+        a = fp8_roundtrip(a, 128)
+    y = gemm(a, w2, s2)
+    return tnpu.npu_moe_token_unpermute(y.float(), row_idx, probs=valid.float())
+
+
+_HALF = (torch.bfloat16, torch.float16)  # npu_dynamic_quant takes float16 / bfloat16 only
+
+
+def _int():
+    from ..reference import int_gemm  # the integer formats' reference (W8A8 / W4A8), imported when used
+
+    return int_gemm
+
+
+def w8a8_gemm(x, w, w_scale):
+    if x.dtype not in _HALF:
+        return _int().w8a8_gemm(x, w, w_scale)
+    tnpu = current().torch_npu
+    xq, a_scale = tnpu.npu_dynamic_quant(x.contiguous())  # per-token int8, scale [M]
+    return tnpu.npu_quant_matmul(xq, w.t(), w_scale.reshape(-1).float(), pertoken_scale=a_scale.reshape(-1),
+                                 output_dtype=x.dtype)
+
+
+def w4a8_gemm(x, w_packed, w_scale):
+    # int4 rows -> int8 per call (exact); the native int4 npu_quant_matmul path needs an offline repack of the
+    # weight into int32 words along K and is not done.
+    return w8a8_gemm(x, _int().unpack_int4_rows(w_packed), w_scale)
+
+
+def int8_act_roundtrip(x):
+    if x.dtype not in _HALF:
+        return _int().int8_act_roundtrip(x)
+    shape = x.shape
+    q, s = current().torch_npu.npu_dynamic_quant(x.reshape(-1, shape[-1]).contiguous())
+    return (q.float() * s.reshape(-1, 1)).reshape(shape).to(x.dtype)
+
+
+def _from_triton_or_reference(op: str) -> Callable:
+    from .._library import REFERENCE
+
+    ref = REFERENCE[op]  # bound now: tests route REFERENCE[op] itself through this table
+
+    def run(*args):
+        fn = current().triton.get(op)
+        return fn(*args) if fn is not None else ref(*args)
+
+    run.__name__ = f"{op}_npu"
+    return run
+
+
+def kernel_table() -> dict[str, Callable]:
+    """{op: NPU implementation} for every op registered on PrivateUse1. The choice inside each function is
+    made per call from `current()`, so registering never imports torch_npu or loads the library."""
+    from .._library import REFERENCE
+
+    table: dict[str, Callable] = {"sparse_attn": sparse_attn, "quant_gemm": quant_gemm, "moe_experts": moe_experts,
+                                  "fp8_roundtrip": fp8_roundtrip}
+    # integer-format ops, registered only where ops/_library.py defines them
+    for op, fn in (("w8a8_gemm", w8a8_gemm), ("w4a8_gemm", w4a8_gemm), ("int8_act_roundtrip", int8_act_roundtrip)):
+        if op in REFERENCE:
+            table[op] = fn
+    for op in TRITON_OPS:
+        table.setdefault(op, _from_triton_or_reference(op))
+    return table
+
+
+__all__ = ["Backend", "backend", "make_backend", "current", "use_backend", "kernel_table", "dense_weight",
+           "fp8_roundtrip", "sparse_attn", "quant_gemm", "moe_experts"]

@@ -1,0 +1,421 @@
+"""Host tiling of the two Ascend C ops (`ops/ascendc/sparse_attn`, `ops/ascendc/moe_gemm`), in plain Python.
+
+No CANN, no torch: this module is the specification of the tiling. The op_host tiling functions in C++ call
+`ops/ascendc/common/tiling_rules.h`, a line-by-line port of this file (same candidate lists, same loop order,
+same buffer formulas). They are kept in sync by `tests/unit/npu/test_tiling.py::test_cpp_rules_match_python`,
+which compiles that header with the host g++ (it includes nothing from CANN) and compares every field for the
+Flash/Pro shape grid. Change both files together.
+
+On-chip capacities per SoC (bytes per core; OpDef compute-unit names):
+
+| SoC          | UB (per AIV) | L1     | L0A   | L0B   | L0C    | source |
+|--------------|--------------|--------|-------|-------|--------|--------|
+| ascend910b   | 192 KiB      | 512 KiB| 64 KiB| 64 KiB| 128 KiB| catlass `include/catlass/arch/arch.hpp` (`AtlasA2`); CANN `Ascend910B*.ini` `[AICoreSpec]` |
+| ascend910_93 | 192 KiB      | 512 KiB| 64 KiB| 64 KiB| 128 KiB| per die as 910B: CANN `Ascend910_93*.ini` `ub_size=196608`, 24 cube / 48 vector cores |
+| ascend950    | 248 KiB      | 512 KiB| 64 KiB| 64 KiB| 256 KiB| catlass `include/catlass/arch/arch.hpp` (`Ascend950`) |
+
+At run time the C++ tiling reads the real values (`PlatformAscendC::GetCoreMemSize`, `GetCoreNumAic`) and
+passes them in `SocCaps`; the table is what CPU tests and the docs use. We keep `UB_RESERVED` bytes of UB
+free because the runtime hands the tiling slightly less than the ini value (196352 vs 196608 on 910B3).
+Cube core counts are not fixed per SoC (910B3/B4: 20, 910B1/B2 and each 910_93 die: 24, 950: not known
+here), so every tiling function takes `core_num` from the caller.
+
+Kernel structure both ops assume: `KERNEL_TYPE_MIX_AIC_1_2` (one cube core + two vector cores per block);
+the cube side stages operands GM -> L1 -> L0A/L0B and accumulates in L0C; the vector side works in UB;
+the two sides exchange tiles through a per-core GM workspace with cross-core flags (A2/A3 have no UB<->L1
+path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+KIB = 1024
+DOUBLE = 2  # ping-pong buffers
+CUBE = 16  # fractal edge of the cube unit for 16-bit operands (16x16)
+UB_ALIGN = 32  # UB / DataCopy granularity in bytes
+UB_RESERVED = 1 * KIB
+BF16 = 2
+FP32 = 4
+INT32 = 4
+
+
+@dataclass(frozen=True)
+class SocCaps:
+    """On-chip buffer capacities (bytes) of one AI core and whether the cube takes FP8/MX operands."""
+
+    soc: str
+    ub: int
+    l1: int
+    l0a: int
+    l0b: int
+    l0c: int
+    native_mx: bool
+    typical_cube_cores: tuple[int, ...] = ()
+
+    @property
+    def ub_usable(self) -> int:
+        return self.ub - UB_RESERVED
+
+
+SOCS: dict[str, SocCaps] = {
+    "ascend910b": SocCaps("ascend910b", 192 * KIB, 512 * KIB, 64 * KIB, 64 * KIB, 128 * KIB, False, (20, 24)),
+    "ascend910_93": SocCaps("ascend910_93", 192 * KIB, 512 * KIB, 64 * KIB, 64 * KIB, 128 * KIB, False, (24,)),
+    "ascend950": SocCaps("ascend950", 248 * KIB, 512 * KIB, 64 * KIB, 64 * KIB, 256 * KIB, True, ()),
+}
+MEMS = ("ub", "l1", "l0a", "l0b", "l0c")
+
+
+class TilingError(ValueError):
+    """No block configuration fits the SoC's buffers for these shapes."""
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def align(a: int, b: int) -> int:
+    return ceil_div(a, b) * b
+
+
+@dataclass(frozen=True)
+class Buffer:
+    name: str
+    mem: str  # one of MEMS
+    nbytes: int
+
+
+def _usage(buffers: tuple[Buffer, ...]) -> dict[str, int]:
+    used = dict.fromkeys(MEMS, 0)
+    for b in buffers:
+        used[b.mem] += b.nbytes
+    return used
+
+
+def _fits(caps: SocCaps, buffers: tuple[Buffer, ...]) -> bool:
+    u = _usage(buffers)
+    return (u["ub"] <= caps.ub_usable and u["l1"] <= caps.l1 and u["l0a"] <= caps.l0a and u["l0b"] <= caps.l0b
+            and u["l0c"] <= caps.l0c)
+
+
+# ================================================================================================ sparse_attn
+# q [T, H, D] bf16; kv [N, D] bf16 (A2/A3) or e4m3 + one UE8M0 per 64 dims (950 variant); idx [T, K] int32.
+# A work unit is (query token t, head tile hb, kv split s). The cube core loads q[t, hb] into L1 once, then for
+# each block of `kv_block` index slots gathers those kv rows into L1 (K = V: one copy serves both matmuls):
+#   mm1  S[h, kb]  = q[h, D] . K[kb, D]^T      over D in `d_qk` chunks (L0A q, L0B K, L0C S fp32)
+#   vec  online softmax of S*scale on the two vector cores (h_tile/2 rows each), P -> bf16
+#   mm2  O[h, D]  += P[h, kb] . V[kb, D]        over D in `d_pv` chunks (L0A P, L0B V, L0C O fp32)
+# When a split is not the whole index list (decode with few units), the partial (O, m, l) goes to GM and a
+# combine pass (vector cores, after SyncAll) merges the splits with the sink: out = sum_s O_s e^(m_s-M) /
+# (sum_s l_s e^(m_s-M) + e^(sink-M)), M = max(max_s m_s, sink).
+HEAD_TILES = (128, 64, 32, 16)
+KV_BLOCKS = (512, 256, 128, 64, 32, 16)
+D_CHUNKS = (512, 256, 128, 64)  # at least 64 wide: narrower chunks starve the cube
+FP8_SCALE_BLOCK = 64  # one UE8M0 scale per 64 kv dims in the 950 FP8-KV layout
+DQ_ROWS = 16  # kv rows the vector core dequantises per step (950 FP8-KV variant)
+
+SPARSE_KEY_BF16 = 0
+SPARSE_KEY_FP8_KV = 1
+SPARSE_KEY_SPLIT = 10  # + when the index list is split across cores (combine pass)
+
+
+@dataclass(frozen=True)
+class SparseAttnTiling:
+    T: int
+    H: int
+    D: int
+    K: int
+    kv_fp8: bool
+    core_num: int
+    h_tile: int
+    kv_block: int
+    d_qk: int
+    d_pv: int
+    n_hblk: int
+    n_kvblk: int
+    kv_splits: int
+    blocks_per_split: int
+    units: int
+    used_cores: int
+    workspace_bytes: int
+    tiling_key: int
+    buffers: tuple[Buffer, ...] = field(repr=False)
+
+    def usage(self) -> dict[str, int]:
+        return _usage(self.buffers)
+
+
+def sparse_attn_buffers(h_tile: int, kv_block: int, d_qk: int, d_pv: int, D: int, kv_fp8: bool) -> tuple[Buffer, ...]:
+    """Every on-chip buffer of one (cube + 2 vector) block, in bytes. UB figures are per vector core."""
+    r = h_tile // 2  # head rows per vector core
+    a = lambda n: align(n, UB_ALIGN)  # noqa: E731
+    bufs = [
+        Buffer("q", "l1", h_tile * D * BF16),
+        Buffer("kv", "l1", DOUBLE * kv_block * D * BF16),
+        Buffer("p", "l1", DOUBLE * h_tile * kv_block * BF16),
+        Buffer("a", "l0a", DOUBLE * max(h_tile * d_qk, h_tile * kv_block) * BF16),
+        Buffer("b", "l0b", DOUBLE * max(d_qk * kv_block, kv_block * d_pv) * BF16),
+        Buffer("c", "l0c", DOUBLE * max(h_tile * kv_block, h_tile * d_pv) * FP32),
+        Buffer("s", "ub", DOUBLE * a(r * kv_block * FP32)),
+        Buffer("p_out", "ub", DOUBLE * a(r * kv_block * BF16)),
+        Buffer("idx", "ub", DOUBLE * a(kv_block * INT32)),
+        Buffer("o_blk", "ub", DOUBLE * a(r * d_pv * FP32)),
+        Buffer("o_acc", "ub", a(r * D * FP32)),
+        Buffer("stats", "ub", 4 * a(r * FP32)),  # running max, running sum, rescale factor, sink
+    ]
+    if kv_fp8:  # vector cores dequantise gathered e4m3 rows (+ UE8M0 per 64 dims) to bf16 for the cube
+        bufs += [
+            Buffer("dq_in", "ub", DOUBLE * a(DQ_ROWS * D)),
+            Buffer("dq_scale", "ub", DOUBLE * a(DQ_ROWS * (D // FP8_SCALE_BLOCK))),
+            Buffer("dq_out", "ub", DOUBLE * a(DQ_ROWS * D * BF16)),
+        ]
+    return tuple(bufs)
+
+
+def sparse_attn_tiling(caps: SocCaps, T: int, H: int, D: int, K: int, core_num: int,
+                       kv_fp8: bool = False) -> SparseAttnTiling:
+    """Block sizes and core split of sparse_attn for q [T, H, D], idx [T, K] on `core_num` cube cores.
+
+    Preference order: the largest head tile (the gathered kv block is reused by all heads of a tile, and
+    decode is bound by these gathers), then the largest kv block, then the largest D chunks.
+    """
+    if min(T, H, D, K, core_num) <= 0:
+        raise TilingError(f"sparse_attn: empty shape T={T} H={H} D={D} K={K} cores={core_num}")
+    if D % D_CHUNKS[-1]:
+        raise TilingError(f"sparse_attn: head dim {D} is not a multiple of {D_CHUNKS[-1]}")
+    if kv_fp8 and (not caps.native_mx or D % FP8_SCALE_BLOCK):
+        raise TilingError(f"sparse_attn: the FP8-KV variant needs ascend950 and D % {FP8_SCALE_BLOCK} == 0")
+    h_max, k_max = align(H, CUBE), max(CUBE, align(K, CUBE))
+    for h in HEAD_TILES:
+        if h > h_max:
+            continue
+        for kb in KV_BLOCKS:
+            if kb > k_max:
+                continue
+            for dq in D_CHUNKS:
+                if dq > D or D % dq:
+                    continue
+                for dp in D_CHUNKS:
+                    if dp > D or D % dp:
+                        continue
+                    bufs = sparse_attn_buffers(h, kb, dq, dp, D, kv_fp8)
+                    if _fits(caps, bufs):
+                        return _sparse_split(caps, T, H, D, K, core_num, kv_fp8, h, kb, dq, dp, bufs)
+    raise TilingError(f"sparse_attn: nothing fits {caps.soc} for H={H} D={D} K={K}")
+
+
+def _sparse_split(caps, T, H, D, K, core_num, kv_fp8, h, kb, dq, dp, bufs) -> SparseAttnTiling:
+    n_hblk, n_kvblk = ceil_div(H, h), ceil_div(K, kb)
+    base = T * n_hblk
+    splits = 1
+    if base < core_num:  # decode: split the index list so every core gets work (flash-decoding)
+        splits = min(n_kvblk, ceil_div(core_num, base))
+    bps = ceil_div(n_kvblk, splits)
+    splits = ceil_div(n_kvblk, bps)  # no empty split
+    units = base * splits
+    used = min(core_num, units)
+    ws = used * DOUBLE * (h * kb * FP32 + h * kb * BF16 + h * dp * FP32)  # S, P, O-block exchange per core
+    if kv_fp8:
+        ws += used * DOUBLE * kb * D * BF16  # dequantised kv block
+    if splits > 1:
+        ws += base * splits * h * (D + 2) * FP32  # partial O, m, l per split
+    key = (SPARSE_KEY_FP8_KV if kv_fp8 else SPARSE_KEY_BF16) + (SPARSE_KEY_SPLIT if splits > 1 else 0)
+    return SparseAttnTiling(T, H, D, K, kv_fp8, core_num, h, kb, dq, dp, n_hblk, n_kvblk, splits, bps, units,
+                            used, ws, key, bufs)
+
+
+@dataclass(frozen=True)
+class AttnWork:
+    """One piece of work as the kernel schedules it. `final` items write out[t, h0:h1, :]."""
+
+    core: int
+    t: int
+    h0: int
+    h1: int
+    slot0: int  # index slots [slot0, slot1) of idx[t] (empty for a combine item)
+    slot1: int
+    final: bool
+    combine: bool = False
+
+
+def sparse_attn_schedule(tl: SparseAttnTiling) -> Iterator[AttnWork]:
+    """The work items in kernel order: unit u = (t*n_hblk + hb)*splits + s runs on core u % used_cores;
+    with splits > 1, combine task c = t*n_hblk + hb runs on core c % used_cores after a SyncAll."""
+    for u in range(tl.units):
+        s = u % tl.kv_splits
+        th = u // tl.kv_splits
+        t, hb = divmod(th, tl.n_hblk)
+        h0, h1 = hb * tl.h_tile, min(tl.H, (hb + 1) * tl.h_tile)
+        b0, b1 = s * tl.blocks_per_split, min(tl.n_kvblk, (s + 1) * tl.blocks_per_split)
+        yield AttnWork(u % tl.used_cores, t, h0, h1, b0 * tl.kv_block, min(tl.K, b1 * tl.kv_block),
+                       final=tl.kv_splits == 1)
+    if tl.kv_splits > 1:
+        for c in range(tl.T * tl.n_hblk):
+            t, hb = divmod(c, tl.n_hblk)
+            h0, h1 = hb * tl.h_tile, min(tl.H, (hb + 1) * tl.h_tile)
+            yield AttnWork(c % tl.used_cores, t, h0, h1, 0, 0, final=True, combine=True)
+
+
+# ================================================================================================ moe_gemm
+# y[M, N] = x[M, K] . W_g[N, K]^T for the rows of each group g (rows sorted by group, counts in a device
+# tensor, so the host does not know them: the kernel builds its unit list on device). Weights are per group
+# (an aclTensorList), packed FP8 e4m3 [N, K] or FP4 e2m1 [N, K/2] with UE8M0 scales per (bn x bk) block:
+# FP8 (128, 128), FP4 (1, 32). On A2/A3 the vector cores dequantise the unit's [n_tile, K] weight slab,
+# k_tile columns at a time (FP4 via a 16-entry LUT, times 2^(s-127)), to bf16 in the per-core workspace
+# (ping-pong across units), then the cube multiplies bf16 x bf16 with fp32 accumulation. On 950 the cube takes MX operands natively: the activations are quantised
+# once (1x128 power-of-two scales as the QAT reference, replicated into 1x32 MX scales, which is exact) and
+# FP8 128x128 block scales are replicated into 1x32 MX scales (also exact).
+M_TILES = (16, 32, 64, 128)  # smallest tile that covers the expected rows per group
+N_TILES = (256, 128, 64, 32, 16)
+K_TILES = (512, 256, 128, 64, 32)
+K_STEPS = (4, 2, 1)  # k tiles staged in L1 per load
+WEIGHT_BITS = {"fp8": 8, "fp4": 4, "bf16": 16}
+SCALE_BLOCKS = {"fp8": (128, 128), "fp4": (1, 32), "bf16": (1, 1)}
+ACT_QUANT_COLS = 512  # 950 pre-pass: columns of x quantised per step
+ACT_QUANT_ROWS = 16
+
+# The 950 MX kernel path is planned (tiling below) but its activation pre-pass is not written yet
+# (ops/ascendc/moe_gemm/op_kernel/moe_gemm_kernel.h): until it is, 950 runs the vector-dequant path too.
+MX_KERNEL_READY = False
+MOE_KEY_FMT = {"bf16": 0, "fp8": 1, "fp4": 2}
+MOE_KEY_MX = 10  # + on the 950 native MX path
+
+
+@dataclass(frozen=True)
+class MoeGemmTiling:
+    M: int
+    N: int
+    K: int
+    E: int
+    fmt: str
+    core_num: int
+    native_mx: bool
+    m_tile: int
+    n_tile: int
+    k_tile: int
+    k_step: int
+    n_ntile: int
+    max_units: int
+    workspace_bytes: int
+    tiling_key: int
+    buffers: tuple[Buffer, ...] = field(repr=False)
+
+    def usage(self) -> dict[str, int]:
+        return _usage(self.buffers)
+
+
+def moe_gemm_buffers(m: int, n: int, k: int, step: int, fmt: str, native_mx: bool) -> tuple[Buffer, ...]:
+    bits = WEIGHT_BITS[fmt]
+    bn, bk = SCALE_BLOCKS[fmt]
+    a = lambda v: align(v, UB_ALIGN)  # noqa: E731
+    kl1 = k * step
+    if native_mx and fmt != "bf16":  # MX operands straight into the cube: fp8 A, fp8/fp4 B, e8m0 scales
+        mx_sc = lambda rows: rows * ceil_div(kl1, 32)  # noqa: E731  (one e8m0 per 32 along k)
+        bufs = [
+            Buffer("a", "l1", DOUBLE * (m * kl1 + mx_sc(m))),  # e4m3 activations
+            Buffer("b", "l1", DOUBLE * (n * kl1 * bits // 8 + mx_sc(n))),
+            Buffer("a0", "l0a", DOUBLE * m * k),
+            Buffer("b0", "l0b", DOUBLE * k * n * bits // 8),
+            Buffer("c0", "l0c", DOUBLE * m * n * FP32),
+            # activation pre-pass on the vector cores (bf16 in, e4m3 + scales out, fp32 work)
+            Buffer("xq_in", "ub", DOUBLE * a(ACT_QUANT_ROWS * ACT_QUANT_COLS * BF16)),
+            Buffer("xq_out", "ub", DOUBLE * a(ACT_QUANT_ROWS * ACT_QUANT_COLS)),
+            Buffer("xq_work", "ub", a(ACT_QUANT_ROWS * ACT_QUANT_COLS * FP32)),
+            Buffer("xq_scale", "ub", DOUBLE * a(ACT_QUANT_ROWS * ACT_QUANT_COLS // 32)),
+        ]
+        return tuple(bufs)
+    half = max(1, n // 2)  # weight rows dequantised per vector core
+    bufs = [
+        Buffer("a", "l1", DOUBLE * m * kl1 * BF16),
+        Buffer("b", "l1", DOUBLE * n * kl1 * BF16),
+        Buffer("a0", "l0a", DOUBLE * m * k * BF16),
+        Buffer("b0", "l0b", DOUBLE * k * n * BF16),
+        Buffer("c0", "l0c", DOUBLE * m * n * FP32),
+    ]
+    if fmt != "bf16":
+        scale_cols = ceil_div(k, bk)
+        scale_rows = ceil_div(half, bn)
+        bufs += [
+            Buffer("w_in", "ub", DOUBLE * a(half * k * bits // 8)),
+            Buffer("w_scale", "ub", DOUBLE * a(scale_rows * scale_cols)),
+            Buffer("w_work", "ub", a(half * k * FP32)),  # codes -> fp32 values -> times scale
+            Buffer("w_out", "ub", DOUBLE * a(half * k * BF16)),
+        ]
+        if fmt == "fp4":
+            bufs.append(Buffer("lut", "ub", a(16 * FP32)))
+    return tuple(bufs)
+
+
+def _aligned_to_block(tile: int, block: int) -> bool:
+    return tile % block == 0 or block % tile == 0
+
+
+def moe_gemm_tiling(caps: SocCaps, M: int, N: int, K: int, E: int, fmt: str, core_num: int,
+                    allow_mx: bool = MX_KERNEL_READY) -> MoeGemmTiling:
+    """Block sizes for the grouped GEMM of M routed rows over E groups, weights [N, K] in `fmt`.
+    `allow_mx`: plan the native MX path where the SoC has one (950)."""
+    if fmt not in WEIGHT_BITS:
+        raise TilingError(f"moe_gemm: unknown weight format {fmt!r}")
+    if min(M, N, K, E, core_num) <= 0:
+        raise TilingError(f"moe_gemm: empty shape M={M} N={N} K={K} E={E} cores={core_num}")
+    if N % CUBE or K % 32:
+        raise TilingError(f"moe_gemm: N={N} must be a multiple of {CUBE} and K={K} of 32")
+    bits = WEIGHT_BITS[fmt]
+    bn, bk = SCALE_BLOCKS[fmt]
+    mx = caps.native_mx and allow_mx and fmt != "bf16"
+    rows = ceil_div(M, min(E, M))  # expected rows per non-empty group
+    m = next((c for c in M_TILES if c >= rows), M_TILES[-1])
+    for n in N_TILES:
+        if n > N or not _aligned_to_block(n, bn):
+            continue
+        for k in K_TILES:
+            if k > K or not _aligned_to_block(k, bk) or (k * bits // 8) % UB_ALIGN:
+                continue
+            for step in K_STEPS:
+                if k * step > align(K, k):
+                    continue
+                bufs = moe_gemm_buffers(m, n, k, step, fmt, mx)
+                if _fits(caps, bufs):
+                    n_ntile = ceil_div(N, n)
+                    max_units = (ceil_div(M, m) + min(E, M)) * n_ntile  # sum_g ceil(c_g/m) <= M/m + groups
+                    if mx:
+                        ws = align(M, 16) * (K + ceil_div(K, 32))  # quantised x + MX scales
+                    elif fmt != "bf16":
+                        ws = core_num * DOUBLE * n * K * BF16  # dequantised [n_tile, K] weight slabs, vector -> cube
+                    else:
+                        ws = 0
+                    key = MOE_KEY_FMT[fmt] + (MOE_KEY_MX if mx else 0)
+                    return MoeGemmTiling(M, N, K, E, fmt, core_num, mx, m, n, k, step, n_ntile, max_units, ws,
+                                         key, bufs)
+    raise TilingError(f"moe_gemm: nothing fits {caps.soc} for M={M} N={N} K={K} fmt={fmt}")
+
+
+@dataclass(frozen=True)
+class GemmWork:
+    core: int
+    group: int
+    row0: int  # rows [row0, row1) of x / y
+    row1: int
+    col0: int  # columns [col0, col1) of y
+    col1: int
+
+
+def moe_gemm_schedule(tl: MoeGemmTiling, counts: list[int]) -> Iterator[GemmWork]:
+    """Units in kernel order (built on device from the group counts): for each group with rows, its m tiles
+    times the n tiles; unit u runs on core u % core_num."""
+    if len(counts) != tl.E or sum(counts) != tl.M:
+        raise ValueError(f"counts must have E={tl.E} entries summing to M={tl.M}")
+    u, start = 0, 0
+    for g, c in enumerate(counts):
+        for mi in range(ceil_div(c, tl.m_tile)):
+            r0, r1 = start + mi * tl.m_tile, start + min(c, (mi + 1) * tl.m_tile)
+            for ni in range(tl.n_ntile):
+                yield GemmWork(u % tl.core_num, g, r0, r1, ni * tl.n_tile, min(tl.N, (ni + 1) * tl.n_tile))
+                u += 1
+        start += c
+
+
+__all__ = ["SocCaps", "SOCS", "MEMS", "TilingError", "Buffer", "SparseAttnTiling", "sparse_attn_tiling",
+           "sparse_attn_buffers", "sparse_attn_schedule", "AttnWork", "MoeGemmTiling", "moe_gemm_tiling",
+           "moe_gemm_buffers", "moe_gemm_schedule", "GemmWork", "ceil_div", "align"]

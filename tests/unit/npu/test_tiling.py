@@ -1,0 +1,238 @@
+"""Host tiling of the Ascend C ops (ops/npu/tiling.py), checked on CPU:
+
+* no on-chip buffer (UB, L1, L0A/B/C) is ever exceeded for V4-Flash / V4-Pro shapes, decode and prefill,
+  several batch sizes, contexts, TP splits of the heads and core counts, on every target SoC;
+* the kernel schedule covers every output element exactly once (and every index slot / weight column once);
+* the C++ port (ops/ascendc/common/tiling_rules.h, used by the op_host tiling) gives identical results:
+  compiled with the host g++ and compared field by field.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from ascend_v4.ops.npu import tiling as tl
+
+ROOT = Path(__file__).resolve().parents[3]
+CORES = (20, 24, 40)
+# (heads per rank, index width K = 128 window + selected/visible compressed entries)
+FLASH, PRO = dict(H=64, D=512, topk=512), dict(H=128, D=512, topk=1024)
+HCA_1M = 128 + (1 << 20) // 128  # window + every compressed entry of a 1M context (HCA layers)
+
+
+def _attn_cases():
+    for model in (FLASH, PRO):
+        for tp in (1, 2, 4, 8, 16):
+            H = model["H"] // tp
+            if H < 1:
+                continue
+            for K in (128, 128 + model["topk"], HCA_1M, 128 + 64):  # window-only, CSA, HCA@1M, HCA short
+                for T in (1, 4, 32, 256, 2048, 8192):  # decode batch sizes ... prefill chunks
+                    yield T, H, model["D"], K
+
+
+ATTN_CASES = list(_attn_cases())
+SOCS = list(tl.SOCS.values())
+
+
+@pytest.mark.parametrize("caps", SOCS, ids=lambda c: c.soc)
+def test_sparse_attn_capacity_never_exceeded(caps):
+    n = 0
+    for (T, H, D, K), cores in itertools.product(ATTN_CASES, CORES):
+        for fp8 in (False, True) if caps.native_mx else (False,):
+            t = tl.sparse_attn_tiling(caps, T, H, D, K, cores, kv_fp8=fp8)
+            u = t.usage()
+            assert u["ub"] <= caps.ub - tl.UB_RESERVED and u["l1"] <= caps.l1, (T, H, K, t)
+            assert u["l0a"] <= caps.l0a and u["l0b"] <= caps.l0b and u["l0c"] <= caps.l0c, (T, H, K, t)
+            # cube alignment, D chunks tile D exactly, head tile never larger than the padded head count
+            assert t.h_tile % 16 == 0 and t.kv_block % 16 == 0 and D % t.d_qk == 0 and D % t.d_pv == 0
+            assert t.h_tile <= tl.align(H, 16) and 1 <= t.used_cores <= cores
+            n += 1
+    assert n > 500
+
+
+def test_buffer_formulas_match_declared_usage():
+    # The usage the solver checks is the sum of the declared buffers, recomputed here independently.
+    t = tl.sparse_attn_tiling(tl.SOCS["ascend910b"], 1, 64, 512, 640, 24)
+    r = t.h_tile // 2
+    ub = 2 * r * t.kv_block * 4 + 2 * r * t.kv_block * 2 + 2 * t.kv_block * 4 + 2 * r * t.d_pv * 4 + r * 512 * 4 + 4 * r * 4
+    assert t.usage()["ub"] == ub
+    assert t.usage()["l0c"] == 2 * max(t.h_tile * t.kv_block, t.h_tile * t.d_pv) * 4
+
+
+def _check_attn_coverage(t: tl.SparseAttnTiling):
+    T, H = t.T, t.H
+    writes = torch.zeros(T, H, dtype=torch.int32)
+    slots = {}  # (t, h0) -> list of slot ranges
+    cores_seen = set()
+    for w in tl.sparse_attn_schedule(t):
+        assert 0 <= w.core < t.used_cores
+        cores_seen.add(w.core)
+        if w.final:
+            writes[w.t, w.h0:w.h1] += 1
+        if not w.combine:
+            slots.setdefault((w.t, w.h0), []).append((w.slot0, w.slot1))
+    assert bool((writes == 1).all()), "every out[t, h, :] row is written exactly once"
+    assert len(cores_seen) == t.used_cores
+    for key, ranges in slots.items():
+        ranges.sort()
+        assert ranges[0][0] == 0 and ranges[-1][1] == t.K, (key, ranges[:3])
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), f"gap/overlap in index slots at {key}"
+    assert len(slots) == T * t.n_hblk
+    # each unit walks D in d_qk / d_pv chunks: both tile D exactly
+    assert t.D % t.d_qk == 0 and t.D % t.d_pv == 0
+
+
+@pytest.mark.parametrize("T,H,K", [(1, 64, 640), (1, 128, 1152), (3, 64, HCA_1M), (8, 16, 640), (1, 4, 40),
+                                   (256, 128, 1152), (2048, 64, 640), (1, 8, 128), (5, 48, 300)])
+@pytest.mark.parametrize("cores", [20, 24])
+def test_sparse_attn_covers_every_output_once(T, H, K, cores):
+    for caps in SOCS:
+        _check_attn_coverage(tl.sparse_attn_tiling(caps, T, H, 512, K, cores))
+
+
+def test_decode_splits_the_index_list_and_prefill_does_not():
+    caps = tl.SOCS["ascend910b"]
+    dec = tl.sparse_attn_tiling(caps, 1, 64, 512, 640, 24)
+    pre = tl.sparse_attn_tiling(caps, 4096, 64, 512, 640, 24)
+    assert dec.kv_splits > 1 and dec.tiling_key == tl.SPARSE_KEY_SPLIT
+    assert pre.kv_splits == 1 and pre.used_cores == 24 and pre.tiling_key == tl.SPARSE_KEY_BF16
+
+
+def test_fp8_kv_variant_only_on_950():
+    with pytest.raises(tl.TilingError, match="950"):
+        tl.sparse_attn_tiling(tl.SOCS["ascend910b"], 1, 64, 512, 640, 24, kv_fp8=True)
+    t = tl.sparse_attn_tiling(tl.SOCS["ascend950"], 1, 64, 512, 640, 24, kv_fp8=True)
+    assert t.tiling_key % 10 == tl.SPARSE_KEY_FP8_KV
+
+
+# ------------------------------------------------------------------------------------------------ moe_gemm
+def _moe_cases():
+    # (rows M = tokens * top-k on this rank, N, K, groups E, fmt)
+    for model, (D, I, E) in {"flash": (4096, 2048, 256), "pro": (7168, 3072, 384)}.items():
+        for ep in (1, 8, 16, 32):
+            e_local = E // ep
+            for tokens in (1, 8, 64, 512, 4096, 16384):
+                M = tokens * 6 // ep or 1
+                yield M, I, D, e_local, "fp4"  # w1 / w3: D -> inter
+                yield M, D, I, e_local, "fp4"  # w2: inter -> D
+        for tokens in (1, 64, 8192):  # dense FP8 linears as one group (quant_gemm), incl. the shared expert
+            yield tokens, I, D, 1, "fp8"
+            yield tokens, D, I, 1, "fp8"
+            yield tokens, 1024, D, 1, "fp8"  # wq_a
+            yield tokens, 512, D, 1, "fp8"  # wkv
+    yield 7, 4096, 4096, 1, "bf16"
+
+
+MOE_CASES = list(_moe_cases())
+
+
+@pytest.mark.parametrize("caps", SOCS, ids=lambda c: c.soc)
+@pytest.mark.parametrize("allow_mx", [False, True])
+def test_moe_gemm_capacity_never_exceeded(caps, allow_mx):
+    for (M, N, K, E, fmt), cores in itertools.product(MOE_CASES, CORES):
+        t = tl.moe_gemm_tiling(caps, M, N, K, E, fmt, cores, allow_mx=allow_mx)
+        u = t.usage()
+        assert u["ub"] <= caps.ub - tl.UB_RESERVED and u["l1"] <= caps.l1, (M, N, K, fmt, t)
+        assert u["l0a"] <= caps.l0a and u["l0b"] <= caps.l0b and u["l0c"] <= caps.l0c, (M, N, K, fmt, t)
+        bn, bk = tl.SCALE_BLOCKS[fmt]
+        assert t.k_tile % bk == 0 or bk % t.k_tile == 0, "a k tile never straddles a scale block"
+        assert t.n_tile % bn == 0 or bn % t.n_tile == 0
+        assert (t.k_tile * tl.WEIGHT_BITS[fmt] // 8) % 32 == 0, "packed weight rows are 32-byte aligned"
+        assert t.native_mx == (caps.native_mx and allow_mx and fmt != "bf16")
+
+
+@pytest.mark.parametrize("M,N,K,E,fmt", [(6, 2048, 4096, 256, "fp4"), (6 * 512, 4096, 2048, 256, "fp4"),
+                                         (12, 7168, 3072, 24, "fp4"), (1, 1024, 4096, 1, "fp8"),
+                                         (300, 4096, 2048, 16, "fp8"), (37, 128, 128, 8, "fp4")])
+def test_moe_gemm_covers_every_output_once(M, N, K, E, fmt):
+    g = torch.Generator().manual_seed(M + N)
+    for caps, cores in itertools.product(SOCS, (20, 24)):
+        t = tl.moe_gemm_tiling(caps, M, N, K, E, fmt, cores)
+        for trial in range(3):  # skewed, uniform and all-in-one group splits of the M rows
+            if trial == 0:
+                ids = torch.randint(0, E, (M,), generator=g)
+            elif trial == 1:
+                ids = torch.arange(M) % E
+            else:
+                ids = torch.full((M,), E - 1)
+            counts = torch.bincount(ids, minlength=E).tolist()
+            hits = torch.zeros(M, N, dtype=torch.int32)
+            starts = [0] + list(itertools.accumulate(counts))
+            n_units = 0
+            for w in tl.moe_gemm_schedule(t, counts):
+                assert starts[w.group] <= w.row0 < w.row1 <= starts[w.group + 1], "a unit never crosses groups"
+                assert w.row1 - w.row0 <= t.m_tile and w.col1 - w.col0 <= t.n_tile
+                assert 0 <= w.core < cores
+                hits[w.row0:w.row1, w.col0:w.col1] += 1
+                n_units += 1
+            assert bool((hits == 1).all()), "every y[m, n] is computed exactly once"
+            assert n_units <= t.max_units
+
+
+def test_decode_gemm_uses_small_m_tile_and_prefill_large():
+    caps = tl.SOCS["ascend910b"]
+    assert tl.moe_gemm_tiling(caps, 6, 2048, 4096, 256, "fp4", 24).m_tile == 16
+    assert tl.moe_gemm_tiling(caps, 6 * 8192, 2048, 4096, 256, "fp4", 24).m_tile == 128
+
+
+def test_impossible_shapes_raise():
+    caps = tl.SOCS["ascend910b"]
+    with pytest.raises(tl.TilingError):
+        tl.moe_gemm_tiling(caps, 4, 100, 4096, 1, "fp8", 24)  # N not a multiple of 16
+    with pytest.raises(tl.TilingError):
+        tl.sparse_attn_tiling(caps, 1, 64, 520, 640, 24)  # D not a multiple of 64
+    with pytest.raises(tl.TilingError):
+        tl.sparse_attn_tiling(caps, 0, 64, 512, 640, 24)
+
+
+# ------------------------------------------------------------------------------------------------ C++ parity
+FMT_ID = {"bf16": 0, "fp8": 1, "fp4": 2}
+
+
+@pytest.fixture(scope="module")
+def rules_binary(tmp_path_factory):
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ not installed: the C++ tiling rules cannot be compiled here")
+    out = tmp_path_factory.mktemp("tiling") / "tiling_rules_check"
+    src = Path(__file__).with_name("tiling_rules_check.cpp")
+    r = subprocess.run([gxx, "-std=c++17", "-O1", "-Wall", "-Werror", f"-I{ROOT / 'ops/ascendc/common'}",
+                        str(src), "-o", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_cpp_rules_match_python(rules_binary):
+    lines, expect = [], []
+    for caps in SOCS:
+        for (T, H, D, K), cores in itertools.product(ATTN_CASES[::3], (20, 24)):
+            for fp8 in (False, True) if caps.native_mx else (False,):
+                lines.append(f"S {caps.soc} {T} {H} {D} {K} {cores} {int(fp8)}")
+                t = tl.sparse_attn_tiling(caps, T, H, D, K, cores, kv_fp8=fp8)
+                u = t.usage()
+                expect.append(["S", 1, t.h_tile, t.kv_block, t.d_qk, t.d_pv, t.n_hblk, t.n_kvblk, t.kv_splits,
+                               t.blocks_per_split, t.units, t.used_cores, t.workspace_bytes, t.tiling_key,
+                               *(u[m] for m in tl.MEMS)])
+        for (M, N, K, E, fmt), cores, mx in itertools.product(MOE_CASES, (20, 24), (False, True)):
+            lines.append(f"M {caps.soc} {M} {N} {K} {E} {FMT_ID[fmt]} {cores} {int(mx)}")
+            t = tl.moe_gemm_tiling(caps, M, N, K, E, fmt, cores, allow_mx=mx)
+            u = t.usage()
+            expect.append(["M", 1, int(t.native_mx), t.m_tile, t.n_tile, t.k_tile, t.k_step, t.n_ntile, t.max_units,
+                           t.workspace_bytes, t.tiling_key, *(u[m] for m in tl.MEMS)])
+    lines.append("S ascend910b 1 64 520 640 24 0")  # invalid: both sides must refuse
+    r = subprocess.run([str(rules_binary)], input="\n".join(lines) + "\n", capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    got = [ln.split() for ln in r.stdout.splitlines()]
+    assert len(got) == len(lines)
+    assert got[-1][:2] == ["S", "0"]
+    mismatches = [(q, g, [str(x) for x in e]) for q, g, e in zip(lines, got, expect) if g != [str(x) for x in e]]
+    assert not mismatches, f"{len(mismatches)} cases differ, first: {mismatches[0]}"
+    assert len(expect) > 300

@@ -1,0 +1,137 @@
+"""Bad input gives a named error and leaves nothing that looks complete: missing / truncated shards, headers
+that lie about sizes, unexpected dtypes, non-V4 configs (reader errors, before anything is written), not
+enough disk space (checked up front), a shard truncated during the run, bad options."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ascend_v4.checkpoint.errors import CheckpointError
+from ascend_v4.checkpoint.reader import read_checkpoint
+from ascend_v4.cli.quantize import QuantizeRequest, run_quantize
+from ascend_v4.model.args import ConfigError
+from ascend_v4.quant import tool
+from ascend_v4.quant.errors import InsufficientDiskSpaceError, QuantizeError, SourceReadError, \
+    UnsupportedConversionError
+from ascend_v4.quant.manifest import MANIFEST_NAME
+
+
+def _clone(src: Path, dst: Path, copy: tuple[str, ...] = ()) -> Path:
+    """A checkpoint directory of symlinks to `src`, with real copies of the files named in `copy`."""
+    dst.mkdir()
+    for p in src.iterdir():
+        if p.name in copy or p.name == "model.safetensors.index.json" or p.name == "config.json":
+            shutil.copyfile(p, dst / p.name)
+        else:
+            (dst / p.name).symlink_to(p)
+    return dst
+
+
+def _small_shard(src: Path) -> str:
+    return min((p for p in src.glob("*.safetensors")), key=lambda p: p.stat().st_size).name
+
+
+def _run(src: Path, out: Path, fmt: str = "w8a8", **kw):
+    return run_quantize(QuantizeRequest(str(src), out, fmt, read_baseline="off", **kw))
+
+
+def _nothing_complete(out: Path) -> None:
+    assert not (out / MANIFEST_NAME).exists()
+    assert not list(out.glob("*.index.json")) if out.exists() else True
+
+
+def test_missing_shard(tiny_src, tmp_path):
+    src = _clone(tiny_src, tmp_path / "src")
+    (src / _small_shard(tiny_src)).unlink()
+    with pytest.raises(CheckpointError, match="does not exist"):
+        _run(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_shard(tiny_src, tmp_path):
+    name = _small_shard(tiny_src)
+    src = _clone(tiny_src, tmp_path / "src", copy=(name,))
+    with open(src / name, "r+b") as f:
+        f.truncate((src / name).stat().st_size - 1000)
+    with pytest.raises(CheckpointError, match="truncated"):
+        _run(src, tmp_path / "out")
+    _nothing_complete(tmp_path / "out")
+
+
+def test_header_lies_about_sizes(tiny_src, tmp_path):
+    name = _small_shard(tiny_src)
+    src = _clone(tiny_src, tmp_path / "src", copy=(name,))
+    raw = (src / name).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    hdr = json.loads(raw[8:8 + n])
+    key = next(k for k in hdr if k != "__metadata__")
+    hdr[key]["shape"][0] += 1  # the data offsets no longer match shape x dtype
+    new = json.dumps(hdr).encode()
+    new += b" " * (-len(new) % 8)
+    (src / name).write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+    with pytest.raises(CheckpointError, match="header says"):
+        _run(src, tmp_path / "out")
+
+
+def test_unexpected_dtype(tiny_src, tiny_info, tmp_path):
+    name = tiny_info.tensors["layers.0.attn_norm.weight"].file
+    src = _clone(tiny_src, tmp_path / "src")
+    (src / name).unlink()
+    with safe_open(tiny_src / name, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["layers.0.attn_norm.weight"] = tensors["layers.0.attn_norm.weight"].float()
+    save_file(tensors, str(src / name), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="layers.0.attn_norm.weight: dtype F32, expected BF16"):
+        _run(src, tmp_path / "out")
+
+
+def test_non_v4_config(tiny_src, tmp_path):
+    src = _clone(tiny_src, tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["model_type"] = "deepseek_v3"
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="model_type"):
+        _run(src, tmp_path / "out")
+
+
+def test_not_enough_disk_space(tiny_src, tmp_path, monkeypatch):
+    real = shutil.disk_usage
+
+    def tiny_disk(path):
+        u = real(path)
+        return type(u)(u.total, u.total - (10 << 20), 10 << 20)  # 10 MiB free
+
+    monkeypatch.setattr(tool.shutil, "disk_usage", tiny_disk)
+    with pytest.raises(InsufficientDiskSpaceError, match="needs .* GB more"):
+        _run(tiny_src, tmp_path / "out")
+    assert not list((tmp_path / "out").iterdir())  # nothing written at all
+
+
+def test_shard_truncated_during_the_run(tiny_src, tiny_info, tmp_path):
+    name = tiny_info.tensors["layers.1.ffn.experts.0.w1.weight"].file
+    src = _clone(tiny_src, tmp_path / "src", copy=(name,))
+    info = read_checkpoint(src)  # validated while intact
+    with open(src / name, "r+b") as f:
+        f.truncate((src / name).stat().st_size // 2)
+    out = tmp_path / "out"
+    with pytest.raises(SourceReadError, match="truncated or modified"):
+        tool.quantize(info, out, "w8a8", read_baseline="off")
+    _nothing_complete(out)
+    with pytest.raises(CheckpointError, match="did not finish"):
+        read_checkpoint(out)
+
+
+def test_bad_options(tiny_src, converted, tmp_path):
+    with pytest.raises(UnsupportedConversionError, match="--ep 3 must divide the 8"):
+        _run(tiny_src, tmp_path / "a", ep=3)
+    with pytest.raises(QuantizeError, match="already a converted checkpoint"):
+        _run(converted("w8a8"), tmp_path / "b")
+    with pytest.raises(QuantizeError, match="must differ"):
+        _run(tiny_src, tiny_src)

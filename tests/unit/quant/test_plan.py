@@ -1,0 +1,145 @@
+"""`ascend-v4 plan` against hand-computed numbers for Flash and Pro (model-spec.md §9-§10 dimensions), and the
+honest answer for Pro on 16 x 64 GB cards."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from ascend_v4.checkpoint.spec import expected_tensors
+from ascend_v4.cli import main
+from ascend_v4.cli.plan import run_plan
+from ascend_v4.model.args import ModelArgs
+from ascend_v4.quant.plan import HARDWARE, kv_formats, make_plan, weight_split
+
+GIB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def models():
+    out = {}
+    for name in ("flash", "pro"):
+        a = ModelArgs.from_preset(name)
+        out[name] = (a, expected_tensors(a))
+    return out
+
+
+# One routed expert, by hand: w1/w3 [I, D], w2 [D, I]; blocks = layers + 1 MTP.
+HAND = {
+    "flash": dict(D=4096, I=2048, E=256, blocks=44),
+    "pro": dict(D=7168, I=3072, E=384, blocks=62),
+}
+
+
+def expert_bytes(fmt: str, D: int, I: int) -> int:
+    if fmt == "native":  # FP4: in/2 bytes + in/32 UE8M0 per row
+        return 2 * (I * D // 2 + I * D // 32) + (D * I // 2 + D * I // 32)
+    if fmt == "w8a8":  # int8 + fp32 scale + fp32 offset per row
+        return 2 * (I * D + 8 * I) + (D * I + 8 * D)
+    if fmt == "w4a8":  # int4 + scale, offset, scale_bias ([I,1] up/gate, [D,16] down)
+        return 2 * (I * D // 2 + 12 * I) + (D * I // 2 + 8 * D + 64 * D)
+    if fmt == "bf16":
+        return 3 * 2 * I * D
+    if fmt == "fp8-experts":  # e4m3 + one UE8M0 per 128x128 block
+        return 2 * (I * D + (I // 128) * (D // 128)) + (D * I + (D // 128) * (I // 128))
+    raise AssertionError(fmt)
+
+
+@pytest.mark.parametrize("name", ["flash", "pro"])
+@pytest.mark.parametrize("fmt", ["native", "w8a8", "w4a8", "bf16", "fp8-experts"])
+def test_expert_bytes(models, name, fmt):
+    a, specs = models[name]
+    h = HAND[name]
+    ws = weight_split(specs, fmt)
+    assert ws.routed_experts == h["blocks"] * h["E"] * expert_bytes(fmt, h["D"], h["I"])
+
+
+def test_native_totals_match_the_official_checkpoints(models):
+    # model-spec.md §9.3: 159.6 GB (Flash) and 864.7 GB (Pro)
+    assert round(weight_split(models["flash"][1], "native").total / 1e9, 1) == 159.6
+    assert round(weight_split(models["pro"][1], "native").total / 1e9, 1) == 864.7
+
+
+@pytest.mark.parametrize("name,kv,per_token", [
+    ("flash", "bf16", 6880), ("flash", "bf16-int8idx", 6229), ("flash", "fp8", 3514.25),
+    ("pro", "bf16", 9848), ("pro", "bf16-int8idx", 8918), ("pro", "fp8", 5031.4375)])
+def test_kv_bytes_per_token(models, name, kv, per_token):
+    # model-spec.md §10.3: CSA main/4 + indexer/4, HCA main/128; 21 CSA + 20 HCA (Flash), 30 + 31 (Pro)
+    a, specs = models[name]
+    r = make_plan(a, specs, "w8a8", "910c", 16, kv=kv, context=1000)
+    assert r.kv_per_token == per_token
+    main, idx = {"bf16": (1024, 256), "bf16-int8idx": (1024, 132), "fp8": (584, 68)}[kv]
+    assert (kv_formats(a)[kv].main_entry, kv_formats(a)[kv].index_entry) == (main, idx)
+    assert r.kv_per_token_by_kind == {"csa": main / 4 + idx / 4, "hca": main / 128, "window": 0.0}
+
+
+def test_fixed_per_sequence_and_reserve(models):
+    a, specs = models["flash"]
+    r = make_plan(a, specs, "w8a8", "910c", 16, context=1000)
+    rings = 44 * 128 * 1024  # (43 layers + MTP) x window x bf16 entry
+    state = 21 * (2 * 8 * 1024 + 2 * 8 * 256) * 4 + 20 * (2 * 128 * 512) * 4  # fp32 compressor kv + score
+    assert r.fixed_per_seq == rings + state == 17_973_248
+    assert r.reserve_per_card == 2 * GIB + 1 * GIB + 8192 * 64 * 4096
+    assert make_plan(a, specs, "w8a8", "910c", 1, context=1000).reserve_per_card == 2 * GIB + 8192 * 64 * 4096
+
+
+def test_per_card_layout_and_fit_arithmetic(models):
+    a, specs = models["pro"]
+    ws = weight_split(specs, "w4a8")
+    for tp in (1, 4, 16):
+        r = make_plan(a, specs, "w4a8", "910c", 16, tp=tp, context=131072)
+        want = ws.replicated + ws.tp_split / tp + ws.routed_experts / 16
+        assert r.weights_per_card == int(want)
+        free = 64 * GIB - want - r.reserve_per_card
+        assert r.free_per_card == int(free)
+        per_seq = 131072 * 8918 + r.fixed_per_seq
+        assert r.seqs_per_card == (int(free // per_seq) if free > 0 else 0)
+        if free > 0:
+            assert r.max_context_at_batch == int(min(a.max_seq_len, (free - r.fixed_per_seq) / 8918))
+
+
+def test_pro_on_16_cards_of_64gb(models):
+    """The honest answer (ascend-notes §0.8 / §11): only W4A8 fits, only with attention TP 16, and only for about
+    one sequence of ~0.2M tokens; W8A8 and BF16 do not fit at all; native / fp8-experts cannot run on A2/A3."""
+    a, specs = models["pro"]
+    for fmt in ("w8a8", "bf16"):
+        chosen, reports = run_plan("pro", fmt, 16, "910c")
+        assert not any(r.fits for r in reports)
+    chosen, reports = run_plan("pro", "w4a8", 16, "910c", context=131072)
+    assert [r.tp for r in reports if r.fits] == [16] and chosen.tp == 16
+    assert chosen.seqs_per_card == 1 and 150_000 < chosen.max_context_at_batch < 300_000
+    for fmt in ("native", "fp8-experts"):
+        r = make_plan(a, specs, fmt, "910c", 16, tp=16)
+        assert not r.runnable and "no FP8/FP4 matmul" in r.runnable_note
+    # Flash W8A8 fits one A2 node (8 x 910B) and one A3 node (16 dies) with TP 1 (official recipes)
+    assert run_plan("flash", "w8a8", 8, "910b", tp=1)[0].fits
+    assert run_plan("flash", "w8a8", 16, "910c", tp=1)[0].fits
+    # and Pro W4A8 fits 32 dies (2 x A3)
+    assert run_plan("pro", "w4a8", 32, "910c")[0].fits
+
+
+def test_roofline_by_hand(models):
+    a, specs = models["flash"]
+    hw = HARDWARE["910c"]
+    ws = weight_split(specs, "w8a8")
+    r = make_plan(a, specs, "w8a8", "910c", 16, tp=1, batch=1, context=4096)
+    p_hit = 1 - (1 - 6 / 256) ** 16  # 16 DP groups x 1 token, 6 of 256 experts each
+    weights = ws.replicated + ws.tp_split + ws.routed_experts / 16 * p_hit
+    csa = 21 * (1024 * 132 + (512 + 128) * 1024)  # indexer keys L/4, top-512 + window entries
+    hca = 20 * (32 + 128) * 1024  # L/128 + window entries
+    win = 2 * 128 * 1024
+    t_mem = (weights + csa + hca + win) / hw.bandwidth
+    assert r.decode_bound == "memory"
+    assert r.decode_step_s == pytest.approx(t_mem, rel=1e-9)
+    assert r.decode_tok_s_per_card == pytest.approx(1 / t_mem, rel=1e-9)
+
+
+def test_plan_cli():
+    r = CliRunner().invoke(main, ["plan", "--model", "pro", "--format", "w4a8", "--npus", "16", "--hardware",
+                                  "910c"], catch_exceptions=False)
+    assert r.exit_code == 0
+    assert "verdict: FITS" in r.output and "TP 16" in r.output and "vendor figure (unverified)" in r.output
+    r = CliRunner().invoke(main, ["plan", "-m", "pro", "-f", "bf16", "-n", "16", "-H", "910b", "--tp", "16"])
+    assert r.exit_code == 0 and "DOES NOT FIT" in r.output
+    r = CliRunner().invoke(main, ["plan", "-m", "flash", "-f", "w8a8", "-n", "16", "-H", "910c", "--tp", "3"])
+    assert r.exit_code != 0 and "must divide" in r.output

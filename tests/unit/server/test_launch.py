@@ -1,0 +1,44 @@
+"""`ascend-v4 serve` options: fail-fast checks (no model is loaded), served names, socket binding."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("fastapi")
+
+from ascend_v4.cli import main  # noqa: E402
+from ascend_v4.server.launch import ServeError, ServeOptions, bind_socket, check_options, served_names  # noqa: E402
+
+
+def test_npus_above_one_fails_fast_with_a_clear_message():
+    r = CliRunner().invoke(main, ["serve", "--npus", "2"])
+    assert r.exit_code == 1
+    assert "expert parallelism" in r.output and "not available yet" in r.output and "--npus 1" in r.output
+    with pytest.raises(ServeError, match=">= 1"):
+        check_options(ServeOptions(npus=0))
+
+
+def test_served_names():
+    assert served_names(ServeOptions(model="flash"), "flash") == ["deepseek-v4-flash", "flash"]
+    assert served_names(ServeOptions(model=None), "tiny") == ["tiny"]
+    assert served_names(ServeOptions(model="/d/x", served_model_names=["a", "b", "a"]), None) == ["a", "b"]
+
+
+def test_busy_port_fails_before_loading():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(ServeError, match=f"cannot listen on 127.0.0.1:{port}"):
+            bind_socket("127.0.0.1", port)
+
+
+def test_help_lists_the_issue_options():
+    out = CliRunner().invoke(main, ["serve", "--help"]).output
+    for opt in ("--model", "--npus", "--host", "--port", "--api-key", "--served-model-name", "--max-num-seqs",
+                "--max-queue", "--max-model-len", "--require-reasoning-passback"):
+        assert opt in out
+    assert "serve" in CliRunner().invoke(main, ["bench", "--help"]).output
