@@ -71,7 +71,7 @@ class LLM:
 
     def __init__(self, model: str | Path = "tiny", *, device: str = "cpu", dtype: str = "auto",
                  quant_sim: bool = True, dequantize_weights: bool | None = None, dummy: bool = False,
-                 progress: bool = False, npus: int = 1):
+                 progress: bool = False, npus: int = 1, engine_config=None):
         if dtype == "auto":
             dtype = "fp32" if torch.device(device).type == "cpu" else "bf16"
         if dtype not in _DTYPES:
@@ -93,7 +93,8 @@ class LLM:
             from ascend_v4.runtime.distributed import ParallelConfig
 
             self.engine = DistEngine(self.path, self.options,
-                                     EngineConfig(max_num_batched_tokens=8192, enable_prefix_caching=False),
+                                     engine_config or EngineConfig(max_num_batched_tokens=8192,
+                                                                   enable_prefix_caching=False),
                                      ParallelConfig.from_env(npus), device_type=torch.device(device).type,
                                      tokenizer_dir=str(self.path) if tok_file.is_file() else None,
                                      tokenizer=self.tokenizer)

@@ -210,6 +210,10 @@ class DistEngine:
     def tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
 
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Validated and queued here at once (RequestError as from `Engine`); the workers get it at the next
         step. Never raises WorkerError (the failure surfaces at `step()`)."""

@@ -14,7 +14,8 @@ def _echo(line: str) -> None:
               help="Preset (flash/pro: real weights; tiny/small: dummy weights), checkpoint directory, or Hugging "
                    "Face repo id in the local cache. Default: the tiny dummy, for trying the API.")
 @click.option("--npus", default=1, show_default=True, type=int,
-              help="NPUs to serve on. More than 1 needs expert parallelism (not available yet).")
+              help="Devices to serve on: N > 1 starts N-1 worker processes and splits the routed experts "
+                   "across them (expert parallelism, docs/expert_parallel.md).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0 = any free port.")
 @click.option("--api-key", default=None, help="Require this key (Authorization: Bearer KEY or x-api-key: KEY).")

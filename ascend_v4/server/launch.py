@@ -55,9 +55,6 @@ class ServeOptions:
 def check_options(opts: ServeOptions) -> None:
     if opts.npus < 1:
         raise ServeError(f"--npus must be >= 1, got {opts.npus}")
-    if opts.npus > 1:
-        raise ServeError(f"--npus {opts.npus}: serving on more than one NPU needs expert parallelism, which is not "
-                         "available yet (it is being built). Run with --npus 1.")
     if opts.encoder_version not in ("auto", "april", "0731"):
         raise ServeError(f"--encoder-version must be auto, april or 0731, got {opts.encoder_version!r}")
 
@@ -98,21 +95,23 @@ def build_app(opts: ServeOptions):
     spec = opts.model or DEFAULT_MODEL
     device = detect_platform().device if opts.device == "auto" else opts.device
     resolved = resolve_model(spec, dummy=opts.dummy)
-    llm = LLM(spec, device=device, dtype=opts.dtype, dummy=opts.dummy, progress=sys.stderr.isatty())
     try:
         cfg = EngineConfig(max_num_seqs=opts.max_num_seqs, max_queue=opts.max_queue, max_model_len=opts.max_model_len,
                            max_num_batched_tokens=opts.max_num_batched_tokens, cache_gib=opts.cache_gib,
                            enable_prefix_caching=opts.enable_prefix_caching)
     except ValueError as e:
         raise ServeError(str(e)) from None
-    engine = AsyncEngine(Engine(llm.model, llm.tokenizer, cfg))
+    # npus > 1: expert parallelism; LLM starts the worker processes and returns rank 0's engine.
+    llm = LLM(spec, device=device, dtype=opts.dtype, dummy=opts.dummy, progress=sys.stderr.isatty(),
+              npus=opts.npus, engine_config=cfg)
+    engine = AsyncEngine(llm.engine if llm.engine is not None else Engine(llm.model, llm.tokenizer, cfg))
     encoder = encoder_version_of(llm.path) if opts.encoder_version == "auto" else opts.encoder_version
     names = served_names(opts, resolved.preset)
     config = ServerConfig(model_names=names, api_key=opts.api_key,
                           require_reasoning_passback=opts.require_reasoning_passback, encoder_version=encoder,
                           default_max_tokens=opts.default_max_tokens, model_root=str(llm.path))
     dummy_note = ", dummy checkpoint: random weights, gibberish output" if resolved.is_dummy else ""
-    what = (f"model {names[0]} ({llm.path}{dummy_note}; device {device}, max_model_len "
+    what = (f"model {names[0]} ({llm.path}{dummy_note}; device {device} x {opts.npus}, max_model_len "
             f"{engine.engine.max_model_len}, max_num_seqs {cfg.max_num_seqs}, max_queue {cfg.max_queue}, "
             f"encoder {encoder})")
     return create_app(engine, config), what
