@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ascend_v4 import ops
+from ascend_v4.ops.reference.gemm import expert_groups
 
 from .args import ModelArgs
-from .layers import DENSE, FP4, FP8, Linear, ModelOptions
+from .layers import FP4, FP8, Linear, ModelOptions
 
 
 class Gate(nn.Module):
@@ -127,17 +128,7 @@ class MoE(nn.Module):
 
     def _dense_experts(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        k = ids.shape[1]
-        flat = ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
         experts = list(self.experts.values())  # local position -> module
-        counts = torch.bincount(flat + 1, minlength=len(experts) + 1).tolist()
-        pos = counts[0]
-        for e, n in enumerate(counts[1:]):
-            if n == 0:
-                continue
-            pairs = order[pos:pos + n]
-            pos += n
-            tok = pairs // k
+        for e, pairs, tok in expert_groups(ids, len(experts)):
             out.index_add_(0, tok, experts[e](x[tok], w.reshape(-1)[pairs]).float())
         return out

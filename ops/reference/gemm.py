@@ -6,6 +6,8 @@ block scales on CPU), so the reference is also the CPU production path.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -30,6 +32,23 @@ def quant_gemm(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, act_quant: boo
     return F.linear(x, _dense(w, s, x.dtype))
 
 
+def expert_groups(topk_ids: torch.Tensor, n_experts: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Group the (token, slot) pairs of `topk_ids` [T, k] by expert: yields (expert, pair indices into the
+    flattened [T*k] routing, their token rows) for every expert in [0, n_experts) that got tokens, in token
+    order within each group. Ids of -1 (handled elsewhere) are skipped. One host sync for all the counts."""
+    k = topk_ids.shape[1]
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat.clamp_min(-1) + 1, minlength=n_experts + 1).tolist()
+    pos = counts[0]  # skip the -1 group
+    for e in range(n_experts):
+        n = counts[e + 1]
+        if n:
+            pairs = order[pos:pos + n]
+            pos += n
+            yield e, pairs, pairs // k
+
+
 def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 w1: list[torch.Tensor], s1: list[torch.Tensor], w2: list[torch.Tensor], s2: list[torch.Tensor],
                 w3: list[torch.Tensor], s3: list[torch.Tensor], swiglu_limit: float,
@@ -43,18 +62,7 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     """
     T, D = x.shape
     out = torch.zeros(T, D, dtype=torch.float32, device=x.device)
-    flat = topk_ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)  # group (token, slot) pairs by expert
-    counts = torch.bincount(flat.clamp_min(-1) + 1, minlength=len(w1) + 1).tolist()  # one sync
-    k = topk_ids.shape[1]
-    pos = counts[0]  # skip the -1 group
-    for e in range(len(w1)):
-        n = counts[e + 1]
-        if n == 0:
-            continue
-        pairs = order[pos:pos + n]
-        pos += n
-        tok = pairs // k
+    for e, pairs, tok in expert_groups(topk_ids, len(w1)):
         h = x[tok]
         g = quant_gemm(h, w1[e], s1[e], act_quant).float()
         u = quant_gemm(h, w3[e], s3[e], act_quant).float()
