@@ -8,10 +8,13 @@ engine. A second Ctrl-C exits at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import sys
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 log = logging.getLogger("ascend_v4.server")
@@ -78,6 +81,31 @@ def bind_socket(host: str, port: int) -> socket.socket:
         raise ServeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     sock.set_inheritable(True)
     return sock
+
+
+@contextlib.contextmanager
+def serve_in_thread(app) -> Iterator[str]:
+    """Run `app` with uvicorn on 127.0.0.1 (a free port) in a background thread; yield its base URL.
+    For tests and for embedding a server in another program; stops the server on exit."""
+    import uvicorn
+
+    sock = bind_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    t_end = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < t_end:
+        time.sleep(0.02)
+    if not server.started:
+        sock.close()
+        raise ServeError("uvicorn did not start")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
 
 
 def build_app(opts: ServeOptions):

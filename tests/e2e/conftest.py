@@ -7,14 +7,12 @@ within the start timeout fails the test with its log.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,6 +21,8 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("openai")
 pytest.importorskip("anthropic")
+
+from ascend_v4.server.launch import serve_in_thread  # noqa: E402
 
 START_TIMEOUT_S = 180
 API_KEY = "sk-e2e"
@@ -102,27 +102,6 @@ def servers(tiny_checkpoint, tmp_path_factory):
             s.stop()
 
 
-@contextlib.contextmanager
-def serve_in_thread(app):
-    """Run an app with uvicorn on 127.0.0.1 (free port) in a thread; yield its base URL."""
-    import uvicorn
-
-    from ascend_v4.server.launch import bind_socket
-
-    sock = bind_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    t_end = time.monotonic() + 30
-    while not server.started and thread.is_alive() and time.monotonic() < t_end:
-        time.sleep(0.02)
-    assert server.started, "uvicorn did not start"
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
 
 
 def _metric(text: str, name: str) -> float:

@@ -9,9 +9,6 @@ stop strings at piece granularity and logprobs, and yields `StepOutput`s like th
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import threading
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -21,6 +18,7 @@ pytest.importorskip("fastapi")
 from ascend_v4.runtime.async_engine import EngineDeadError, QueueFullError  # noqa: E402
 from ascend_v4.runtime.engine import StepOutput  # noqa: E402
 from ascend_v4.runtime.sampling import Sampled  # noqa: E402
+from ascend_v4.server.launch import serve_in_thread  # noqa: E402
 from ascend_v4.tokenizer import Tokenizer  # noqa: E402
 
 
@@ -100,28 +98,6 @@ class ScriptedEngine:
         return None
 
 
-@contextlib.contextmanager
-def serve_in_thread(app):
-    """Run `app` with uvicorn on 127.0.0.1 (free port) in a thread; yield its base URL."""
-    import uvicorn
-
-    from ascend_v4.server.launch import bind_socket
-
-    sock = bind_socket("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    t_end = time.monotonic() + 30
-    while not server.started and thread.is_alive() and time.monotonic() < t_end:
-        time.sleep(0.02)
-    assert server.started, "uvicorn did not start"
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
 
 
 @pytest.fixture(scope="session")
