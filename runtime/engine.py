@@ -168,9 +168,8 @@ class Engine:
         seqs, toks, poss, idx, draft_rows, off = [], [], [], [], [], 0
         for c, s in live:
             seq, n = c.seq, len(c.tokens)
-            ids = seq.all_ids
             seqs.append(SeqSlice(seq.cache, off, s.start, n))
-            toks += ids[s.start + 1:s.start + n + 1]  # the token after each position
+            toks += seq.token_slice(s.start + 1, s.start + n + 1)  # the token after each position
             poss += range(s.start, s.start + n)
             idx += range(s.offset, s.offset + n)
             if c.needs_logits:

@@ -130,7 +130,7 @@ class Scheduler:
         return int(seq.draft is not None and seq.num_computed + n == seq.num_tokens)
 
     def _make(self, seq: Sequence, n: int) -> ScheduledChunk:
-        toks = seq.all_ids[seq.num_computed:seq.num_computed + n]
+        toks = seq.token_slice(seq.num_computed, seq.num_computed + n)
         draft = seq.draft if self._draft_len(seq, n) else None
         return ScheduledChunk(seq, toks + ([draft] if draft is not None else []),
                               seq.num_computed + n == seq.num_tokens, draft)

@@ -48,6 +48,13 @@ class Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        """all_ids[start:stop] without building prompt + output (decode steps need one or two tokens)."""
+        n = len(self.prompt_ids)
+        if start >= n:
+            return self.output_ids[start - n:stop - n]
+        return self.prompt_ids[start:stop] + (self.output_ids[:stop - n] if stop > n else [])
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
