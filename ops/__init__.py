@@ -219,3 +219,89 @@ def int8_act_roundtrip(x: Tensor) -> Tensor:
 
 
 __all__ += ["w8a8_gemm", "w4a8_gemm", "int8_act_roundtrip"]
+
+
+# ---------------------------------------------------------------------------------------------- FP8 KV cache
+from .reference.kv_fp8 import kv_fp8_entry_bytes, kv_fp8_layout  # noqa: E402  (pure functions, no op)
+
+_KV_FLOAT = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _kv_layout(op: str, head_dim: int, rope_dim: int):
+    for name, v in (("head_dim", head_dim), ("rope_dim", rope_dim)):
+        _check(isinstance(v, int) and not isinstance(v, bool), op, f"{name} must be an int, got {v!r}")
+    try:
+        return kv_fp8_layout(head_dim, rope_dim)
+    except ValueError as e:
+        raise OpInputError(f"ascend_v4.ops.{op}: {e}") from None
+
+
+def kv_pack_fp8(kv: Tensor, rope_dim: int = 64) -> Tensor:
+    """Pack K = V rows into FP8 cache entries (model-spec.md §10.2, vLLM `fp8_ds_mla`).
+
+    Entry: nope dims as e4m3 (1 B each) | rope dims as bf16 (2 B each, low byte first) | one UE8M0 exponent
+    byte per 64 nope dims, zero-padded to a multiple of 8 bytes (584 B for head_dim 512, rope_dim 64). The
+    nope quantisation is `fp8_roundtrip(x, 64)`'s, so `kv_unpack_fp8(kv_pack_fp8(x))` equals
+    `fp8_roundtrip(x[:, :nope], 64)` bit for bit in the nope dims; rope dims are rounded to bf16.
+
+    Args:
+        kv: [N, head_dim] bf16/fp16/fp32; head_dim - rope_dim must be a positive multiple of 64.
+        rope_dim: trailing RoPE dims kept in bf16 (64 for V4).
+    Returns:
+        uint8 [N, kv_fp8_entry_bytes(head_dim, rope_dim)].
+    """
+    _check(kv.dim() == 2, "kv_pack_fp8", f"kv must be [N, head_dim], got {tuple(kv.shape)}")
+    _check(kv.dtype in _KV_FLOAT, "kv_pack_fp8", f"kv must be bf16/fp16/fp32, got {kv.dtype}")
+    _kv_layout("kv_pack_fp8", kv.shape[1], rope_dim)
+    return _call("kv_pack_fp8", kv, rope_dim)
+
+
+def kv_unpack_fp8(packed: Tensor, head_dim: int, rope_dim: int = 64, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """Decode FP8 cache entries (layout: `kv_pack_fp8`).
+
+    Args:
+        packed: uint8 [N, kv_fp8_entry_bytes(head_dim, rope_dim)].
+        head_dim, rope_dim: the row width and its trailing RoPE dims.
+        dtype: bf16/fp16/fp32 result dtype (bf16 and fp32 represent every decoded value exactly).
+    Returns:
+        [N, head_dim] `dtype`.
+    """
+    lay = _kv_layout("kv_unpack_fp8", head_dim, rope_dim)
+    _check(packed.dtype == torch.uint8, "kv_unpack_fp8", f"packed must be uint8 entry bytes, got {packed.dtype}")
+    _check(packed.dim() == 2 and packed.shape[1] == lay.entry_bytes, "kv_unpack_fp8",
+           f"packed must be [N, {lay.entry_bytes}] for head_dim={head_dim} rope_dim={rope_dim}, "
+           f"got {tuple(packed.shape)}")
+    _check(dtype in _KV_FLOAT, "kv_unpack_fp8", f"dtype must be bf16/fp16/fp32, got {dtype}")
+    return _call("kv_unpack_fp8", packed, head_dim, rope_dim, dtype)
+
+
+def sparse_attn_fp8(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor, scale: float, rope_dim: int = 64) -> Tensor:
+    """`sparse_attn` over a pool of FP8 cache entries: same maths as `sparse_attn(q, kv_unpack_fp8(kv, D,
+    rope_dim, q.dtype), idx, sink, scale)`, without decoding the whole pool.
+
+    Args:
+        q: [T, H, D] queries (bf16/fp32).
+        kv: uint8 [N, kv_fp8_entry_bytes(D, rope_dim)] packed K = V entries (`kv_pack_fp8`).
+        idx: [T, K] int32/int64 entry numbers per query, distinct within a row; -1 = empty slot.
+        sink: [H] fp32 per-head sink logit.
+        scale: softmax scale.
+        rope_dim: trailing RoPE dims of each entry (64 for V4).
+    Returns:
+        [T, H, D] in q.dtype. Softmax in fp32.
+    """
+    _check(q.dim() == 3 and q.dtype.is_floating_point, "sparse_attn_fp8",
+           f"q must be a float [T,H,D], got {q.dtype} {tuple(q.shape)}")
+    lay = _kv_layout("sparse_attn_fp8", q.shape[2], rope_dim)
+    _check(kv.dtype == torch.uint8, "sparse_attn_fp8", f"kv must be uint8 FP8 cache entries, got {kv.dtype}")
+    _check(kv.dim() == 2 and kv.shape[1] == lay.entry_bytes, "sparse_attn_fp8",
+           f"kv must be [N, {lay.entry_bytes}] (entry bytes for D={q.shape[2]}, rope_dim={rope_dim}), "
+           f"got {tuple(kv.shape)}")
+    _check(idx.dim() == 2 and idx.shape[0] == q.shape[0], "sparse_attn_fp8",
+           f"idx must be [T,K] with T={q.shape[0]}; got {tuple(idx.shape)}")
+    _check(not idx.dtype.is_floating_point, "sparse_attn_fp8", f"idx must be integer, got {idx.dtype}")
+    _check(sink.shape == (q.shape[1],), "sparse_attn_fp8",
+           f"sink must be [H={q.shape[1]}], got {tuple(sink.shape)}")
+    return _call("sparse_attn_fp8", q, kv, idx, sink, scale, rope_dim)
+
+
+__all__ += ["kv_pack_fp8", "kv_unpack_fp8", "sparse_attn_fp8", "kv_fp8_entry_bytes", "kv_fp8_layout"]

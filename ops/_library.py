@@ -189,3 +189,44 @@ def _(x):
 REFERENCE.update({"w8a8_gemm": _int.w8a8_gemm, "w4a8_gemm": _int.w4a8_gemm,
                   "int8_act_roundtrip": _int.int8_act_roundtrip})
 ALL_OPS.update({f._name: f for f in (w8a8_gemm, w4a8_gemm, int8_act_roundtrip)})
+
+
+# ---------------------------------------------------------------------------------------------- FP8 KV cache
+# Appended for the FP8 cache entry (model-spec.md §10.2; reference: kv_fp8.py): pack / unpack and the
+# sparse attention that reads packed entries directly.
+from .reference import kv_fp8 as _kv8  # noqa: E402
+
+
+@torch.library.custom_op(f"{NS}::kv_pack_fp8", mutates_args=())
+def kv_pack_fp8(kv: Tensor, rope_dim: int) -> Tensor:
+    return _kv8.kv_pack_fp8(kv, rope_dim)
+
+
+@kv_pack_fp8.register_fake
+def _(kv, rope_dim):
+    return kv.new_empty((kv.shape[0], _kv8.kv_fp8_entry_bytes(kv.shape[1], rope_dim)), dtype=torch.uint8)
+
+
+@torch.library.custom_op(f"{NS}::kv_unpack_fp8", mutates_args=())
+def kv_unpack_fp8(packed: Tensor, head_dim: int, rope_dim: int, dtype: torch.dtype) -> Tensor:
+    return _kv8.kv_unpack_fp8(packed, head_dim, rope_dim, dtype)
+
+
+@kv_unpack_fp8.register_fake
+def _(packed, head_dim, rope_dim, dtype):
+    return packed.new_empty((packed.shape[0], head_dim), dtype=dtype)
+
+
+@torch.library.custom_op(f"{NS}::sparse_attn_fp8", mutates_args=())
+def sparse_attn_fp8(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor, scale: float, rope_dim: int) -> Tensor:
+    return _kv8.sparse_attn_fp8(q, kv, idx, sink, scale, rope_dim)
+
+
+@sparse_attn_fp8.register_fake
+def _(q, kv, idx, sink, scale, rope_dim):
+    return torch.empty_like(q)
+
+
+REFERENCE.update({"kv_pack_fp8": _kv8.kv_pack_fp8, "kv_unpack_fp8": _kv8.kv_unpack_fp8,
+                  "sparse_attn_fp8": _kv8.sparse_attn_fp8})
+ALL_OPS.update({f._name: f for f in (kv_pack_fp8, kv_unpack_fp8, sparse_attn_fp8)})

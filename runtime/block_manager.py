@@ -1,61 +1,111 @@
-"""Cache-block accounting with reference counts, and the prefix cache.
+"""Cache blocks with reference counts, and the prefix cache over them.
 
-Every sequence holds ceil(tokens / block_size) blocks of a fixed pool sized from the cache budget and the
-model's bytes per token; when a step cannot get its blocks the scheduler preempts. The V4 cache state itself
-lives in each sequence's `SeqCache` (window ring, compressed entries, indexer keys, compressor state).
+The engine's `CachePool` (model/cache.py) has two kinds of block of B tokens each: *window* blocks (raw KV
+rows of every layer, only the last few per sequence are live) and *comp* blocks (compressed KV entries,
+indexer keys and the compressor state at the block's end, kept for the whole sequence). `BlockManager` hands
+out both, one `BlockPool` per kind, and is the allocator every engine `SeqCache` uses.
 
-Prefix cache: when a prompt's prefill reaches one of its snapshot points (block_size * 2^k, and its last
-block boundary), a copy of the sequence's cache state there is stored under the chained hash of the prompt's
-blocks (each block's hash covers all tokens before it). A new request whose prompt starts with the same
-blocks restores the deepest stored state and skips those tokens. Any prefix of at least one block hits, short prompts included: the state at a boundary holds
-every cache kind (window, CSA, HCA, indexer, compressor state) at once, so no cache kind imposes a larger
-alignment. Stored states are reference-counted while being restored and evicted least-recently-used beyond
-their memory budget.
+Prefix cache (vLLM-style, content-addressed): when a prompt's prefill completes block j, the comp and window
+blocks j are registered under h_j, the chained hash of the prompt's blocks 0..j. A released registered block
+(reference count 0) is not freed but parked in an LRU list; allocation takes truly free blocks first, then
+evicts the least recently parked. A new request walks its prompt's hashes: it can resume at boundary kB when
+comp blocks 0..k-1 are all cached and so are the window blocks that hold the W-1 positions before kB; it then
+shares those blocks (reference counts, no copies) and restores the compressor state from comp block k-1.
+Any prefix of one whole block hits (B = the largest compression ratio, 128 for V4, is the minimum that holds a
+whole block of every cache kind), short prompts included.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from collections import OrderedDict
 
-from ascend_v4.model.cache import SeqCache
+from ascend_v4.model.cache import COMP_KIND, KINDS, WINDOW_KIND, NoFreeBlocks, SeqCache, new_states
+
+__all__ = ["BlockManager", "BlockPool", "NoFreeBlocks", "PrefixCache", "chain_hashes"]
 
 
-class NoFreeBlocks(RuntimeError):
-    pass
+class BlockPool:
+    """Free list, reference counts and content hashes of one kind of block."""
 
-
-class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
-        self.num_blocks, self.block_size = num_blocks, block_size
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))
         self.ref = [0] * num_blocks
+        self.by_hash: dict[bytes, int] = {}
+        self.hash_of: dict[int, bytes] = {}
+        self.parked: OrderedDict[int, None] = OrderedDict()  # cached blocks nobody holds, LRU first
 
-    def blocks_needed(self, held: int, tokens: int) -> int:
-        return max(0, -(-tokens // self.block_size) - held)
-
-    def can_allocate(self, n: int) -> bool:
-        return n <= len(self.free)
+    def available(self) -> int:
+        return len(self.free) + len(self.parked)
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self.free):
-            raise NoFreeBlocks(f"need {n} cache blocks, {len(self.free)} free")
-        out = [self.free.pop() for _ in range(n)]
-        for b in out:
+        if n > self.available():
+            raise NoFreeBlocks(f"need {n} cache blocks, {self.available()} free")
+        out = []
+        for _ in range(n):
+            if self.free:
+                b = self.free.pop()
+            else:  # evict the least recently parked cached block
+                b, _ = self.parked.popitem(last=False)
+                del self.by_hash[self.hash_of.pop(b)]
             self.ref[b] = 1
+            out.append(b)
         return out
 
     def release(self, blocks: list[int]) -> None:
         for b in blocks:
             self.ref[b] -= 1
             if self.ref[b] == 0:
-                self.free.append(b)
-        blocks.clear()
+                if b in self.hash_of:
+                    self.parked[b] = None
+                else:
+                    self.free.append(b)
+
+    def register(self, block: int, h: bytes) -> None:
+        """Make a full, final block findable by its content hash (first writer wins)."""
+        if h not in self.by_hash and block not in self.hash_of:
+            self.by_hash[h], self.hash_of[block] = block, h
+
+    def acquire(self, block: int) -> None:
+        """Take a reference on a cached block (a prefix hit)."""
+        if self.ref[block] == 0:
+            self.parked.pop(block, None)
+        self.ref[block] += 1
 
     @property
     def used(self) -> int:
-        return self.num_blocks - len(self.free)
+        return self.num_blocks - len(self.free) - len(self.parked)
+
+
+class BlockManager:
+    """One manager for every cache kind: the allocator (`allocate`/`release`/`can_allocate` by kind) of the
+    engine's SeqCaches. `num_blocks` / `used` refer to comp blocks, the part that grows with context."""
+
+    def __init__(self, num_comp_blocks: int, num_window_blocks: int, block_size: int):
+        self.block_size = block_size
+        self.pools = {COMP_KIND: BlockPool(num_comp_blocks), WINDOW_KIND: BlockPool(num_window_blocks)}
+
+    def can_allocate(self, kind: str, n: int) -> bool:
+        return n <= self.pools[kind].available()
+
+    def allocate(self, kind: str, n: int) -> list[int]:
+        return self.pools[kind].allocate(n)
+
+    def release(self, kind: str, blocks: list[int]) -> None:
+        self.pools[kind].release(blocks)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pools[COMP_KIND].num_blocks
+
+    @property
+    def used(self) -> int:
+        return self.pools[COMP_KIND].used
+
+    def usage(self) -> dict[str, int]:
+        return {f"{k}_blocks_{what}": getattr(self.pools[k], attr) if attr != "parked" else len(self.pools[k].parked)
+                for k in KINDS for what, attr in (("total", "num_blocks"), ("used", "used"), ("cached", "parked"))}
 
 
 def chain_hashes(ids: list[int], block_size: int, max_blocks: int) -> list[bytes]:
@@ -69,12 +119,10 @@ def chain_hashes(ids: list[int], block_size: int, max_blocks: int) -> list[bytes
 
 
 class PrefixCache:
-    """block-chain hash -> SeqCache snapshot at that block boundary (LRU, bounded by bytes)."""
+    """Registration and lookup of prompt blocks in the BlockManager's pools, and hit statistics."""
 
-    def __init__(self, block_size: int, max_bytes: int):
-        self.block_size, self.max_bytes = block_size, max_bytes
-        self.entries: OrderedDict[bytes, tuple[int, SeqCache]] = OrderedDict()  # hash -> (tokens, state)
-        self.bytes = 0
+    def __init__(self, blocks: BlockManager, window_size: int):
+        self.blocks, self.block_size, self.window = blocks, blocks.block_size, window_size
         self.queries = self.hit_tokens = self.query_tokens = 0
 
     @staticmethod
@@ -82,49 +130,68 @@ class PrefixCache:
         """Deepest block boundary that still leaves a prompt token to compute (its logits are needed)."""
         return ((prompt_len - 1) // block_size) * block_size
 
-    @staticmethod
-    def snapshot_points(prompt_len: int, block_size: int) -> list[int]:
-        """Prompt positions whose state is stored: block_size * 2^k and the deepest boundary. A later prompt
-        sharing L tokens with this one restores at least half of them; storage is O(log n) per prompt."""
-        last = PrefixCache.boundary(prompt_len, block_size)
-        pts, b = set(), block_size
-        while b < last:
-            pts.add(b)
-            b *= 2
-        if last:
-            pts.add(last)
-        return sorted(pts)
+    def _window_blocks(self, k: int) -> range:
+        """Window blocks a sequence resuming at boundary kB needs: those with positions >= kB - W + 1."""
+        return range(max(0, k * self.block_size - self.window + 1) // self.block_size, k)
 
-    def lookup(self, prompt: list[int]) -> tuple[int, SeqCache | None]:
-        """(tokens covered, a private copy of the cache state) for the deepest stored prefix of `prompt`."""
+    def register(self, prompt: list[int], hashes: list[bytes], cache: SeqCache, done: int) -> int:
+        """Register the prompt blocks [done, upto) the cache has completed, upto = blocks fully computed and
+        below the prompt's boundary. Returns the new count of registered blocks."""
+        upto = min(cache.length, self.boundary(len(prompt), self.block_size)) // self.block_size
+        comp, win = self.blocks.pools[COMP_KIND], self.blocks.pools[WINDOW_KIND]
+        for j in range(done, upto):
+            comp.register(cache.comp_blocks[j], hashes[j])
+            if cache.win_blocks[j] >= 0:
+                win.register(cache.win_blocks[j], hashes[j])
+        return max(done, upto)
+
+    def lookup(self, prompt: list[int], hashes: list[bytes], pool) -> tuple[int, SeqCache | None]:
+        """(tokens covered, a SeqCache sharing the cached blocks) for the deepest usable prefix of `prompt`,
+        or (0, None). Takes references on the blocks it shares."""
         self.queries += 1
         self.query_tokens += len(prompt)
+        comp, win = self.blocks.pools[COMP_KIND], self.blocks.pools[WINDOW_KIND]
         nb = self.boundary(len(prompt), self.block_size) // self.block_size
-        for k, h in reversed(list(enumerate(chain_hashes(prompt, self.block_size, nb), start=1))):
-            hit = self.entries.get(h)
-            if hit is not None:
-                self.entries.move_to_end(h)
-                self.hit_tokens += hit[0]
-                return hit[0], copy.deepcopy(hit[1])
-        return 0, None
+        chain = []
+        for h in hashes[:nb]:
+            b = comp.by_hash.get(h)
+            if b is None:
+                break
+            chain.append(b)
+        for k in range(len(chain), 0, -1):
+            need = self._window_blocks(k)
+            wins = [win.by_hash.get(hashes[j]) for j in need]
+            if all(w is not None for w in wins):
+                break
+        else:
+            return 0, None
+        for b in chain[:k]:
+            comp.acquire(b)
+        for w in wins:
+            win.acquire(w)
+        tokens = k * self.block_size
+        cache = SeqCache(pool, self.blocks, self._states_at(pool, chain[k - 1], tokens), list(chain[:k]),
+                         [-1] * need.start + wins, tokens, auto_trim=False)
+        self.hit_tokens += tokens
+        return tokens, cache
 
-    def store(self, prompt: list[int], tokens: int, cache: SeqCache) -> None:
-        if tokens <= 0 or tokens % self.block_size:
-            return
-        h = chain_hashes(prompt, self.block_size, tokens // self.block_size)[-1]
-        if h in self.entries:
-            self.entries.move_to_end(h)
-            return
-        snap = copy.deepcopy(cache)
-        size = snap.nbytes()
-        if size > self.max_bytes:
-            return
-        self.entries[h] = (tokens, snap)
-        self.bytes += size
-        while self.bytes > self.max_bytes:
-            _, (_, old) = self.entries.popitem(last=False)
-            self.bytes -= old.nbytes()
+    @staticmethod
+    def _states_at(pool, last_block: int, tokens: int) -> list:
+        """Compressor states at a block boundary: no buffered tokens; CSA keeps the A-half stored with the
+        block that ends there."""
+        states = new_states(pool.args)
+        for l, (cs, ist) in enumerate(states):
+            m = pool.ratios[l]
+            for name, st in (("comp", cs), ("index", ist)):
+                if st is None:
+                    continue
+                st.n_entries = tokens // m
+                if m == 4:
+                    slot = pool.state[l][name][last_block]
+                    st.prev_kv, st.prev_score = slot[0].clone(), slot[1].clone()
+        return states
 
     @property
     def hit_rate(self) -> float:
         return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
+

@@ -13,11 +13,15 @@ class EngineConfig:
         max_num_seqs: sequences decoded together at most (running set).
         max_num_batched_tokens: token budget of one step; long prompts are prefilled in chunks of it.
         max_model_len: prompt + output tokens per sequence at most (None = the model's max_seq_len).
-        block_size: tokens per cache block: the unit of cache accounting and of prefix-cache hits.
-        num_blocks: cache blocks for all sequences together (None = derived from cache_gib).
-        cache_gib: cache memory budget used to derive num_blocks from the model's bytes per token.
-        enable_prefix_caching: reuse the cache state of a shared, block-aligned prompt prefix.
-        prefix_cache_gib: memory for prefix-cache snapshots (least recently used evicted first).
+        block_size: tokens per cache block: the unit of paging and of prefix-cache hits. A multiple of every
+            compression ratio of the model (128 for V4: one block then holds a whole entry of every kind).
+        num_blocks: compressed-cache blocks for all sequences together (None = derived from cache_gib).
+        cache_gib: memory for the compressed cache (entries, indexer keys, block-end compressor state).
+        kv_cache_dtype: "auto" (the activation dtype) or "fp8" (584-byte FP8 entries, model-spec §10.2, for
+            window rows and compressed entries; indexer keys stay in the activation dtype).
+        enable_prefix_caching: share the cache blocks of a prompt prefix of whole blocks between requests.
+        prefix_cache_gib: extra sliding-window blocks kept for prefix hits (compressed blocks of finished
+            prompts stay cached in cache_gib's pool until it needs them; least recently used go first).
         max_queue: requests allowed to wait beyond the running set; more are refused (server: 429).
         step_timeout_s: a step taking longer marks the engine unhealthy (hang detection).
         speculative_mtp: MTP speculative decoding: the MTP block drafts one token per sequence, verified
@@ -27,9 +31,10 @@ class EngineConfig:
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
-    block_size: int = 64
+    block_size: int = 128
     num_blocks: int | None = None
     cache_gib: float = 4.0
+    kv_cache_dtype: str = "auto"
     enable_prefix_caching: bool = True
     prefix_cache_gib: float = 1.0
     max_queue: int = 256
@@ -40,6 +45,8 @@ class EngineConfig:
         for f in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, f) < 1:
                 raise ValueError(f"EngineConfig.{f} must be >= 1, got {getattr(self, f)}")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"EngineConfig.kv_cache_dtype must be 'auto' or 'fp8', got {self.kv_cache_dtype!r}")
         if self.max_queue < 0:
             raise ValueError(f"EngineConfig.max_queue must be >= 0, got {self.max_queue}")
 

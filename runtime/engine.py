@@ -19,15 +19,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ascend_v4.model.cache import SeqSlice, StepBatch, mark, rollback
+from ascend_v4.model.cache import (COMP_KIND, WINDOW_KIND, CachePool, SeqSlice, StepBatch, check_block_size, mark,
+                                   rollback)
 from ascend_v4.model.transformer import Transformer
 from ascend_v4.tokenizer import Tokenizer
 
 from .block_manager import BlockManager, PrefixCache
 from .config import EngineConfig
 from .sampling import Sampled, SamplingParams, sample
-from .scheduler import Scheduler, make_cache_factory
-from .sequence import Sequence, SeqStatus
+from .scheduler import Scheduler
+from .sequence import Sequence
 
 
 class RequestError(ValueError):
@@ -59,19 +60,35 @@ class Engine:
         self.config = cfg = config or EngineConfig()
         args = model.args
         self.max_model_len = min(cfg.max_model_len or args.max_seq_len, args.max_seq_len)
-        dtype = model.opts.dtype
-        bytes_per_token = max(args.kv_bytes_per_token(kv_bytes=torch.finfo(dtype).bits // 8), 1.0)
-        num_blocks = cfg.num_blocks or max(
-            cfg.max_num_seqs, int(cfg.cache_gib * (1 << 30) / (bytes_per_token * cfg.block_size)))
-        self.blocks = BlockManager(num_blocks, cfg.block_size)
-        self.prefix = PrefixCache(cfg.block_size, int(cfg.prefix_cache_gib * (1 << 30))) \
-            if cfg.enable_prefix_caching else None
         device = model.embed.weight.device
-        self.scheduler = Scheduler(cfg, self.blocks, self.prefix, make_cache_factory(args, dtype, device))
+        self.pool = pool = self._make_pool(model, cfg, device)
+        self.blocks = BlockManager(pool.num[COMP_KIND], pool.num[WINDOW_KIND], cfg.block_size)
+        self.prefix = PrefixCache(self.blocks, args.window_size) if cfg.enable_prefix_caching else None
+        self.scheduler = Scheduler(cfg, self.blocks, self.prefix, pool)
         self.seqs: dict[str, Sequence] = {}
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "finished": 0, "aborted": 0,
                          "spec_proposed": 0, "spec_accepted": 0}
         self.device = device
+
+    @staticmethod
+    def _make_pool(model: Transformer, cfg: EngineConfig, device) -> CachePool:
+        """Size and allocate the paged cache. Comp blocks (the part that grows with context) get cache_gib;
+        window blocks are sized so running sequences can never run short (each keeps only the blocks its
+        window overlaps, plus one step's new tokens), plus prefix_cache_gib to keep prompts' window blocks
+        for prefix hits."""
+        args, B = model.args, cfg.block_size
+        try:
+            check_block_size(args, B)
+        except ValueError as e:
+            raise ValueError(f"EngineConfig.block_size: {e}") from None
+        pool = CachePool(args, B, 0, 0, model.opts.dtype, device, cfg.kv_cache_dtype)
+        comp = cfg.num_blocks or max(cfg.max_num_seqs, int(cfg.cache_gib * (1 << 30) / pool.block_bytes(COMP_KIND)))
+        per_seq = -(-(args.window_size + 2) // B) + 2
+        window = cfg.max_num_seqs * per_seq + -(-cfg.max_num_batched_tokens // B)
+        if cfg.enable_prefix_caching:
+            window += int(cfg.prefix_cache_gib * (1 << 30) / pool.block_bytes(WINDOW_KIND))
+        pool.resize(window, comp)
+        return pool
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -110,12 +127,17 @@ class Engine:
         if not chunks:
             return []
         self.counters["steps"] += 1
-        # Draft-carrying chunks may be rejected: remember what they will overwrite in the cache.
-        marks = {id(c.seq): mark(c.seq.cache, range(c.seq.num_computed, c.seq.num_computed + len(c.tokens)))
-                 for c in chunks if c.draft is not None}
+        # Draft-carrying chunks may be rejected: remember the cache state to return to.
+        marks = {id(c.seq): mark(c.seq.cache) for c in chunks if c.draft is not None}
         batch = StepBatch.build([(c.seq.cache, c.tokens) for c in chunks], self.device)
         x = self.model(batch)
         batch.commit()
+        if self.prefix is not None:  # before sampling: a request may finish (and free its blocks) this step
+            for c in chunks:
+                seq = c.seq
+                if seq.registered_blocks < len(seq.block_hashes):
+                    seq.registered_blocks = self.prefix.register(seq.prompt_ids, seq.block_hashes, seq.cache,
+                                                                 seq.registered_blocks)
         need = [(c, s) for c, s in zip(chunks, batch.seqs) if c.needs_logits]
         # Rows with logits: the last known token's row, and with a draft also the draft's row after it.
         rows = [r for c, s in need for r in ([s.offset + s.n - 2, s.offset + s.n - 1] if c.draft is not None
@@ -153,10 +175,9 @@ class Engine:
             outs.append(self._advance(seq, got))
         if self.config.speculative_mtp and self.model.mtp:
             self._mtp_step(x, kept)
-        for c, _ in kept:
-            seq = c.seq
-            if self.prefix is not None and seq.num_computed in seq.snapshot_points and not seq.output_ids:
-                self.prefix.store(seq.prompt_ids, seq.num_computed, seq.cache)
+        for c in chunks:  # drop window blocks the sequences' windows have left (after any rollback)
+            if c.seq.cache is not None:
+                c.seq.cache.trim()
         return outs
 
     def _mtp_step(self, x: torch.Tensor, kept: list) -> None:
@@ -241,10 +262,12 @@ class Engine:
     # -- observability -------------------------------------------------------------------------------
     def stats(self) -> dict:
         s = self.scheduler
+        u = self.blocks.usage()
+        cached = sum(u[f"{k}_blocks_cached"] * self.pool.block_bytes(k) for k in (COMP_KIND, WINDOW_KIND))
         return {"waiting": len(s.waiting), "running": len(s.running), "blocks_total": self.blocks.num_blocks,
                 "blocks_used": self.blocks.used, "cache_usage": self.blocks.used / self.blocks.num_blocks,
                 "prefix_hit_rate": self.prefix.hit_rate if self.prefix else 0.0,
-                "prefix_cached_bytes": self.prefix.bytes if self.prefix else 0,
+                "prefix_cached_bytes": cached, "cache_bytes": self.pool.nbytes(), **u,
                 "preemptions": s.num_preemptions, **self.counters}
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[StepOutput]]:

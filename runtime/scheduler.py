@@ -7,7 +7,7 @@ Policy per step, within a token budget (`max_num_batched_tokens`):
    and their blocks can be allocated (prefix-cache hits restore their state first).
 If a running sequence cannot get its blocks, the most recently admitted running sequence is preempted
 (cache dropped, recomputed later from its prompt and the tokens it already generated).
-A prompt chunk stops at each of the prompt's prefix-cache snapshot points, so the state there can be stored.
+An admitted sequence first looks its prompt up in the prefix cache and shares the cached blocks it finds.
 """
 
 from __future__ import annotations
@@ -15,11 +15,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-import torch
+from ascend_v4.model.cache import CachePool, NoFreeBlocks, SeqCache, new_states
 
-from ascend_v4.model.cache import new_seq_cache
-
-from .block_manager import BlockManager, PrefixCache
+from .block_manager import BlockManager, PrefixCache, chain_hashes
 from .config import EngineConfig
 from .sequence import Sequence, SeqStatus
 
@@ -33,9 +31,8 @@ class ScheduledChunk:
 
 
 class Scheduler:
-    def __init__(self, cfg: EngineConfig, blocks: BlockManager, prefix: PrefixCache | None, new_cache):
-        self.cfg, self.blocks, self.prefix = cfg, blocks, prefix
-        self.new_cache = new_cache  # () -> empty SeqCache
+    def __init__(self, cfg: EngineConfig, blocks: BlockManager, prefix: PrefixCache | None, pool: CachePool):
+        self.cfg, self.blocks, self.prefix, self.pool = cfg, blocks, prefix, pool
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -52,12 +49,14 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = seq.finish_reason or reason
-        self.blocks.release(seq.blocks)
+        if seq.cache is not None:
+            seq.cache.free()
         seq.cache = None
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.blocks.release(seq.blocks)
+        if seq.cache is not None:
+            seq.cache.free()
         seq.cache, seq.num_computed, seq.cached_prompt_tokens, seq.draft = None, 0, 0, None
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
@@ -65,18 +64,15 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _grow(self, seq: Sequence, tokens: int) -> bool:
-        need = self.blocks.blocks_needed(len(seq.blocks), tokens)
-        if not self.blocks.can_allocate(need):
+        try:
+            seq.cache.reserve(tokens)
+        except NoFreeBlocks:
             return False
-        seq.blocks += self.blocks.allocate(need)
         return True
 
-    def _chunk_len(self, seq: Sequence, budget: int) -> int:
-        n = min(seq.num_tokens - seq.num_computed, budget)
-        nxt = next((p for p in seq.snapshot_points if p > seq.num_computed), None)
-        if nxt is not None:  # stop at the next prefix-cache snapshot point
-            n = min(n, nxt - seq.num_computed)
-        return n
+    @staticmethod
+    def _chunk_len(seq: Sequence, budget: int) -> int:
+        return min(seq.num_tokens - seq.num_computed, budget)
 
     # -- one step -------------------------------------------------------------------------------------
     def schedule(self) -> list[ScheduledChunk]:
@@ -105,6 +101,8 @@ class Scheduler:
                 self._restore(seq)
             n = self._chunk_len(seq, budget)
             if not self._grow(seq, seq.num_computed + n + self._draft_len(seq, n)):
+                seq.cache.free()  # stays waiting; blocks shared from the prefix cache go back too
+                seq.cache = None
                 break
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
@@ -115,15 +113,17 @@ class Scheduler:
 
     def _restore(self, seq: Sequence) -> None:
         """Fresh cache for an admitted sequence, from the prefix cache when its prompt prefix is stored."""
-        ids = seq.all_ids
+        seq.registered_blocks = 0
         if self.prefix is not None:
-            seq.snapshot_points = PrefixCache.snapshot_points(len(seq.prompt_ids), self.cfg.block_size)
-            hit, state = self.prefix.lookup(ids[:len(seq.prompt_ids)])
-            if state is not None:
-                seq.cache, seq.num_computed = state, hit
-                seq.cached_prompt_tokens = hit
+            B = self.cfg.block_size
+            if not seq.block_hashes:
+                seq.block_hashes = chain_hashes(seq.prompt_ids, B, PrefixCache.boundary(len(seq.prompt_ids), B) // B)
+            hit, cache = self.prefix.lookup(seq.prompt_ids, seq.block_hashes, self.pool)
+            if cache is not None:
+                seq.cache, seq.num_computed = cache, hit
+                seq.cached_prompt_tokens, seq.registered_blocks = hit, hit // B
                 return
-        seq.cache, seq.num_computed = self.new_cache(), 0
+        seq.cache, seq.num_computed = SeqCache(self.pool, self.blocks, new_states(self.pool.args), auto_trim=False), 0
 
     @staticmethod
     def _draft_len(seq: Sequence, n: int) -> int:
@@ -135,6 +135,3 @@ class Scheduler:
         return ScheduledChunk(seq, toks + ([draft] if draft is not None else []),
                               seq.num_computed + n == seq.num_tokens, draft)
 
-
-def make_cache_factory(args, dtype: torch.dtype, device):
-    return lambda: new_seq_cache(args, dtype, device)

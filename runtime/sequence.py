@@ -29,9 +29,9 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     cache: SeqCache | None = None
     num_computed: int = 0  # tokens already in the cache
-    blocks: list[int] = field(default_factory=list)  # cache blocks held (accounting)
     cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
-    snapshot_points: list[int] = field(default_factory=list)  # prompt positions whose state goes to the prefix cache
+    block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of the prompt's full blocks
+    registered_blocks: int = 0  # prompt blocks already registered in the prefix cache
     finish_reason: str | None = None  # stop | length | abort | error
     stop_reason: str | int | None = None  # matched stop string or stop token
     num_preemptions: int = 0

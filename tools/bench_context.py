@@ -13,7 +13,6 @@ so the context stays fixed) and measures the sequence's cache bytes, next to:
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
@@ -30,11 +29,13 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                    help="window rows and compressed entries in fp32 (auto, on CPU) or 584-byte FP8 entries")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     from ascend_v4.checkpoint.resolve import resolve_model
-    from ascend_v4.model.cache import StepBatch, new_seq_cache
+    from ascend_v4.model.cache import StepBatch, mark, new_seq_cache, rollback
     from ascend_v4.model.layers import ModelOptions
     from ascend_v4.model.load import load_model
 
@@ -44,7 +45,8 @@ def main(argv=None) -> int:
     esize = 4  # fp32 cache entries on CPU
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, args.vocab_size, (a.max_context + a.steps,), generator=g).tolist()
-    cache = new_seq_cache(args, torch.float32)
+    cache = new_seq_cache(args, torch.float32, kv_format=a.kv_cache_dtype)
+    kv_esize = cache.pool.entry_bytes / args.head_dim  # bytes per latent element as stored
     main_layers = args.n_layers
     rows, done, ctx = [], 0, 1024
     t_prefill = 0.0
@@ -59,22 +61,25 @@ def main(argv=None) -> int:
             done += n
         times = []
         for i in range(a.steps):
-            trial = copy.deepcopy(cache)  # decode at a fixed context: work on a copy
+            m = mark(cache)  # decode at a fixed context: undo the step afterwards
             t = time.perf_counter()
-            b = StepBatch.build([(trial, [ids[ctx + i]])])
+            b = StepBatch.build([(cache, [ids[ctx + i]])])
             model.logits(model(b))
             times.append(time.perf_counter() - t)
-        measured = sum(l.nbytes() for l in cache.layers[:main_layers])
-        formula = (args.window_bytes_per_seq(esize) * main_layers // (main_layers + args.n_mtp_layers)
-                   + args.kv_bytes_per_token(esize, esize) * ctx)
+            rollback(cache, m)
+        measured = cache.nbytes(range(main_layers))
+        formula = (args.window_bytes_per_seq(kv_esize) * main_layers // (main_layers + args.n_mtp_layers)
+                   + args.kv_bytes_per_token(kv_esize, esize) * ctx)
         plain = main_layers * ctx * args.head_dim * esize
         rows.append({"context": ctx, "decode_ms": 1e3 * statistics.median(times), "cache_bytes": measured,
                      "formula_bytes": formula, "plain_kv_bytes": plain, "prefill_tok_s": done / t_prefill})
         ctx *= 2
     if a.json:
-        print(json.dumps({"model": str(ckpt), "threads": torch.get_num_threads(), "rows": rows}))
+        print(json.dumps({"model": str(ckpt), "threads": torch.get_num_threads(), "kv_cache_dtype": a.kv_cache_dtype,
+                          "entry_bytes": cache.pool.entry_bytes, "rows": rows}))
         return 0
-    print(f"model {ckpt}  threads {torch.get_num_threads()}  fp32 cache entries")
+    print(f"model {ckpt}  threads {torch.get_num_threads()}  cache entries: {a.kv_cache_dtype} "
+          f"({cache.pool.entry_bytes} B per window row / compressed entry)")
     print(f"{'context':>8} {'decode ms':>10} {'cache MiB':>10} {'formula MiB':>12} {'plain KV MiB':>13} "
           f"{'plain/V4':>9}")
     for r in rows:

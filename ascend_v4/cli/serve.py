@@ -32,7 +32,13 @@ def _echo(line: str) -> None:
 @click.option("--max-num-batched-tokens", default=2048, show_default=True, type=click.IntRange(min=1),
               help="Token budget of one engine step (longer prompts are prefilled in chunks).")
 @click.option("--cache-gib", default=4.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="Memory for the sequences' caches.")
+              help="Memory for the compressed part of the paged cache (CSA/HCA entries, indexer keys); the "
+                   "sliding-window blocks are sized from --max-num-seqs on top.")
+@click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp8"]), default="auto", show_default=True,
+              help="Cache entries in the activation dtype, or as 584-byte FP8 entries (e4m3 latent + bf16 RoPE "
+                   "dims + UE8M0 scales; about half the bytes of bf16).")
+@click.option("--block-size", default=128, show_default=True, type=click.IntRange(min=1),
+              help="Tokens per cache block (a multiple of 128 for V4): the unit of paging and prefix-cache hits.")
 @click.option("--no-prefix-caching", is_flag=True, help="Do not reuse cached prompt prefixes.")
 @click.option("--device", default="auto", show_default=True, help="auto (detect), cpu, cuda or npu.")
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True)
@@ -50,7 +56,7 @@ def _echo(line: str) -> None:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def serve(model, npus, host, port, api_key, served_model_names, max_num_seqs, max_queue, max_model_len,
-          max_num_batched_tokens, cache_gib, no_prefix_caching, device, dtype, dummy, require_reasoning_passback,
+          max_num_batched_tokens, cache_gib, kv_cache_dtype, block_size, no_prefix_caching, device, dtype, dummy, require_reasoning_passback,
           encoder_version, default_max_tokens, drain_timeout, access_log, log_level):
     """Serve a model over HTTP: OpenAI (/v1/chat/completions, /v1/completions, /v1/models) and Anthropic
     (/v1/messages, /v1/messages/count_tokens) APIs with DeepSeek's semantics, plus /health, /metrics,
@@ -76,7 +82,8 @@ def serve(model, npus, host, port, api_key, served_model_names, max_num_seqs, ma
     opts = ServeOptions(model=model, host=host, port=port, npus=npus, api_key=api_key,
                         served_model_names=list(served_model_names), max_num_seqs=max_num_seqs, max_queue=max_queue,
                         max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
-                        cache_gib=cache_gib, enable_prefix_caching=not no_prefix_caching, device=device, dtype=dtype,
+                        cache_gib=cache_gib, kv_cache_dtype=kv_cache_dtype, block_size=block_size,
+                        enable_prefix_caching=not no_prefix_caching, device=device, dtype=dtype,
                         dummy=dummy, require_reasoning_passback=require_reasoning_passback,
                         encoder_version=encoder_version, default_max_tokens=default_max_tokens,
                         drain_timeout_s=drain_timeout, access_log=access_log, log_level=log_level)

@@ -2,9 +2,10 @@
 entries (CSA: indexer-selected, HCA: all), attention sink, inverse RoPE on the output, grouped low-rank
 output projection (model-spec §4).
 
-A step handles a flat batch of sequences (`StepBatch`). Per layer it builds one KV pool (each sequence's
-recent window rows, its new rows and its compressed entries) and one index list per query, then makes a
-single `ops.sparse_attn` call for the whole batch: the same shape a paged kernel gets.
+A step handles a flat batch of sequences (`StepBatch`). Per layer it writes the step's new window rows and
+compressed entries into the paged `CachePool` (model/cache.py), turns each query's visible positions and
+entries into pool row numbers through its sequence's block tables, and makes a single `ops.sparse_attn` call
+over the pool for the whole batch: the shape a paged device kernel gets, with no copy of the cache.
 """
 
 from __future__ import annotations
@@ -84,70 +85,94 @@ class Attention(nn.Module):
         kv = apply_rope(self.kv_norm(self.wkv(xq, prequantized=True)), cos, sin)  # [T, hd]
         if self.opts.quant_sim:  # FP8 round-trip of the nope dims, 64-wide blocks; rope dims stay
             kv = torch.cat((ops.fp8_roundtrip(kv[:, :self.nope].contiguous(), 64), kv[:, self.nope:]), -1)
+        proj: tuple = ()  # per-token compressor (and indexer) projections, all sequences at once
         if self.kind != WINDOW:
-            ckv, csc = self.compressor.project(x)  # [T, c*dc] each, all sequences at once
+            proj = self.compressor.project(x)  # kv, gate logits [T, c*dc]
         if self.kind == CSA:
-            iq, iw = self.indexer.queries(cqq, x, cos, sin)
-            ikv, isc = self.indexer.compressor.project(x)
+            proj += self.indexer.queries(cqq, x, cos, sin) + self.indexer.compressor.project(x)
 
-        pool, idx_rows = [], []
-        ipool, i_start, i_len, i_base = [], [], [], []
-        rows = 0
+        groups: dict[int, list] = {}  # sequences by cache pool (the engine has one; standalone caches own one each)
         for s in batch.seqs:
-            lc = s.cache.layers[self.layer_id]
-            sl = slice(s.offset, s.offset + s.n)
-            pos = batch.positions[sl]
-            # Window rows: positions [lo, start) from the ring, then this chunk's rows.
-            lo = max(0, s.start - self.window + 1)
-            ring = lc.window[torch.arange(lo, s.start, device=x.device) % self.window]
-            local = torch.cat((ring, kv[sl]))  # rows hold positions lo .. start+n-1
-            # Query t sees positions [t-W+1, t]: a contiguous run of `local` rows.
-            first = pos - self.window + 1 - lo  # [n]
-            win = first[:, None] + torch.arange(self.window, device=x.device)[None, :]
-            win = torch.where(win >= 0, win + rows, torch.full_like(win, -1))
-            parts = [win]
-            pool.append(local)
-            rows += local.shape[0]
+            groups.setdefault(id(s.cache.pool), []).append(s)
+        if len(groups) == 1:
+            o = self._attend(q, batch.positions, kv, batch.seqs, proj, offset=0)
+        else:
+            o = torch.empty_like(q)
+            for seqs in groups.values():
+                rows = torch.cat([torch.arange(s.offset, s.offset + s.n, device=x.device) for s in seqs])
+                part = tuple(t[rows] for t in proj)
+                o[rows] = self._attend(q[rows], batch.positions[rows], kv[rows], seqs, part, offset=None)
+        # K = V carries rope: undo it on the output at the query position.
+        o = apply_rope(o, cos, sin, inverse=True)
+        return self._out_proj(o)
+
+    def _attend(self, q: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor, seqs: list, proj: tuple,
+                offset: int | None) -> torch.Tensor:
+        """Write the new rows of `seqs` (all on one CachePool) into the pool, build every query's index list
+        (window rows, then HCA entries / CSA indexer picks, as pool rows) and run one sparse attention.
+        q, positions, kv and `proj` (compressor kv, score; CSA adds indexer q, weights, kv, score) hold exactly
+        these sequences' rows; offset=0: each SeqSlice.offset indexes them (whole batch), None: back to back."""
+        pool = seqs[0].cache.pool
+        lid, W, dev = self.layer_id, self.window, q.device
+        idx_rows, ipool, i_start, i_len, i_map = [], [], [], [], []
+        arange_w = torch.arange(W, device=dev)
+        off, ibase = 0, 0
+        for s in seqs:
+            o0 = s.offset if offset == 0 else off
+            off += s.n
+            sl = slice(o0, o0 + s.n)
+            pos = positions[sl]
+            cache = s.cache
+            pool.write_kv(lid, cache.window_rows(pos), kv[sl])
+            # Query t sees positions [t-W+1, t] (negative ones are empty).
+            parts = [cache.window_rows(pos[:, None] - W + 1 + arange_w[None, :])]
             if self.kind != WINDOW:
-                lc.comp.append(self.compressor(ckv[sl], csc[sl], s.start, lc.comp_state, self.freqs))
-                comp = lc.comp.view()
+                cs, ist = cache.states[lid]
+                first = cs.n_entries
+                new, halves = self.compressor(proj[0][sl], proj[1][sl], s.start, cs, self.freqs)
+                n_ent = cs.n_entries
+                erows = cache.entry_rows(lid, torch.arange(n_ent, device=dev))  # [N] rows in the comp region
+                base = pool.comp_base(lid)
+                pool.write_kv(lid, base + erows[first:], new)
+                self._keep_block_end_state(pool.state[lid], "comp", cache, lid, first, halves)
                 visible = (pos + 1) // self.ratio  # entries w < (t+1)//m are complete at t
                 if self.kind == HCA:
-                    e = torch.arange(comp.shape[0], device=x.device)[None, :]
-                    parts.append(torch.where(e < visible[:, None], e + rows, torch.full_like(e, -1)))
+                    e = torch.arange(n_ent, device=dev)[None, :]
+                    parts.append(torch.where(e < visible[:, None], base + erows[e], torch.full_like(e, -1)))
                 else:
-                    lc.index_keys.append(self.indexer.compressor(ikv[sl], isc[sl], s.start, lc.index_state,
-                                                                 self.freqs))
-                    ikeys = lc.index_keys.view()
-                    base = sum(k.shape[0] for k in ipool)
-                    ipool.append(ikeys)
-                    i_start.append(torch.full_like(pos, base))
-                    i_len.append(visible.clamp(max=ikeys.shape[0]))
-                    i_base.append(torch.full_like(pos, rows - base))  # index row -> kv pool row
-                pool.append(comp)
-                rows += comp.shape[0]
+                    inew, ihalves = self.indexer.compressor(proj[4][sl], proj[5][sl], s.start, ist, self.freqs)
+                    pool.ikeys[lid][erows[first:]] = inew.to(pool.ikeys[lid].dtype)
+                    self._keep_block_end_state(pool.state[lid], "index", cache, lid, first, ihalves)
+                    # The indexer op takes each query's keys as one contiguous run: gather this sequence's.
+                    ipool.append(pool.ikeys[lid][erows])
+                    i_start.append(torch.full_like(pos, ibase))
+                    i_len.append(visible.clamp(max=n_ent))
+                    i_map.append((ibase, torch.cat((base + erows, erows.new_full((1,), -1)))))  # [N+1], -1 last
+                    ibase += n_ent
             idx_rows.append(parts)
 
         if self.kind == CSA:
-            sel = ops.indexer_topk(iq, torch.cat(ipool), iw, torch.cat(i_start), torch.cat(i_len),
-                                   self.indexer.topk)  # [T, topk] rows of the index pool
-            shift = torch.cat(i_base)[:, None]
-            sel = torch.where(sel >= 0, sel + shift, sel)
+            sel = ops.indexer_topk(proj[2], torch.cat(ipool), proj[3], torch.cat(i_start), torch.cat(i_len),
+                                   self.indexer.topk)  # [T, topk] rows of the gathered keys
             off = 0
-            for parts, s in zip(idx_rows, batch.seqs):
-                parts.append(sel[off:off + s.n])
+            for parts, s, (b0, rows) in zip(idx_rows, seqs, i_map):
+                si = sel[off:off + s.n]
+                parts.append(rows[torch.where(si >= 0, si - b0, rows.shape[0] - 1)])
                 off += s.n
         idx = self._stack_indices(idx_rows)
-        o = ops.sparse_attn(q, torch.cat(pool), idx, self.attn_sink, self.head_dim ** -0.5)  # [T, H, hd]
+        return pool.attend(lid, q, idx, self.attn_sink, self.head_dim ** -0.5)  # [T, H, hd]
 
-        # K = V carries rope: undo it on the output at the query position.
-        o = apply_rope(o, cos, sin, inverse=True)
-        for s in batch.seqs:  # ring update after attention (the chunk's own rows were read from `kv`)
-            lc = s.cache.layers[self.layer_id]
-            keep = min(s.n, self.window)
-            p = torch.arange(s.start + s.n - keep, s.start + s.n, device=x.device)
-            lc.window[p % self.window] = kv[s.offset + s.n - keep: s.offset + s.n].to(lc.window.dtype)
-        return self._out_proj(o)
+    @staticmethod
+    def _keep_block_end_state(state_pool: dict, which: str, cache, lid: int, first: int, halves) -> None:
+        """Store the CSA A-half of every new window that closes a comp block in that block's state slot."""
+        if halves is None:
+            return
+        epb = cache.pool.entries_per_block(lid)
+        n = halves[0].shape[0]
+        for e in range(first + (-(first + 1)) % epb, first + n, epb):  # e + 1 is a multiple of epb
+            blk = cache.comp_blocks[e // epb]
+            state_pool[which][blk, 0] = halves[0][e - first]
+            state_pool[which][blk, 1] = halves[1][e - first]
 
     @staticmethod
     def _stack_indices(idx_rows: list[list[torch.Tensor]]) -> torch.Tensor:

@@ -1,44 +1,50 @@
-"""Per-sequence V4 cache state (model-spec §10): sliding-window ring, compressed entries, indexer keys and
-the compressors' running state, per attention layer (main layers, then MTP blocks).
+"""Paged V4 cache (model-spec §10): the physical block pool of every cache kind, and each sequence's view of
+it (block tables plus the compressors' running state).
 
-One `SeqCache` per sequence keeps the forward pass free of padding: a step processes a flat batch of
-tokens from several sequences (`StepBatch`), each at its own position, with prefill chunks of any length
-and one-token decode steps mixed. Every store here is a growable row array addressed by entry number,
-which is what a paged block table will later address instead (runtime/ owns paging).
+Two kinds of token block share one block size B (a multiple of every compression ratio, so a block boundary
+is also a window boundary of every compressor):
+
+* **window** blocks hold B raw KV rows (positions jB .. jB+B-1) of every attention layer. A sequence keeps only
+  the blocks that still overlap its sliding window; older ones go back to the allocator (or stay in the prefix
+  cache, evictable).
+* **comp** blocks hold, per compressed layer, the B/m compressed KV entries of those tokens, for CSA layers the
+  B/4 indexer keys, and the compressor state *at the block's end* (the A-half of the last CSA window, which the
+  next entry pools with): everything a later sequence needs to resume after a shared prefix of whole blocks.
+
+Per layer, window rows and compressed entries live in one tensor `CachePool.kv[layer]` (window region first,
+then the compressed region), so one index list addresses both and `sparse_attn` reads the pool in place, the
+shape a paged device kernel takes. Storage is the activation dtype, or the 584-byte FP8 entry
+(`kv_format="fp8"`, vLLM's fp8_ds_mla layout) where the backend supports it.
+
+Who owns blocks: an allocator (`allocate(kind, n)`, `release(kind, ids)`). The runtime's `BlockManager` is one
+(with reference counts and prefix-cache hashes); a standalone `SeqCache` from `new_seq_cache` gets a private,
+growing pool, which is what tests, tools and single-sequence use need.
+
+The running compressor state (tokens of the current, incomplete window: fewer than m) is per sequence.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
+WINDOW_KIND, COMP_KIND = "window", "comp"
+KINDS = (WINDOW_KIND, COMP_KIND)
 
-class RowStore:
-    """Append-only [n, d] rows with amortised growth (capacity doubles)."""
 
-    def __init__(self, d: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
-        self.buf = torch.empty(0, d, dtype=dtype, device=device)
-        self.n = 0
+class NoFreeBlocks(RuntimeError):
+    """The allocator has no block of the requested kind left (the scheduler preempts)."""
 
-    def append(self, rows: torch.Tensor) -> None:
-        k = rows.shape[0]
-        if k == 0:
-            return
-        if self.n + k > self.buf.shape[0]:
-            cap = max(16, 2 * self.buf.shape[0], self.n + k)
-            new = torch.empty(cap, self.buf.shape[1], dtype=self.buf.dtype, device=self.buf.device)
-            new[:self.n] = self.buf[:self.n]
-            self.buf = new
-        self.buf[self.n:self.n + k] = rows.to(self.buf.dtype)
-        self.n += k
 
-    def view(self) -> torch.Tensor:
-        return self.buf[:self.n]
+class Allocator(Protocol):
+    def allocate(self, kind: str, n: int) -> list[int]: ...
 
-    def nbytes(self) -> int:
-        return self.n * self.buf.shape[1] * self.buf.element_size()
+    def release(self, kind: str, blocks: list[int]) -> None: ...
+
+    def can_allocate(self, kind: str, n: int) -> bool: ...
 
 
 @dataclass
@@ -57,46 +63,254 @@ class CompressorState:
                                                            self.prev_score) if t is not None)
 
 
-@dataclass
-class LayerCache:
-    window: torch.Tensor  # [W, head_dim] ring, slot = pos % W
-    comp: RowStore | None = None  # compressed KV entries [n, head_dim]
-    index_keys: RowStore | None = None  # indexer keys [n, index_head_dim] (CSA)
-    comp_state: CompressorState | None = None
-    index_state: CompressorState | None = None
+def kv_entry_bytes(args, kv_format: str, dtype: torch.dtype) -> int:
+    """Bytes of one window row / compressed entry in the pool."""
+    if kv_format == "fp8":
+        from ascend_v4 import ops
+        return ops.kv_fp8_entry_bytes(args.head_dim, args.rope_head_dim)
+    return args.head_dim * torch.finfo(dtype).bits // 8
+
+
+def check_block_size(args, block_size: int) -> None:
+    ratios = {args.ratio(i) for i in range(args.n_layers + args.n_mtp_layers)} - {0}
+    bad = [m for m in sorted(ratios) if block_size % m]
+    if bad or block_size < 1:
+        need = max(ratios, default=1)
+        raise ValueError(f"cache block_size {block_size} must be a multiple of every compression ratio "
+                         f"{sorted(ratios)} (a block must end where a compressor window ends); try {need}")
+
+
+class CachePool:
+    """Physical storage of every cache kind, for all attention layers (main layers, then MTP blocks).
+
+    kv[l]: [NW*B + NC*B/m_l, E] rows: window block w at rows [wB, wB+B), comp block c's entries at rows
+    NW*B + [c*B/m_l, (c+1)*B/m_l). E = head_dim (activation dtype) or the FP8 entry width (uint8).
+    ikeys[l]: [NC*B/4, index_head_dim] indexer keys (CSA layers). state[l]: {"comp"|"index": [NC, 2, 4, dc]}
+    fp32, the (kv, score) A-half at each comp block's end (CSA layers; HCA needs none at a boundary).
+    """
+
+    def __init__(self, args, block_size: int, num_window_blocks: int, num_comp_blocks: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu", kv_format: str = "auto"):
+        check_block_size(args, block_size)
+        if kv_format not in ("auto", "fp8"):
+            raise ValueError(f"cache kv_format must be 'auto' (activation dtype) or 'fp8', got {kv_format!r}")
+        if kv_format == "fp8" and (args.head_dim - args.rope_head_dim) % 64:
+            raise ValueError(f"kv_format='fp8' needs head_dim - rope_head_dim to be a multiple of 64, got "
+                             f"{args.head_dim} - {args.rope_head_dim}")
+        self.args, self.block_size, self.dtype, self.device = args, block_size, dtype, torch.device(device)
+        self.kv_format = kv_format
+        self.n_layers = args.n_layers + args.n_mtp_layers
+        self.ratios = [args.ratio(i) for i in range(self.n_layers)]
+        self.entry_bytes = kv_entry_bytes(args, kv_format, dtype)
+        self.num = {WINDOW_KIND: 0, COMP_KIND: 0}
+        self.kv: list[torch.Tensor] = [self._kv_rows(0) for _ in self.ratios]
+        self.ikeys: list[torch.Tensor | None] = [None] * self.n_layers
+        self.state: list[dict[str, torch.Tensor] | None] = [None] * self.n_layers
+        self.resize(num_window_blocks, num_comp_blocks)
+
+    # -- layout --------------------------------------------------------------------------------------------
+    def _kv_rows(self, n: int) -> torch.Tensor:
+        if self.kv_format == "fp8":
+            return torch.empty(n, self.entry_bytes, dtype=torch.uint8, device=self.device)
+        return torch.empty(n, self.args.head_dim, dtype=self.dtype, device=self.device)
+
+    def entries_per_block(self, layer: int) -> int:
+        m = self.ratios[layer]
+        return self.block_size // m if m else 0
+
+    def comp_base(self, layer: int) -> int:
+        """First row of the compressed region of layer's kv tensor."""
+        return self.num[WINDOW_KIND] * self.block_size
+
+    def resize(self, num_window_blocks: int, num_comp_blocks: int) -> None:
+        """(Re)allocate for the given block counts, keeping the rows of blocks that exist in both layouts
+        (a private pool grows this way; the engine sizes its pool once)."""
+        B, old = self.block_size, dict(self.num)
+        a = self.args
+        for l, m in enumerate(self.ratios):
+            epb = self.entries_per_block(l)
+            kv = self._kv_rows(num_window_blocks * B + num_comp_blocks * epb)
+            kw, kc = min(old[WINDOW_KIND], num_window_blocks) * B, min(old[COMP_KIND], num_comp_blocks) * epb
+            if kw:
+                kv[:kw] = self.kv[l][:kw]
+            if kc:
+                ob, nb = old[WINDOW_KIND] * B, num_window_blocks * B
+                kv[nb:nb + kc] = self.kv[l][ob:ob + kc]
+            self.kv[l] = kv
+            if m == 4:
+                ik = torch.empty(num_comp_blocks * epb, a.index_head_dim, dtype=self.dtype, device=self.device)
+                st = {"comp": torch.empty(num_comp_blocks, 2, m, a.head_dim, device=self.device),
+                      "index": torch.empty(num_comp_blocks, 2, m, a.index_head_dim, device=self.device)}
+                if kc:
+                    ik[:kc] = self.ikeys[l][:kc]
+                    nc = min(old[COMP_KIND], num_comp_blocks)
+                    for k in st:
+                        st[k][:nc] = self.state[l][k][:nc]
+                self.ikeys[l], self.state[l] = ik, st
+        self.num = {WINDOW_KIND: num_window_blocks, COMP_KIND: num_comp_blocks}
+
+    def block_bytes(self, kind: str) -> int:
+        """Bytes one block of `kind` occupies across all layers."""
+        B, a = self.block_size, self.args
+        if kind == WINDOW_KIND:
+            return self.n_layers * B * self.entry_bytes
+        n = 0
+        for l, m in enumerate(self.ratios):
+            if m:
+                n += (B // m) * self.entry_bytes
+            if m == 4:
+                n += (B // 4) * a.index_head_dim * torch.finfo(self.dtype).bits // 8
+                n += 2 * 4 * (a.head_dim + a.index_head_dim) * 4
+        return n
 
     def nbytes(self) -> int:
-        n = self.window.numel() * self.window.element_size()
-        for s in (self.comp, self.index_keys, self.comp_state, self.index_state):
-            n += s.nbytes() if s is not None else 0
-        return n
+        return sum(self.block_bytes(k) * self.num[k] for k in KINDS)
+
+    # -- writes / reads ----------------------------------------------------------------------------------------
+    def write_kv(self, layer: int, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Store values [n, head_dim] at pool rows [n] of layer (packing to FP8 entries when configured)."""
+        if values.shape[0] == 0:
+            return
+        if self.kv_format == "fp8":
+            from ascend_v4 import ops
+            self.kv[layer][rows] = ops.kv_pack_fp8(values, self.args.rope_head_dim)
+        else:
+            self.kv[layer][rows] = values.to(self.dtype)
+
+    def attend(self, layer: int, q: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        """Sparse attention of q [T, H, hd] over layer's pool rows idx [T, K] (-1 = none)."""
+        from ascend_v4 import ops
+        if self.kv_format == "fp8":
+            return ops.sparse_attn_fp8(q, self.kv[layer], idx, sink, scale, self.args.rope_head_dim)
+        return ops.sparse_attn(q, self.kv[layer], idx, sink, scale)
+
+
+class _PrivateAllocator:
+    """Block allocator of a standalone SeqCache: free lists per kind, and the pool doubles when one runs dry."""
+
+    def __init__(self, pool: CachePool):
+        self.pool = pool
+        self.free = {k: list(range(pool.num[k] - 1, -1, -1)) for k in KINDS}
+
+    def can_allocate(self, kind: str, n: int) -> bool:
+        return True
+
+    def allocate(self, kind: str, n: int) -> list[int]:
+        if n > len(self.free[kind]):
+            num = dict(self.pool.num)
+            grow = max(num[kind], n - len(self.free[kind]), 4)
+            num[kind] += grow
+            self.pool.resize(num[WINDOW_KIND], num[COMP_KIND])
+            self.free[kind] = list(range(num[kind] - 1, num[kind] - grow - 1, -1)) + self.free[kind]
+        return [self.free[kind].pop() for _ in range(n)]
+
+    def release(self, kind: str, blocks: list[int]) -> None:
+        self.free[kind].extend(b for b in blocks if b >= 0)
 
 
 @dataclass
 class SeqCache:
-    """Everything a sequence needs to continue decoding. `length` = tokens already processed."""
+    """One sequence's cache: block tables into a `CachePool` and the compressors' running state.
 
-    layers: list[LayerCache]
+    comp_blocks[j] / win_blocks[j]: the blocks holding tokens [jB, (j+1)B); win_blocks[j] = -1 once the
+    window has moved past block j. `length` = tokens already processed.
+    """
+
+    pool: CachePool
+    alloc: Allocator
+    states: list[tuple[CompressorState | None, CompressorState | None]]  # per layer: (comp, index)
+    comp_blocks: list[int] = field(default_factory=list)
+    win_blocks: list[int] = field(default_factory=list)
     length: int = 0
+    auto_trim: bool = True  # StepBatch.commit drops out-of-window blocks (the engine trims itself, later)
 
-    def nbytes(self) -> int:
-        return sum(l.nbytes() for l in self.layers)
+    @property
+    def block_size(self) -> int:
+        return self.pool.block_size
+
+    def blocks_needed(self, tokens: int) -> int:
+        """Blocks of each kind still to allocate so that `tokens` positions fit."""
+        return max(0, -(-tokens // self.block_size) - len(self.comp_blocks))
+
+    def reserve(self, tokens: int) -> None:
+        """Make room for positions [0, tokens): allocates both kinds or nothing (raises NoFreeBlocks)."""
+        need = self.blocks_needed(tokens)
+        if need == 0:
+            return
+        for kind in KINDS:
+            if not self.alloc.can_allocate(kind, need):
+                raise NoFreeBlocks(f"need {need} free {kind} cache blocks")
+        self.comp_blocks += self.alloc.allocate(COMP_KIND, need)
+        self.win_blocks += self.alloc.allocate(WINDOW_KIND, need)
+
+    def trim(self, margin: int = 2) -> None:
+        """Release window blocks no future query can see. `margin` positions of slack cover a rollback of
+        speculative tokens (MTP: at most 2) after the trim."""
+        first_needed = max(0, self.length - margin - self.pool.args.window_size + 1) // self.block_size
+        dead = [b for b in self.win_blocks[:first_needed] if b >= 0]
+        if dead:
+            self.alloc.release(WINDOW_KIND, dead)
+            for j in range(first_needed):
+                self.win_blocks[j] = -1
+
+    def free(self) -> None:
+        """Give every block back (finish, abort, preemption)."""
+        self.alloc.release(COMP_KIND, [b for b in self.comp_blocks if b >= 0])
+        self.alloc.release(WINDOW_KIND, [b for b in self.win_blocks if b >= 0])
+        self.comp_blocks, self.win_blocks = [], []
+
+    # -- addressing ----------------------------------------------------------------------------------------
+    def window_rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """Pool rows of token positions (same in every layer's window region); -1 for negative positions."""
+        B = self.block_size
+        table = torch.tensor(self.win_blocks, dtype=torch.long, device=positions.device)
+        p = positions.clamp_min(0)
+        blk = table[p // B]
+        return torch.where((positions >= 0) & (blk >= 0), blk * B + p % B, torch.full_like(p, -1))
+
+    def entry_rows(self, layer: int, entries: torch.Tensor) -> torch.Tensor:
+        """Rows of compressed entries (numbers 0..) of layer, relative to the start of its compressed region
+        (the same numbering addresses the layer's indexer keys)."""
+        epb = self.pool.entries_per_block(layer)
+        table = torch.tensor(self.comp_blocks, dtype=torch.long, device=entries.device)
+        return table[entries // epb] * epb + entries % epb
+
+    def nbytes(self, layers: range | None = None) -> int:
+        """Bytes this sequence holds: its live window rows, compressed entries, indexer keys and compressor
+        state (block granularity for the paged parts), over `layers` (default all)."""
+        pool, B, a = self.pool, self.block_size, self.pool.args
+        layers = range(pool.n_layers) if layers is None else layers
+        n_win = sum(b >= 0 for b in self.win_blocks)
+        n_comp = len(self.comp_blocks)
+        total = 0
+        for l in layers:
+            m = pool.ratios[l]
+            total += n_win * B * pool.entry_bytes
+            if m:
+                total += n_comp * (B // m) * pool.entry_bytes
+            if m == 4:
+                total += n_comp * (B // 4) * a.index_head_dim * torch.finfo(pool.dtype).bits // 8
+            total += sum(s.nbytes() for s in self.states[l] if s is not None)
+        return total
 
 
-def new_seq_cache(args, dtype: torch.dtype, device: torch.device | str = "cpu") -> SeqCache:
-    """Empty cache for `args` (a ModelArgs): one LayerCache per main layer and per MTP block."""
-    layers = []
+def new_states(args) -> list[tuple[CompressorState | None, CompressorState | None]]:
+    out = []
     for lid in range(args.n_layers + args.n_mtp_layers):
-        ratio = args.ratio(lid)
-        lc = LayerCache(window=torch.zeros(args.window_size, args.head_dim, dtype=dtype, device=device))
-        if ratio:
-            lc.comp = RowStore(args.head_dim, dtype, device)
-            lc.comp_state = CompressorState()
-        if ratio == 4:
-            lc.index_keys = RowStore(args.index_head_dim, dtype, device)
-            lc.index_state = CompressorState()
-        layers.append(lc)
-    return SeqCache(layers)
+        r = args.ratio(lid)
+        out.append((CompressorState() if r else None, CompressorState() if r == 4 else None))
+    return out
+
+
+def new_seq_cache(args, dtype: torch.dtype, device: torch.device | str = "cpu", block_size: int | None = None,
+                  kv_format: str = "auto") -> SeqCache:
+    """Empty standalone cache for `args` (a ModelArgs) with its own growing pool (tests, tools, one-off
+    forwards). The engine instead builds SeqCaches over its shared pool and BlockManager."""
+    ratios = {args.ratio(i) for i in range(args.n_layers + args.n_mtp_layers)} - {0}
+    B = block_size or max([128, *ratios])
+    pool = CachePool(args, B, 0, 0, dtype, device, kv_format)
+    return SeqCache(pool, _PrivateAllocator(pool), new_states(args))
 
 
 @dataclass
@@ -119,12 +333,14 @@ class StepBatch:
 
     @classmethod
     def build(cls, chunks: list[tuple[SeqCache, list[int]]], device: torch.device | str = "cpu") -> "StepBatch":
-        """chunks: (cache, new token ids) per sequence; positions continue from each cache's length."""
+        """chunks: (cache, new token ids) per sequence; positions continue from each cache's length. Makes
+        room in each cache (a no-op when the scheduler already reserved the blocks)."""
         toks, poss, seqs, off = [], [], [], 0
         for cache, ids in chunks:
             n = len(ids)
             if n == 0:
                 raise ValueError("StepBatch.build: a sequence chunk has no tokens")
+            cache.reserve(cache.length + n)
             toks.extend(ids)
             poss.extend(range(cache.length, cache.length + n))
             seqs.append(SeqSlice(cache, off, cache.length, n))
@@ -136,38 +352,27 @@ class StepBatch:
         """Advance every sequence's length after the forward pass wrote its cache."""
         for s in self.seqs:
             s.cache.length = s.start + s.n
+            if s.cache.auto_trim:
+                s.cache.trim()
 
 
 @dataclass
 class CacheMark:
-    """What `mark` saved: enough to undo one step's writes to a SeqCache (speculative decoding)."""
+    """What `mark` saved: enough to undo one step's writes to a SeqCache (speculative decoding). Rows past
+    `length` are dead once length is restored (the next step rewrites them), so only the compressor states
+    (replaced, never mutated, by the forward pass) and the length are kept."""
 
     length: int
-    rows: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (ring slots, their old rows)
-    counts: list[tuple[int | None, int | None]]  # per layer: comp.n, index_keys.n
     states: list[tuple[CompressorState | None, CompressorState | None]]
 
 
-def mark(cache: SeqCache, positions: range) -> CacheMark:
-    """Remember the state a step feeding `positions` will change. Compressor states are replaced, not
-    mutated, by the forward pass, so shallow copies suffice; ring rows are copied."""
-    rows, counts, states = [], [], []
-    for lc in cache.layers:
-        w = lc.window.shape[0]
-        slots = torch.tensor(sorted({p % w for p in positions}), dtype=torch.long, device=lc.window.device)
-        rows.append((slots, lc.window[slots].clone()))
-        counts.append((lc.comp.n if lc.comp else None, lc.index_keys.n if lc.index_keys else None))
-        states.append(tuple(copy.copy(s) if s is not None else None for s in (lc.comp_state, lc.index_state)))
-    return CacheMark(cache.length, rows, counts, states)
+def mark(cache: SeqCache, positions: range | None = None) -> CacheMark:
+    """Remember the state before a step that may be rolled back."""
+    return CacheMark(cache.length, [tuple(copy.copy(s) if s is not None else None for s in st)
+                                    for st in cache.states])
 
 
 def rollback(cache: SeqCache, m: CacheMark) -> None:
-    """Undo everything written since `mark` (rejected draft tokens)."""
+    """Undo everything a step wrote since `mark` (rejected draft tokens)."""
     cache.length = m.length
-    for lc, (slots, old), (nc, ni), (cs, ix) in zip(cache.layers, m.rows, m.counts, m.states):
-        lc.window[slots] = old
-        if lc.comp is not None:
-            lc.comp.n = nc
-        if lc.index_keys is not None:
-            lc.index_keys.n = ni
-        lc.comp_state, lc.index_state = cs, ix
+    cache.states = m.states

@@ -38,10 +38,13 @@ class Compressor(nn.Module):
         return self.wkv(x).float(), self.wgate(x).float()
 
     def forward(self, kv: torch.Tensor, score: torch.Tensor, start: int, state: CompressorState,
-                freqs: torch.Tensor) -> torch.Tensor:
+                freqs: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """Feed one sequence's projected tokens at positions start.. (kv, score [n, c*dc] from `project`);
-        returns the new entries [k, dc] (in the activation dtype) and advances `state`."""
+        advances `state` and returns the new entries [k, dc] (in the activation dtype) and, for CSA, the A-half
+        (kv, score) [k, m, dc] fp32 of each new window: the state the next entry pools with, which the paged
+        cache keeps at block ends so a shared prefix can resume there."""
         m, dc = self.ratio, self.dc
+        halves = None
         pos = torch.arange(start, start + kv.shape[0], device=kv.device)
         score = score + self.ape[pos % m]
         if state.buf_kv is not None:
@@ -50,13 +53,14 @@ class Compressor(nn.Module):
         used = n_win * m
         state.buf_kv, state.buf_score = kv[used:], score[used:]
         if n_win == 0:
-            return kv.new_empty(0, dc).to(self.opts.dtype)
+            return kv.new_empty(0, dc).to(self.opts.dtype), None
         kv = kv[:used].view(n_win, m, -1)  # [w, m, c*dc]
         score = score[:used].view(n_win, m, -1)
         if self.overlap:
             # slots 0..m-1: A-half of the previous window; m..2m-1: B-half of this one.
             prev_kv = torch.cat((self._prev(state, "kv", kv), kv[:-1, :, :dc]))  # [w, m, dc]
             prev_sc = torch.cat((self._prev(state, "score", score), score[:-1, :, :dc]))
+            halves = (kv[:, :, :dc], score[:, :, :dc])
             state.prev_kv, state.prev_score = kv[-1, :, :dc], score[-1, :, :dc]
             kv = torch.cat((prev_kv, kv[:, :, dc:]), dim=1)  # [w, 2m, dc]
             score = torch.cat((prev_sc, score[:, :, dc:]), dim=1)
@@ -72,7 +76,7 @@ class Compressor(nn.Module):
                 out = ops.fp4_roundtrip(ops.hadamard(out), 32)
             else:
                 out = torch.cat((ops.fp8_roundtrip(out[:, :self.nope].contiguous(), 64), out[:, self.nope:]), -1)
-        return out
+        return out, halves
 
     def _prev(self, state: CompressorState, what: str, like: torch.Tensor) -> torch.Tensor:
         """A-half of the window before the first one in this chunk: from the state, else empty (-inf score)."""

@@ -43,6 +43,8 @@ class ServeOptions:
     max_model_len: int | None = None
     max_num_batched_tokens: int = 2048
     cache_gib: float = 4.0
+    kv_cache_dtype: str = "auto"
+    block_size: int = 128
     enable_prefix_caching: bool = True
     device: str = "auto"
     dtype: str = "auto"
@@ -126,6 +128,7 @@ def build_app(opts: ServeOptions):
     try:
         cfg = EngineConfig(max_num_seqs=opts.max_num_seqs, max_queue=opts.max_queue, max_model_len=opts.max_model_len,
                            max_num_batched_tokens=opts.max_num_batched_tokens, cache_gib=opts.cache_gib,
+                           kv_cache_dtype=opts.kv_cache_dtype, block_size=opts.block_size,
                            enable_prefix_caching=opts.enable_prefix_caching)
     except ValueError as e:
         raise ServeError(str(e)) from None

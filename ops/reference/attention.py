@@ -26,13 +26,17 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torc
         ix = idx[t0:t1].long()  # [t, K]
         valid = ix >= 0
         qc = q[t0:t1].float()
-        lo, hi = (int(ix[valid].min()), int(ix[valid].max()) + 1) if bool(valid.any()) else (0, 0)
-        if 0 < hi - lo <= 4 * ix.shape[1]:
-            # The chunk's keys lie in a short run of rows (prefill: one sequence's pool): a masked dense
-            # product over that run is a plain GEMM, much cheaper than gathering [t, K, D] copies.
-            keys = kv[lo:hi].float()  # [R, D]
-            mask = torch.zeros(t1 - t0, hi - lo + 1, dtype=torch.bool, device=q.device)
-            mask.scatter_(1, torch.where(valid, ix - lo, hi - lo), True)
+        used = ix[valid]
+        uniq, inv = torch.unique(used, return_inverse=True) if used.numel() else (used, used)
+        if 0 < uniq.numel() <= 4 * ix.shape[1]:
+            # The chunk's queries share most of their keys (prefill of one sequence; decode with K rows each):
+            # gather each distinct row once and run a masked dense product over them, a plain GEMM, much
+            # cheaper than gathering [t, K, D] copies.
+            keys = kv[uniq].float()  # [U, D]
+            col = torch.full_like(ix, uniq.numel())
+            col[valid] = inv
+            mask = torch.zeros(t1 - t0, uniq.numel() + 1, dtype=torch.bool, device=q.device)
+            mask.scatter_(1, col, True)
             mask = mask[:, :-1]  # drop the column that collected the -1 slots
             s = torch.einsum("thd,rd->thr", qc, keys) * scale
             s = s.masked_fill(~mask[:, None, :], float("-inf"))

@@ -61,42 +61,85 @@ def run(engine, ps, params=GREEDY):
 
 def test_batched_chunked_prefill_equals_naive_greedy(model, tok, ps_ref):
     ps, ref = ps_ref
-    e = Engine(model, tok, EngineConfig(max_num_batched_tokens=48, block_size=16, max_num_seqs=3))
+    e = Engine(model, tok, EngineConfig(max_num_batched_tokens=48, max_num_seqs=3))
     got, _ = run(e, ps)
     assert got == ref
     assert e.stats()["steps"] > 10 and e.stats()["blocks_used"] == 0
 
 
 def test_preempted_and_resumed_equals_uninterrupted(model, tok):
-    # Prompts of whole blocks fill all 1+3+8+10 = 22 blocks at admission; the first decode token of each
-    # then needs a new block, so the scheduler must preempt (and later recompute) someone.
+    # The prompts fill all 1+1+1+2 = 5 compressed-cache blocks (128 tokens each) at admission; the 128-token
+    # prompt's first generated token then needs a sixth, so the scheduler must preempt (and later recompute).
     ps = prompts(16, 48, 128, 160, seed=9)
-    e = Engine(model, tok, EngineConfig(max_num_batched_tokens=4096, block_size=16, num_blocks=22,
-                                        enable_prefix_caching=False))
+    e = Engine(model, tok, EngineConfig(max_num_batched_tokens=4096, num_blocks=5, enable_prefix_caching=False))
     got, _ = run(e, ps)
     assert e.stats()["preemptions"] > 0 and e.blocks.used == 0
     assert got == [naive_greedy(model, p, GREEDY.max_tokens) for p in ps]
 
 
 def test_prefix_cache_hit_equals_cold_and_counts_cached_tokens(model, tok):
-    base = prompts(150, seed=3)[0]
-    e = Engine(model, tok, EngineConfig(block_size=16))
+    base = prompts(300, seed=3)[0]
+    e = Engine(model, tok, EngineConfig())
     run(e, [base])
-    short = base[:40] + [5, 6, 7]  # a short prompt sharing 40 tokens: hits the 32-token snapshot
-    longer = base[:140] + [9, 9]  # hits the deepest boundary of `base` (128 = 16 * 2^3)
+    short = base[:140] + [5, 6, 7]  # a short prompt sharing one whole block (128 tokens) with base
+    longer = base[:290] + [9, 9]  # shares base's two blocks
     got, outs = run(e, [short])
-    assert outs[0][-1].cached_tokens == 32
+    assert outs[0][-1].cached_tokens == 128
     assert got[0] == naive_greedy(model, short, GREEDY.max_tokens)
     got, outs = run(e, [longer])
-    assert outs[0][-1].cached_tokens == 128
+    assert outs[0][-1].cached_tokens == 256
     assert got[0] == naive_greedy(model, longer, GREEDY.max_tokens)
     assert e.stats()["prefix_hit_rate"] > 0
-    cold = Engine(model, tok, EngineConfig(block_size=16, enable_prefix_caching=False))
+    # a request that finishes in its prefill step (max_tokens=1) still leaves its blocks cached
+    one = prompts(200, seed=8)[0]
+    run(e, [one], SamplingParams(max_tokens=1, temperature=0))
+    assert run(e, [one], SamplingParams(max_tokens=1, temperature=0))[1][0][-1].cached_tokens == 128
+    cold = Engine(model, tok, EngineConfig(enable_prefix_caching=False))
     assert run(cold, [longer])[1][0][-1].cached_tokens == 0
 
 
+def test_prefix_hit_shares_blocks_without_copies(model, tok):
+    """Two live requests with a common prefix hold the same physical comp blocks (reference count 2)."""
+    base = prompts(260, seed=4)[0]
+    e = Engine(model, tok, EngineConfig())
+    run(e, [base])
+    a, b = base[:200] + [7], base[:210] + [8, 8]
+    p = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    e.add_request("a", a, p)
+    e.add_request("b", b, p)
+    e.step()
+    ca, cb = e.seqs["a"].cache, e.seqs["b"].cache
+    assert ca.comp_blocks[0] == cb.comp_blocks[0] and ca.comp_blocks[1] != cb.comp_blocks[1]
+    assert e.blocks.pools["comp"].ref[ca.comp_blocks[0]] == 2
+    while e.has_unfinished():
+        e.step()
+    assert e.blocks.used == 0  # everything released; base's blocks stay cached (parked), not held
+    assert e.stats()["comp_blocks_cached"] >= 2
+
+
+def test_prefix_hit_after_window_blocks_were_evicted_falls_back_to_shallower_block(model, tok):
+    """A hit needs the window rows before the boundary; when those were evicted the lookup resumes at the
+    deepest boundary whose window rows are still cached (or computes from scratch), never wrong."""
+    base = prompts(400, seed=5)[0]
+    e = Engine(model, tok, EngineConfig(prefix_cache_gib=0.0, max_num_seqs=1, max_num_batched_tokens=512))
+    run(e, [base])
+    # An unrelated 900-token prompt goes through the small window pool (7 blocks: no prefix-cache reserve)
+    # and evicts base's parked window blocks; base's comp blocks stay cached (the comp pool is large).
+    other = prompts(900, seed=6)[0]
+    run(e, [other])
+    assert e.stats()["comp_blocks_cached"] >= 3 + 7
+    q = base[:300] + [3]
+    got, outs = run(e, [q])
+    assert outs[0][-1].cached_tokens == 0  # comp blocks alone are not enough to resume
+    assert got[0] == naive_greedy(model, q, GREEDY.max_tokens)
+    q2 = other[:800]  # other's last window blocks are still parked: resumes at 768
+    got, outs = run(e, [q2])
+    assert outs[0][-1].cached_tokens == 768
+    assert got[0] == naive_greedy(model, q2, GREEDY.max_tokens)
+
+
 def test_abort_frees_blocks_at_once(model, tok):
-    e = Engine(model, tok, EngineConfig(block_size=16))
+    e = Engine(model, tok, EngineConfig())
     e.add_request("a", prompts(100)[0], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
     e.add_request("b", prompts(30)[0], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
     e.step()
@@ -224,7 +267,7 @@ def test_async_engine_streams_abort_backpressure_and_failure(model, tok, ps_ref)
 def test_mtp_speculative_decoding_keeps_greedy_output(model, tok, ps_ref):
     """Random MTP weights: drafts are (almost) always rejected, exercising the cache rollback."""
     ps, ref = ps_ref
-    e = Engine(model, tok, EngineConfig(max_num_batched_tokens=48, block_size=16, speculative_mtp=True))
+    e = Engine(model, tok, EngineConfig(max_num_batched_tokens=48, speculative_mtp=True))
     got, _ = run(e, ps)
     assert got == ref
     st = e.stats()

@@ -39,7 +39,7 @@ from ascend_v4.tokenizer import Tokenizer
 
 OPTS = ModelOptions(dtype=torch.float32, quant_sim=False, dequantize_weights=True)
 # chunked prefill: 48-token budget, prompts up to 150 tokens; logprobs expose the logits bit for bit
-CFG = EngineConfig(max_num_batched_tokens=48, block_size=16, max_num_seqs=4, enable_prefix_caching=False)
+CFG = EngineConfig(max_num_batched_tokens=48, max_num_seqs=4, enable_prefix_caching=False)
 GREEDY = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=0)
 
 
