@@ -1,6 +1,8 @@
-"""`ascend-v4 bench`: benchmarks. `bench serve` measures a running server like `vllm bench serve` does.
+"""`ascend-v4 bench`: benchmarks. `bench serve` measures a running server like `vllm bench serve` does;
+`bench offline` compares the engine with transformers' batched generate (logic in `ascend_v4/bench/offline.py`).
 
-The group is open for more subcommands: write a click command in its own module and attach it in
+The group is open for more subcommands: keep the benchmark itself in `ascend_v4/bench/` (or its own module)
+and only the click options here, or write the command in its own module and attach it in
 `ascend_v4/cli/__init__.py` with `bench.add_command(cmd)`.
 
 `bench serve` sends `--num-prompts` streamed requests of random token ids (`--input-len` tokens, exact on
@@ -236,6 +238,7 @@ def bench() -> None:
     Examples:
       ascend-v4 bench serve --url http://127.0.0.1:8000 --concurrency 8 --input-len 512 --output-len 128 \\
           --num-prompts 64
+      ascend-v4 bench offline --model small --concurrency 1,4,16 --json bench.json
     """
 
 
@@ -277,4 +280,108 @@ def bench_serve(url, endpoint, model, concurrency, input_len, output_len, num_pr
         raise SystemExit(1)
 
 
-__all__ = ["bench", "BenchServeConfig", "RequestResult", "run_bench_serve", "summarize", "format_result"]
+def _parse_levels(ctx, param, values: tuple[str, ...]) -> tuple[int, ...]:
+    """`--concurrency 1,4,16` and `--concurrency 1 --concurrency 4` (the former tool's form) alike."""
+    levels = []
+    for v in values:
+        for part in v.split(","):
+            part = part.strip()
+            try:
+                n = int(part)
+            except ValueError:
+                raise click.BadParameter(f"expected comma-separated integers >= 1, got {v!r}") from None
+            if n < 1:
+                raise click.BadParameter(f"levels must be >= 1, got {n} in {v!r}")
+            levels.append(n)
+    return tuple(levels)
+
+
+@bench.command("offline")
+@click.option("--model", default="small", show_default=True,
+              help="Preset, checkpoint directory or HF repo id in the local cache. tiny/small have no real "
+                   "weights: a dummy checkpoint of the preset is written once into the ascend-v4 cache.")
+@click.option("--concurrency", multiple=True, default=("1,4,16",), show_default=True, callback=_parse_levels,
+              help="Concurrency levels, comma-separated (or repeat the option). Each level runs every engine "
+                   "in a fresh process.")
+@click.option("--num-prompts", type=click.IntRange(min=1), default=None,
+              help="Requests per level. Default: the level itself (one full batch). More than the level "
+                   "shows queueing: ours refills freed slots at once, transformers runs batch after batch.")
+@click.option("--input-len", default=128, show_default=True, type=click.IntRange(min=1),
+              help="Prompt length in tokens (BOS + random ordinary ids), the same for every request.")
+@click.option("--output-len", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Generated tokens per request (greedy, EOS ignored): exact, or the mean with a spread.")
+@click.option("--output-len-spread", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Mixed output lengths, uniform in [L*(1-S), L*(1+S)] (vllm's --random-range-ratio). "
+                   "Continuous batching's advantage shows here: a transformers batch runs every row to its "
+                   "longest; only requested tokens count as output.")
+@click.option("--shared-prefix", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Every prompt starts with the same N tokens (a system prompt). Turns on our prefix cache, "
+                   "which the untimed warm-up fills; hits come in whole cache blocks (the JSON's "
+                   "cached_prompt_tokens counts them). Must be < --input-len.")
+@click.option("--peer", type=click.Choice(["transformers", "none"]), default="transformers", show_default=True,
+              help="Compare with transformers' DeepseekV4ForCausalLM.generate on the same checkpoint "
+                   "(needs transformers, the `test` extra), or run ours only.")
+@click.option("--quant-sim", type=click.Choice(["on", "off"]), default="on", show_default=True,
+              help="Our FP8/FP4 QAT numerics simulation. transformers has none; off compares like with like.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch threads per engine process. Default: torch's choice (the physical cores).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of prompts and output lengths.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds allowed per engine process (load + warm-up + timed pass). Default: no limit.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              help="Also write machine-readable results to PATH ('-': JSON on stdout, table on stderr).")
+def bench_offline(model, concurrency, num_prompts, input_len, output_len, output_len_spread, shared_prefix, peer,
+                  quant_sim, threads, seed, timeout, json_path):
+    """Offline throughput and latency vs concurrency: ours against transformers on the same checkpoint.
+
+    For each concurrency level C, C requests (or --num-prompts) of --input-len random token ids each
+    generate their output length, greedy with EOS ignored. Ours: every request submitted to one engine at
+    once, at most C decoded together (continuous batching). transformers: batched generate, C rows per
+    call. Each engine runs in its own subprocess per level, so its peak RSS is its own; an untimed warm-up
+    pass precedes the timed one.
+
+    \b
+    The table has, per level: ours and transformers output tok/s (requested output tokens over the
+    wall time, prefill included), their ratio (ours / transformers), mean and p99 request latency
+    (all requests submitted -> the request's last token; transformers: the end of its batch) and
+    each process's peak RSS. Progress goes to stderr.
+
+    \b
+    Examples:
+      ascend-v4 bench offline                                     # small, 1,4,16, 128 in / 32 out
+      ascend-v4 bench offline --concurrency 16 --output-len-spread 0.9 --threads 2
+      ascend-v4 bench offline --concurrency 8 --shared-prefix 512 --input-len 640 --peer none
+      ascend-v4 bench offline --model tiny --concurrency 1,2 --output-len 4 --json out.json
+    Dummy checkpoints (tiny, small) measure speed only; their text is gibberish by design.
+    """
+    from ascend_v4.bench.offline import OfflineBenchConfig, OfflineBenchError, format_table, run_offline_bench
+    from ascend_v4.checkpoint.errors import CheckpointError
+    from ascend_v4.model.args import ConfigError
+
+    cfg = OfflineBenchConfig(model=model, concurrency=concurrency, num_prompts=num_prompts, input_len=input_len,
+                             output_len=output_len, output_len_spread=output_len_spread,
+                             shared_prefix=shared_prefix, peer=peer, quant_sim=quant_sim == "on",
+                             threads=threads, seed=seed, timeout_s=timeout)
+    try:
+        res = run_offline_bench(cfg, progress=lambda msg: click.echo(f"[bench offline] {msg}", err=True))
+    except (CheckpointError, ConfigError) as e:
+        raise click.ClickException(f"--model {model!r}: {e}") from e
+    except OfflineBenchError as e:
+        raise click.ClickException(str(e)) from e
+    table = format_table(res)
+    if json_path == "-":
+        click.echo(table, err=True)
+        click.echo(json.dumps(res, indent=2))
+        return
+    click.echo(table)
+    if json_path:
+        try:
+            with open(json_path, "w") as f:
+                json.dump(res, f, indent=2)
+        except OSError as e:
+            raise click.ClickException(f"--json {json_path}: cannot write: {e}") from e
+        click.echo(f"[bench offline] results written to {json_path}", err=True)
+
+
+__all__ = ["bench", "bench_offline", "BenchServeConfig", "RequestResult", "run_bench_serve", "summarize",
+           "format_result"]

@@ -32,7 +32,7 @@ LAYER_OF = {
     "model": "model", "checkpoint": "model", "chat": "model", "tokenizer": "model",
     "runtime": "runtime", "config": "runtime",
     "peers": "peers",  # transformers peer for parity tests / benchmarks
-    "api": "top", "server": "top", "cli": "top",
+    "api": "top", "server": "top", "cli": "top", "bench": "top",
 }
 BELOW_API = {"ops", "quant", "base", "model", "runtime"}
 ALLOWED = {
