@@ -40,6 +40,9 @@ ENV_VARS: dict[str, EnvVar] = {
                "directory searched for real checkpoints (e.g. flash, pro) when --model is not a path"),
         EnvVar("ASCEND_V4_OP_BACKEND", "auto",
                "force the op backend for debugging: auto | reference | triton | npu"),
+        EnvVar("ASCEND_V4_NPU_MX_GEMM", "0",
+               "1 = FP8/FP4 expert GEMMs on Ascend 950 use the native MX kernel (written only, never run); "
+               "0 = dequantise to BF16 in the vector unit first"),
         EnvVar("ASCEND_V4_DEVICE", None,
                "override device detection: cpu | cuda | npu (optionally with an index, e.g. npu:1)"),
         EnvVar("ASCEND_V4_LOG_LEVEL", "WARNING",
@@ -78,6 +81,12 @@ def model_dir() -> Path | None:
 # Forced op backend (auto | reference | triton | npu); "auto" lets the ops layer choose per device.
 def op_backend() -> str:
     return _choice("ASCEND_V4_OP_BACKEND", OP_BACKENDS, (_raw("ASCEND_V4_OP_BACKEND") or "auto").lower())
+
+
+# The 950 native MX grouped GEMM switch ("0" | "1"). ops/npu/kernels.py reads the variable itself (ops imports
+# nothing from the rest of the project); this getter validates it for `doctor` and the docs.
+def npu_mx_gemm() -> bool:
+    return _choice("ASCEND_V4_NPU_MX_GEMM", ("0", "1"), _raw("ASCEND_V4_NPU_MX_GEMM") or "0") == "1"
 
 
 # Device override ("cpu", "cuda", "npu", "npu:1", ...); None = detect.

@@ -32,11 +32,20 @@ def register_device_kernels() -> dict[str, str]:
                             "using the reference ops", e)
         else:
             chosen.update(_register_triton())
+            if chosen.get("cuda") == "triton":  # CUDA is up and triton imports: add the FP8-KV attention
+                from .triton.sparse_attn_fp8 import register as _register_triton_fp8_kv
+
+                _register_triton_fp8_kv()
     if choice in ("auto", "npu"):
         # Registers PrivateUse1 kernels only; torch_npu itself is imported lazily when an NPU tensor arrives.
         from .npu import register as _register_npu
 
         npu = _register_npu()
+        # The FP8 KV-cache ops (kv_pack_fp8, kv_unpack_fp8, sparse_attn_fp8) have their own NPU module;
+        # like the above it only installs PrivateUse1 entries and imports nothing NPU-specific.
+        from .npu.sparse_attn_fp8 import register as _register_npu_fp8_kv
+
+        _register_npu_fp8_kv()
         if choice == "npu" and not npu:
             log.warning("ASCEND_V4_OP_BACKEND=npu but no NPU is visible; the NPU kernels are registered and run "
                         "only for tensors on an NPU")

@@ -19,8 +19,8 @@ global token order, i.e. the very matrix the single-device loop feeds that exper
 same order: EP outputs are bit-identical to one device (given deterministic kernels).
 
 Gloo's `all_to_all_single` rejects fp8 (model-spec §16), so one-byte float payloads travel as uint8 views.
-On Ascend the fused MC2 ops (`torch_npu.npu_moe_distribute_dispatch[_v2]` / `_combine[_v2]`, addressed by the
-HCCL communicator name) are the production path; see docs/expert_parallel.md for where they plug in.
+On an HCCL group `attach_expert_parallel` uses the fused MC2 ops instead where they apply
+(runtime/expert_parallel_mc2.py; docs/expert_parallel.md).
 """
 
 from __future__ import annotations
@@ -134,9 +134,13 @@ def moe_modules(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
-def attach_expert_parallel(model: nn.Module, ctx: ParallelContext, placement: ExpertPlacement) -> int:
+def attach_expert_parallel(model: nn.Module, ctx: ParallelContext, placement: ExpertPlacement,
+                           dispatcher=None) -> int:
     """Inject the dispatcher into every MoE of `model` (built with `placement.experts_of(ctx.rank)`).
     Returns the number of MoE modules.
+
+    `dispatcher`: the `(x, ids, w, run_local) -> [T, D]` callable shared by all layers; by default MC2 on an
+    HCCL group where it applies, else `AllToAllExperts` (`expert_parallel_mc2.choose_dispatcher`).
 
     Raises:
         ValueError: a MoE holds other experts than this rank owns.
@@ -147,7 +151,12 @@ def attach_expert_parallel(model: nn.Module, ctx: ParallelContext, placement: Ex
         if m.expert_ids != mine:
             raise ValueError(f"rank {ctx.rank} must hold experts {mine[0]}..{mine[-1]}, a MoE holds "
                              f"{m.expert_ids[:3]}... ({len(m.expert_ids)})")
-        m.expert_parallel = AllToAllExperts(ctx, placement) if ctx.world_size > 1 else None
+    if ctx.world_size > 1 and dispatcher is None and mods:
+        from .expert_parallel_mc2 import choose_dispatcher  # lazy: that module imports this one
+
+        dispatcher = choose_dispatcher(ctx, placement, mods[0])
+    for m in mods:
+        m.expert_parallel = dispatcher if ctx.world_size > 1 else None
     return len(mods)
 
 

@@ -5,7 +5,9 @@ process by `ops/_backends.py` (unless ASCEND_V4_OP_BACKEND=reference) and only i
 PrivateUse1 kernels for the ascend_v4:: ops, taken from `kernels.kernel_table()`. Those functions run only for
 tensors on an NPU, i.e. after torch_npu has been imported; the first one resolves the backend (`kernels.backend()`):
 it loads the op library from ops/_lib (setting ASCEND_CUSTOM_OPP_PATH first), and when that is missing logs ONE
-warning and falls back to triton-ascend kernels, then to the references (per op; see kernels.py).
+warning and falls back to triton-ascend kernels, then to the references (per op; see kernels.py). It also reads
+the SoC id and ASCEND_V4_NPU_MX_GEMM once: on an Ascend 950 with the library loaded, "1" sends the FP8/FP4
+GEMMs to the native MX kernel variant (written only, so off by default; docs/npu.md).
 
 Pieces: `tiling.py` (host tiling rules, no CANN), `_loader.py` (op library), `kernels.py` (NPU impls),
 `ops/ascendc/` (Ascend C sources), `ops/csrc/` (torch binding). Evidence levels: docs/npu.md.
@@ -14,6 +16,7 @@ Pieces: `tiling.py` (host tiling rules, no CANN), `_loader.py` (op library), `ke
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import torch
@@ -62,7 +65,8 @@ def status() -> dict[str, object]:
 
     lib = find_op_library()
     out: dict[str, object] = {"op_library": str(lib.vendor_dir), "op_library_state": lib.reason,
-                              "binding": str(lib.binding), "npu_present": npu_present()}
+                              "binding": str(lib.binding), "npu_present": npu_present(),
+                              "mx_gemm_switch": os.environ.get(kernels.MX_GEMM_ENV) or "unset (off)"}
     if kernels.backend.cache_info().currsize:  # resolved already (an NPU op ran): report the real choice
         out["ops"] = kernels.backend().describe()
     return out

@@ -6,8 +6,8 @@ Per op, first match wins (`Backend.describe()` says which one a process uses):
 | op            | 1. op library (ops/ascendc)           | 2. triton-ascend    | 3. always available |
 |---------------|---------------------------------------|---------------------|---------------------|
 | sparse_attn   | `ascend_v4::npu_sparse_attn`          | ops/triton launcher | reference           |
-| quant_gemm    | `ascend_v4::npu_moe_gemm`, one group  | ops/triton launcher | reference maths, FP8-free weight decode |
-| moe_experts   | torch_npu routing + `npu_moe_gemm`    | -                   | torch_npu routing + `npu_grouped_matmul` on BF16-decoded active experts |
+| quant_gemm    | `ascend_v4::npu_moe_gemm`, one group (*) | ops/triton launcher | reference maths, FP8-free weight decode |
+| moe_experts   | torch_npu routing + `npu_moe_gemm` (*) | -                  | torch_npu routing + `npu_grouped_matmul` on BF16-decoded active experts |
 | fp8_roundtrip | -                                     | -                   | float-only e4m3 rounding (bit-exact with the reference) |
 | w8a8_gemm     | -                                     | -                   | `npu_dynamic_quant` + `npu_quant_matmul` (bf16/fp16 x; fp32 x: reference) |
 | w4a8_gemm     | -                                     | -                   | int4 -> int8 unpack per call, then as w8a8_gemm |
@@ -31,6 +31,12 @@ semantics from `torch_npu/_op_plugin_docs.py` and the aclnn docs):
   output_dtype=bf16|fp16)` -> (x1 . x2) * scale * pertoken_scale.
 A2/A3 have no FP8: nothing on the NPU path casts to or from a float8 dtype (the reference does); FP8 and
 FP4 bytes are decoded by table lookup.
+
+(*) `npu_moe_gemm` has two kernel variants, chosen per call by its weight_fmt attribute (= the tiling key):
+1 / 2 = vector-unit dequantisation to bf16 (every SoC), 11 / 12 = the Ascend 950 native MX path (activations
+quantised to MXFP8 per 1x32 in the kernel; golden ops/reference/mx.py). The MX variant is written only, so it
+is used only when asked for: ASCEND_V4_NPU_MX_GEMM=1 (or `make_backend(..., mx_requested=True)`), the SoC is
+a 950 (`torch_npu.npu.get_soc_version() >= 260`), the op library is loaded and K % 64 == 0 (docs/npu.md).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import logging
+import os
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable
@@ -49,6 +56,7 @@ import torch.nn.functional as F
 
 from ..reference import formats as _fmt
 from ..reference.attention import sparse_attn as _ref_sparse_attn
+from . import tiling as _tiling
 from ._loader import OpLibrary, load_op_library
 
 log = logging.getLogger("ascend_v4.ops")
@@ -56,6 +64,12 @@ log = logging.getLogger("ascend_v4.ops")
 GMM_MAX_GROUPS = 128  # npu_grouped_matmul: at most 128 weights per call (single x, weight list, single y)
 FMT_BF16, FMT_FP8, FMT_FP4 = 0, 1, 2  # weight_fmt attribute of npu_moe_gemm (= tiling_rules.h WeightFmt)
 TRITON_OPS = ("sparse_attn", "indexer_topk", "compress_kv", "quant_gemm", "hc_pre", "hc_post", "hc_head")
+# torch_npu.npu.get_soc_version() ids: A2 220-225, A3 250-255, the Ascend 950 family from 260 on
+# (ascend-notes.md §1; torch_npu's SocVersion enum, Ascend950 = 260)
+SOC_ASCEND950 = 260
+# The switch of the 950 native MX grouped GEMM. Ledger: read here with os.environ because ascend_v4.ops imports
+# nothing else from the project; the variable belongs in ascend_v4/envs.py's registry like ASCEND_V4_OP_BACKEND.
+MX_GEMM_ENV = "ASCEND_V4_NPU_MX_GEMM"
 
 
 # ---------------------------------------------------------------------------------------------- FP8-free decode
@@ -95,19 +109,46 @@ def fp8_roundtrip(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- backend choice
+def mx_gemm_requested() -> bool:
+    """ASCEND_V4_NPU_MX_GEMM: "1" = use the 950 native MX grouped GEMM, "0" = do not; unset or blank =
+    `tiling.MX_KERNEL_READY` (False while the kernel is written only). Anything else is an error."""
+    raw = os.environ.get(MX_GEMM_ENV, "").strip()
+    if not raw:
+        return _tiling.MX_KERNEL_READY
+    if raw not in ("0", "1"):
+        raise ValueError(f"{MX_GEMM_ENV}={raw!r} is not one of 0, 1")
+    return raw == "1"
+
+
+def soc_version(torch_npu: object) -> int:
+    """torch_npu.npu.get_soc_version(), or -1 when it cannot say (no device, an old torch_npu)."""
+    try:
+        return int(torch_npu.npu.get_soc_version())  # type: ignore[attr-defined]
+    except Exception:  # AttributeError, or the runtime's own error without a device
+        return -1
+
+
 @dataclass
 class Backend:
-    """What this process uses on the NPU; resolved once, at the first NPU call (see `backend()`)."""
+    """What this process uses on the NPU; resolved once, at the first NPU call (see `backend()`).
+
+    `mx_gemm`: FP8/FP4 GEMMs through the op library ask for its 950 native MX variant (see `make_backend`)."""
 
     torch_npu: object
     lib: OpLibrary
     triton: dict[str, Callable] = field(default_factory=dict)
+    soc_version: int = -1
+    mx_gemm: bool = False
 
     def choice(self, op: str) -> str:
-        if op in ("sparse_attn", "quant_gemm") and self.lib.loaded:
+        if op == "quant_gemm" and self.lib.loaded:
+            return "ascendc-mx" if self.mx_gemm else "ascendc"
+        if op == "sparse_attn" and self.lib.loaded:
             return "ascendc"
         if op == "moe_experts":
-            return "torch_npu+ascendc" if self.lib.loaded else "torch_npu+grouped_matmul"
+            if not self.lib.loaded:
+                return "torch_npu+grouped_matmul"
+            return "torch_npu+ascendc-mx" if self.mx_gemm else "torch_npu+ascendc"
         if op == "fp8_roundtrip":
             return "fp8-free"
         if op in ("w8a8_gemm", "w4a8_gemm", "int8_act_roundtrip"):
@@ -138,20 +179,33 @@ def _triton_ascend_launchers() -> dict[str, Callable]:
     return {op: fn for op, fn in fns.items() if op in TRITON_OPS}
 
 
-def make_backend(torch_npu: object, lib: OpLibrary, triton: dict[str, Callable] | None = None) -> Backend:
-    b = Backend(torch_npu, lib, dict(triton or {}))
+def make_backend(torch_npu: object, lib: OpLibrary, triton: dict[str, Callable] | None = None, *,
+                 soc: int | None = None, mx_requested: bool | None = None) -> Backend:
+    """The backend for `torch_npu` and the op library `lib`. `soc` defaults to `soc_version(torch_npu)`,
+    `mx_requested` to `mx_gemm_requested()`; the MX variant is used when it is requested, the op library is
+    loaded and the SoC is a 950."""
+    soc = soc_version(torch_npu) if soc is None else soc
+    want = mx_gemm_requested() if mx_requested is None else mx_requested
+    b = Backend(torch_npu, lib, dict(triton or {}), soc, bool(want and lib.loaded and soc >= SOC_ASCEND950))
     if not lib.loaded:
         fallback = "triton-ascend kernels" if b.triton else "reference ops"
         log.warning("ascend-v4 NPU op library unavailable: %s. sparse_attn / quant_gemm use %s, moe_experts uses "
                     "torch_npu routing + npu_grouped_matmul on BF16-decoded experts (slower). Run "
                     "`ascend-v4 doctor` for details.", lib.reason, fallback)
+    elif want and not b.mx_gemm:
+        log.warning("%s=1 asks for the Ascend 950 native MX grouped GEMM, but this SoC (id %d) is not a 950; "
+                    "the FP8/FP4 GEMMs use the vector-dequant kernel", MX_GEMM_ENV, soc)
+    elif b.mx_gemm:
+        log.warning("%s=1: FP8/FP4 GEMMs use the Ascend 950 native MX kernel, which has never been run "
+                    "(written only, docs/npu.md); unset the variable if results look wrong", MX_GEMM_ENV)
     return b
 
 
 @functools.lru_cache(maxsize=1)
 def backend() -> Backend:
     """Resolve the NPU backend once per process: torch_npu (already imported, the tensors are on the NPU),
-    the op library (loaded here, warning once if missing), triton-ascend launchers as the next fallback."""
+    the op library (loaded here, warning once if missing), triton-ascend launchers as the next fallback, the
+    SoC id and ASCEND_V4_NPU_MX_GEMM (the 950 native MX GEMM switch)."""
     tnpu = importlib.import_module("torch_npu")
     lib = load_op_library()
     return make_backend(tnpu, lib, {} if lib.loaded else _triton_ascend_launchers())
@@ -209,8 +263,10 @@ def _byte_views(ws: list[torch.Tensor], ss: list[torch.Tensor]) -> tuple[list, l
     return wv, sv
 
 
-def _lib_gemm(x, ws, ss, counts, out_dtype):
+def _lib_gemm(b: Backend, x, ws, ss, counts, out_dtype):
     fmt, bn, bk = _weight_fmt(ws[0])
+    if b.mx_gemm and x.shape[1] % _tiling.MX_K_ALIGN == 0:
+        fmt += _tiling.MOE_KEY_MX  # 11 / 12: the 950 native MX kernel (weight_fmt = tiling key)
     wv, sv = _byte_views(ws, ss)
     return torch.ops.ascend_v4.npu_moe_gemm(x.contiguous(), wv, sv, counts, fmt, bn, bk, out_dtype)
 
@@ -218,10 +274,12 @@ def _lib_gemm(x, ws, ss, counts, out_dtype):
 def quant_gemm(x, w, s, act_quant):
     b = current()
     if act_quant:
+        # also before the MX kernel: its 1x32 MXFP8 quantisation of a 1x128-round-tripped x is exact, so the
+        # MX path keeps the reference's act_quant numerics (ops/reference/mx.py)
         x = fp8_roundtrip(x, 128)
     if b.lib.loaded and x.dtype in (torch.bfloat16, torch.float16):
         counts = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
-        return _lib_gemm(x, [w], [s], counts, x.dtype)
+        return _lib_gemm(b, x, [w], [s], counts, x.dtype)
     if "quant_gemm" in b.triton:
         return b.triton["quant_gemm"](x, w, s, False)
     return F.linear(x, dense_weight(w, s, x.dtype))
@@ -266,7 +324,7 @@ def moe_experts(x, topk_ids, topk_weights, w1, s1, w2, s2, w3, s3, swiglu_limit,
     ri = row_idx.long()
     wsorted = torch.zeros(T * k, dtype=torch.float32, device=x.device).scatter_(0, ri, topk_weights.reshape(-1).float())
     if b.lib.loaded and x.dtype in (torch.bfloat16, torch.float16):
-        gemm = lambda h, ws, ss: _lib_gemm(h, ws, ss, counts, x.dtype)  # noqa: E731  (rows past the groups: 0)
+        gemm = lambda h, ws, ss: _lib_gemm(b, h, ws, ss, counts, x.dtype)  # noqa: E731  (rows past the groups: 0)
     else:
         gemm = lambda h, ws, ss: _grouped_gemm_bf16(b, h, ws, ss, counts, T * k)  # noqa: E731
     h = fp8_roundtrip(xs, 128) if act_quant else xs  # shared by w1 and w3, as in the reference
@@ -341,4 +399,5 @@ def kernel_table() -> dict[str, Callable]:
 
 
 __all__ = ["Backend", "backend", "make_backend", "current", "use_backend", "kernel_table", "dense_weight",
-           "fp8_roundtrip", "sparse_attn", "quant_gemm", "moe_experts"]
+           "fp8_roundtrip", "sparse_attn", "quant_gemm", "moe_experts", "mx_gemm_requested", "soc_version",
+           "SOC_ASCEND950", "MX_GEMM_ENV"]

@@ -4,7 +4,9 @@ No CANN, no torch: this module is the specification of the tiling. The op_host t
 `ops/ascendc/common/tiling_rules.h`, a line-by-line port of this file (same candidate lists, same loop order,
 same buffer formulas). They are kept in sync by `tests/unit/npu/test_tiling.py::test_cpp_rules_match_python`,
 which compiles that header with the host g++ (it includes nothing from CANN) and compares every field for the
-Flash/Pro shape grid. Change both files together.
+Flash/Pro shape grid. Change both files together. The 950 native MX path of moe_gemm (`moe_gemm_mx_tiling`)
+is ported in `ops/ascendc/moe_gemm/op_host/moe_gemm_mx_rules.h` (on top of tiling_rules.h), compared the same
+way.
 
 On-chip capacities per SoC (bytes per core; OpDef compute-unit names):
 
@@ -261,25 +263,23 @@ def sparse_attn_schedule(tl: SparseAttnTiling) -> Iterator[AttnWork]:
 # y[M, N] = x[M, K] . W_g[N, K]^T for the rows of each group g (rows sorted by group, counts in a device
 # tensor, so the host does not know them: the kernel builds its unit list on device). Weights are per group
 # (an aclTensorList), packed FP8 e4m3 [N, K] or FP4 e2m1 [N, K/2] with UE8M0 scales per (bn x bk) block:
-# FP8 (128, 128), FP4 (1, 32). On A2/A3 the vector cores dequantise the unit's [n_tile, K] weight slab,
-# k_tile columns at a time (FP4 via a 16-entry LUT, times 2^(s-127)), to bf16 in the per-core workspace
-# (ping-pong across units), then the cube multiplies bf16 x bf16 with fp32 accumulation. On 950 the cube takes MX operands natively: the activations are quantised
-# once (1x128 power-of-two scales as the QAT reference, replicated into 1x32 MX scales, which is exact) and
-# FP8 128x128 block scales are replicated into 1x32 MX scales (also exact).
+# FP8 (128, 128), FP4 (1, 32). Dequant path (A2/A3; also valid on 950): the vector cores dequantise the unit's
+# [n_tile, K] weight slab, k_tile columns at a time (FP4 via a 16-entry LUT, times 2^(s-127)), to bf16 in the
+# per-core workspace (ping-pong across units), then the cube multiplies bf16 x bf16 with fp32 accumulation.
+# Native MX path (950 only, `moe_gemm_mx_tiling` below).
 M_TILES = (16, 32, 64, 128)  # smallest tile that covers the expected rows per group
 N_TILES = (256, 128, 64, 32, 16)
 K_TILES = (512, 256, 128, 64, 32)
 K_STEPS = (4, 2, 1)  # k tiles staged in L1 per load
 WEIGHT_BITS = {"fp8": 8, "fp4": 4, "bf16": 16}
 SCALE_BLOCKS = {"fp8": (128, 128), "fp4": (1, 32), "bf16": (1, 1)}
-ACT_QUANT_COLS = 512  # 950 pre-pass: columns of x quantised per step
-ACT_QUANT_ROWS = 16
 
-# The 950 MX kernel path is planned (tiling below) but its activation pre-pass is not written yet
-# (ops/ascendc/moe_gemm/op_kernel/moe_gemm_kernel.h): until it is, 950 runs the vector-dequant path too.
+# Whether the 950 native MX kernel (op_kernel/moe_gemm_mx_kernel.h) is proven. It is written only (never
+# compiled or run), so False; ops/npu/kernels.py selects it only when ASCEND_V4_NPU_MX_GEMM=1 asks for it
+# (docs/npu.md). The host tiling never reads this: the kernel variant is requested per call by weight_fmt.
 MX_KERNEL_READY = False
 MOE_KEY_FMT = {"bf16": 0, "fp8": 1, "fp4": 2}
-MOE_KEY_MX = 10  # + on the 950 native MX path
+MOE_KEY_MX = 10  # + on the 950 native MX path; also the weight_fmt attribute value that requests it
 
 
 @dataclass(frozen=True)
@@ -305,26 +305,12 @@ class MoeGemmTiling:
         return _usage(self.buffers)
 
 
-def moe_gemm_buffers(m: int, n: int, k: int, step: int, fmt: str, native_mx: bool) -> tuple[Buffer, ...]:
+def moe_gemm_buffers(m: int, n: int, k: int, step: int, fmt: str) -> tuple[Buffer, ...]:
+    """On-chip buffers of the dequant path (bf16 operands to the cube). UB figures are per vector core."""
     bits = WEIGHT_BITS[fmt]
     bn, bk = SCALE_BLOCKS[fmt]
     a = lambda v: align(v, UB_ALIGN)  # noqa: E731
     kl1 = k * step
-    if native_mx and fmt != "bf16":  # MX operands straight into the cube: fp8 A, fp8/fp4 B, e8m0 scales
-        mx_sc = lambda rows: rows * ceil_div(kl1, 32)  # noqa: E731  (one e8m0 per 32 along k)
-        bufs = [
-            Buffer("a", "l1", DOUBLE * (m * kl1 + mx_sc(m))),  # e4m3 activations
-            Buffer("b", "l1", DOUBLE * (n * kl1 * bits // 8 + mx_sc(n))),
-            Buffer("a0", "l0a", DOUBLE * m * k),
-            Buffer("b0", "l0b", DOUBLE * k * n * bits // 8),
-            Buffer("c0", "l0c", DOUBLE * m * n * FP32),
-            # activation pre-pass on the vector cores (bf16 in, e4m3 + scales out, fp32 work)
-            Buffer("xq_in", "ub", DOUBLE * a(ACT_QUANT_ROWS * ACT_QUANT_COLS * BF16)),
-            Buffer("xq_out", "ub", DOUBLE * a(ACT_QUANT_ROWS * ACT_QUANT_COLS)),
-            Buffer("xq_work", "ub", a(ACT_QUANT_ROWS * ACT_QUANT_COLS * FP32)),
-            Buffer("xq_scale", "ub", DOUBLE * a(ACT_QUANT_ROWS * ACT_QUANT_COLS // 32)),
-        ]
-        return tuple(bufs)
     half = max(1, n // 2)  # weight rows dequantised per vector core
     bufs = [
         Buffer("a", "l1", DOUBLE * m * kl1 * BF16),
@@ -351,21 +337,30 @@ def _aligned_to_block(tile: int, block: int) -> bool:
     return tile % block == 0 or block % tile == 0
 
 
-def moe_gemm_tiling(caps: SocCaps, M: int, N: int, K: int, E: int, fmt: str, core_num: int,
-                    allow_mx: bool = MX_KERNEL_READY) -> MoeGemmTiling:
-    """Block sizes for the grouped GEMM of M routed rows over E groups, weights [N, K] in `fmt`.
-    `allow_mx`: plan the native MX path where the SoC has one (950)."""
+def _m_tile(M: int, E: int) -> int:
+    rows = ceil_div(M, min(E, M))  # expected rows per non-empty group
+    return next((c for c in M_TILES if c >= rows), M_TILES[-1])
+
+
+def _check_moe_args(M: int, N: int, K: int, E: int, fmt: str, core_num: int) -> None:
     if fmt not in WEIGHT_BITS:
         raise TilingError(f"moe_gemm: unknown weight format {fmt!r}")
     if min(M, N, K, E, core_num) <= 0:
         raise TilingError(f"moe_gemm: empty shape M={M} N={N} K={K} E={E} cores={core_num}")
     if N % CUBE or K % 32:
         raise TilingError(f"moe_gemm: N={N} must be a multiple of {CUBE} and K={K} of 32")
+
+
+def moe_gemm_tiling(caps: SocCaps, M: int, N: int, K: int, E: int, fmt: str, core_num: int,
+                    allow_mx: bool = MX_KERNEL_READY) -> MoeGemmTiling:
+    """Block sizes for the grouped GEMM of M routed rows over E groups, weights [N, K] in `fmt`.
+    `allow_mx`: take the native MX path (`moe_gemm_mx_tiling`) where it applies (`mx_applicable`)."""
+    _check_moe_args(M, N, K, E, fmt, core_num)
+    if allow_mx and mx_applicable(caps, fmt, K):
+        return moe_gemm_mx_tiling(caps, M, N, K, E, fmt, core_num)
     bits = WEIGHT_BITS[fmt]
     bn, bk = SCALE_BLOCKS[fmt]
-    mx = caps.native_mx and allow_mx and fmt != "bf16"
-    rows = ceil_div(M, min(E, M))  # expected rows per non-empty group
-    m = next((c for c in M_TILES if c >= rows), M_TILES[-1])
+    m = _m_tile(M, E)
     for n in N_TILES:
         if n > N or not _aligned_to_block(n, bn):
             continue
@@ -375,20 +370,134 @@ def moe_gemm_tiling(caps: SocCaps, M: int, N: int, K: int, E: int, fmt: str, cor
             for step in K_STEPS:
                 if k * step > align(K, k):
                     continue
-                bufs = moe_gemm_buffers(m, n, k, step, fmt, mx)
+                bufs = moe_gemm_buffers(m, n, k, step, fmt)
                 if _fits(caps, bufs):
                     n_ntile = ceil_div(N, n)
                     max_units = (ceil_div(M, m) + min(E, M)) * n_ntile  # sum_g ceil(c_g/m) <= M/m + groups
-                    if mx:
-                        ws = align(M, 16) * (K + ceil_div(K, 32))  # quantised x + MX scales
-                    elif fmt != "bf16":
+                    if fmt != "bf16":
                         ws = core_num * DOUBLE * n * K * BF16  # dequantised [n_tile, K] weight slabs, vector -> cube
                     else:
                         ws = 0
-                    key = MOE_KEY_FMT[fmt] + (MOE_KEY_MX if mx else 0)
-                    return MoeGemmTiling(M, N, K, E, fmt, core_num, mx, m, n, k, step, n_ntile, max_units, ws,
-                                         key, bufs)
+                    return MoeGemmTiling(M, N, K, E, fmt, core_num, False, m, n, k, step, n_ntile, max_units, ws,
+                                         MOE_KEY_FMT[fmt], bufs)
     raise TilingError(f"moe_gemm: nothing fits {caps.soc} for M={M} N={N} K={K} fmt={fmt}")
+
+
+# ------------------------------------------------------------------------------------------ native MX (950)
+# The contract (asc-devkit docs, "MxMatmul" scenario of the Matmul API, and the C API `asc_mmad_mx`):
+# C = (scaleA (x) A) . (scaleB (x) B), one fp8_e8m0 scale per 32 consecutive K elements of each operand, element
+# types fp8 x fp8 or fp4 x fp4 (no fp8 x fp4 pair), scales in GM as [rows, K/64, 2] = row-major [rows, K/32]
+# with K/32 even. So, per call:
+#   1. pre-pass (all vector cores): x [M, K] bf16 -> e4m3 [M, K] + e8m0 [M, K/32] in the workspace, 1x32
+#      blocks, scale = smallest power of two >= amax/448 (ops/reference/mx.py); SyncAll;
+#   2. per unit (group, m tile, n tile), the two vector cores of the block prepare their half of the n tile:
+#      FP4 -> e4m3 bytes (a 256-entry byte-pair table, lossless) into a per-core workspace slab, the 1x32
+#      scales are used as stored; FP8 -> bytes used in place, the 128x128 block scales expanded to 1x32
+#      rows in a per-core scale slab; then the cube runs the MX matmul with fp32 accumulation in L0C.
+# L1 / L0A / L0B hold e4m3 tiles plus their scale tiles (k/32 bytes per row); MX scale tiles must cover an
+# even number of 32-blocks, hence k tiles (and K) multiples of 64.
+MX_BLOCK = 32  # K elements per e8m0 scale
+MX_K_ALIGN = 2 * MX_BLOCK  # K and every k tile: an even number of MX blocks (scale K dim [.., K/64, 2])
+MX_K_TILES = (512, 256, 128, 64)
+MX_ACT_ROWS = 16  # pre-pass step: rows x columns of x quantised per step on one vector core
+MX_ACT_COLS = 512
+MX_WIDEN_BYTES = 4096  # FP4 prologue step: packed weight bytes widened per step on one vector core
+FP8 = 1
+GM_ALIGN = 512  # workspace regions start on 512-byte boundaries
+
+
+def mx_applicable(caps: SocCaps, fmt: str, K: int) -> bool:
+    """The native MX path exists for this SoC, weight format and K."""
+    return caps.native_mx and fmt in ("fp8", "fp4") and K % MX_K_ALIGN == 0
+
+
+def moe_gemm_mx_buffers(m: int, n: int, k: int, step: int, fmt: str, K: int) -> tuple[Buffer, ...]:
+    """On-chip buffers of the native MX path. UB figures are per vector core (pre-pass + weight prologue)."""
+    a = lambda v: align(v, UB_ALIGN)  # noqa: E731
+    kl1 = k * step
+    sc = lambda rows, cols: rows * ceil_div(cols, MX_BLOCK)  # noqa: E731  (e8m0 bytes of a [rows, cols] tile)
+    r, c = MX_ACT_ROWS, MX_ACT_COLS
+    bufs = [
+        Buffer("a", "l1", DOUBLE * m * kl1 * FP8),
+        Buffer("a_scale", "l1", DOUBLE * sc(m, kl1)),
+        Buffer("b", "l1", DOUBLE * n * kl1 * FP8),
+        Buffer("b_scale", "l1", DOUBLE * sc(n, kl1)),
+        Buffer("a0", "l0a", DOUBLE * (m * k * FP8 + sc(m, k))),  # MX scales sit in L0A / L0B next to the data
+        Buffer("b0", "l0b", DOUBLE * (k * n * FP8 + sc(n, k))),
+        Buffer("c0", "l0c", DOUBLE * m * n * FP32),
+        # pre-pass: bf16 in, fp32 values and |values|, per-block amax, per-block 2^-e broadcast to one 32-byte
+        # block (for the strided multiply), e4m3 out, e8m0 out with rows padded to 32 bytes (DataCopyPad)
+        Buffer("x_in", "ub", DOUBLE * a(r * c * BF16)),
+        Buffer("x_f32", "ub", a(r * c * FP32)),
+        Buffer("x_abs", "ub", a(r * c * FP32)),
+        Buffer("x_amax", "ub", a(r * c // MX_BLOCK * FP32)),
+        Buffer("x_inv", "ub", a(r * c // MX_BLOCK * UB_ALIGN)),
+        Buffer("x_out", "ub", DOUBLE * a(r * c * FP8)),
+        Buffer("x_scale", "ub", DOUBLE * r * a(c // MX_BLOCK)),
+    ]
+    if fmt == "fp4":  # bytes -> f16 -> int32 byte offsets -> Gather from a 256 x uint16 table (2 e4m3 out)
+        w = MX_WIDEN_BYTES
+        bufs += [
+            Buffer("w_in", "ub", DOUBLE * a(w)),
+            Buffer("w_f16", "ub", a(w * 2)),
+            Buffer("w_idx", "ub", a(w * INT32)),
+            Buffer("w_out", "ub", DOUBLE * a(w * 2)),
+            Buffer("w_table", "ub", a(256 * 2)),
+        ]
+    else:  # one 128-row block of FP8 scales in, one expanded 1x32 row out
+        bufs += [
+            Buffer("s_in", "ub", a(ceil_div(K, SCALE_BLOCKS["fp8"][1]))),
+            Buffer("s_out", "ub", DOUBLE * a(K // MX_BLOCK)),
+        ]
+    return tuple(bufs)
+
+
+@dataclass(frozen=True)
+class MxWorkspace:
+    """Byte offsets of the native MX path's GM workspace regions (passed to the kernel in the tiling data)."""
+
+    xq: int  # e4m3 activations [align(M, 16), K]
+    xs: int  # e8m0 activation scales [align(M, 16), K/32]
+    slab: int  # per core, ping-pong: FP4 -> e4m3 weight slab [n_tile, K]; FP8 -> e8m0 scale slab [n_tile, K/32]
+    slab_per_core: int
+    total: int
+
+
+def mx_workspace(M: int, K: int, n: int, core_num: int, fmt: str) -> MxWorkspace:
+    rows = align(M, CUBE)
+    xq_bytes = align(rows * K * FP8, GM_ALIGN)
+    xs_bytes = align(rows * (K // MX_BLOCK), GM_ALIGN)
+    slab_row = K * FP8 if fmt == "fp4" else K // MX_BLOCK
+    per_core = align(DOUBLE * n * slab_row, GM_ALIGN)
+    return MxWorkspace(0, xq_bytes, xq_bytes + xs_bytes, per_core, xq_bytes + xs_bytes + core_num * per_core)
+
+
+def moe_gemm_mx_tiling(caps: SocCaps, M: int, N: int, K: int, E: int, fmt: str, core_num: int) -> MoeGemmTiling:
+    """Block sizes of the 950 native MX path (tiling key MOE_KEY_FMT[fmt] + MOE_KEY_MX). Same unit list and
+    preference order as the dequant path: the widest n tile, then the deepest k tile, then the most k tiles
+    per L1 load."""
+    _check_moe_args(M, N, K, E, fmt, core_num)
+    if not mx_applicable(caps, fmt, K):
+        raise TilingError(f"moe_gemm: no native MX path on {caps.soc} for fmt={fmt} K={K} (needs ascend950, "
+                          f"FP8/FP4 weights and K % {MX_K_ALIGN} == 0)")
+    m = _m_tile(M, E)
+    for n in N_TILES:
+        if n > N:
+            continue
+        for k in MX_K_TILES:
+            if k > K:
+                continue
+            for step in K_STEPS:
+                if k * step > align(K, k):
+                    continue
+                bufs = moe_gemm_mx_buffers(m, n, k, step, fmt, K)
+                if _fits(caps, bufs):
+                    n_ntile = ceil_div(N, n)
+                    max_units = (ceil_div(M, m) + min(E, M)) * n_ntile
+                    ws = mx_workspace(M, K, n, core_num, fmt).total
+                    return MoeGemmTiling(M, N, K, E, fmt, core_num, True, m, n, k, step, n_ntile, max_units, ws,
+                                         MOE_KEY_FMT[fmt] + MOE_KEY_MX, bufs)
+    raise TilingError(f"moe_gemm: nothing fits {caps.soc} for the MX path, M={M} N={N} K={K} fmt={fmt}")
 
 
 @dataclass(frozen=True)
@@ -418,4 +527,5 @@ def moe_gemm_schedule(tl: MoeGemmTiling, counts: list[int]) -> Iterator[GemmWork
 
 __all__ = ["SocCaps", "SOCS", "MEMS", "TilingError", "Buffer", "SparseAttnTiling", "sparse_attn_tiling",
            "sparse_attn_buffers", "sparse_attn_schedule", "AttnWork", "MoeGemmTiling", "moe_gemm_tiling",
-           "moe_gemm_buffers", "moe_gemm_schedule", "GemmWork", "ceil_div", "align"]
+           "moe_gemm_buffers", "moe_gemm_mx_tiling", "moe_gemm_mx_buffers", "mx_applicable", "mx_workspace",
+           "MxWorkspace", "moe_gemm_schedule", "GemmWork", "ceil_div", "align"]

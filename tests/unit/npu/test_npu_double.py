@@ -13,7 +13,6 @@ logits close, greedy tokens equal.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 from pathlib import Path
@@ -33,16 +32,6 @@ DOUBLE = Path(__file__).with_name("double")
 NO_LIB = OpLibrary(False, Path("/nonexistent/vendors/ascend_v4"), Path("/nonexistent/lib.so"), "not built (test)")
 LIB = OpLibrary(True, Path("/model/vendors/ascend_v4"), Path("/model/lib.so"), "kernel model (test)")
 
-
-@pytest.fixture
-def tnpu(monkeypatch):
-    monkeypatch.syspath_prepend(str(DOUBLE))
-    sys.modules.pop("torch_npu", None)
-    mod = importlib.import_module("torch_npu")
-    assert mod.__file__.startswith(str(DOUBLE)), mod.__file__
-    mod.CALLS.clear()
-    yield mod
-    sys.modules.pop("torch_npu", None)
 
 
 @pytest.fixture

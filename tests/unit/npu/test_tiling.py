@@ -3,8 +3,10 @@
 * no on-chip buffer (UB, L1, L0A/B/C) is ever exceeded for V4-Flash / V4-Pro shapes, decode and prefill,
   several batch sizes, contexts, TP splits of the heads and core counts, on every target SoC;
 * the kernel schedule covers every output element exactly once (and every index slot / weight column once);
-* the C++ port (ops/ascendc/common/tiling_rules.h, used by the op_host tiling) gives identical results:
-  compiled with the host g++ and compared field by field.
+* the 950 native MX path of moe_gemm: capacity, coverage, scale tiles made of whole (and an even number of)
+  32-element MX blocks, disjoint workspace regions, for Flash / Pro expert shapes, decode and prefill;
+* the C++ port (ops/ascendc/common/tiling_rules.h and ops/ascendc/moe_gemm/op_host/moe_gemm_mx_rules.h, used by
+  the op_host tiling) gives identical results: compiled with the host g++ and compared field by field.
 """
 
 from __future__ import annotations
@@ -133,19 +135,45 @@ def _moe_cases():
 MOE_CASES = list(_moe_cases())
 
 
+def _assert_fits(caps: tl.SocCaps, t) -> None:
+    u = t.usage()
+    assert u["ub"] <= caps.ub - tl.UB_RESERVED and u["l1"] <= caps.l1, (caps.soc, t)
+    assert u["l0a"] <= caps.l0a and u["l0b"] <= caps.l0b and u["l0c"] <= caps.l0c, (caps.soc, t)
+
+
+def _assert_mx_layout(t: tl.MoeGemmTiling) -> None:
+    """MX scale tiles are whole 32-element blocks, an even number of them (scale K dim [.., K/64, 2]), and
+    the buffers the solver checked hold exactly rows x k/32 e8m0 bytes next to rows x k e4m3 bytes."""
+    assert t.K % 64 == 0 and t.k_tile % 64 == 0 and (t.k_tile * t.k_step) % 64 == 0, t
+    assert t.tiling_key == tl.MOE_KEY_FMT[t.fmt] + tl.MOE_KEY_MX
+    b = {x.name: x.nbytes for x in t.buffers}
+    kl1 = t.k_tile * t.k_step
+    assert b["a"] == 2 * t.m_tile * kl1 and b["a_scale"] == 2 * t.m_tile * (kl1 // 32)
+    assert b["b"] == 2 * t.n_tile * kl1 and b["b_scale"] == 2 * t.n_tile * (kl1 // 32)
+    assert b["a0"] == 2 * (t.m_tile * t.k_tile + t.m_tile * t.k_tile // 32)
+    assert b["b0"] == 2 * (t.n_tile * t.k_tile + t.n_tile * t.k_tile // 32)
+    ws = tl.mx_workspace(t.M, t.K, t.n_tile, t.core_num, t.fmt)
+    rows = tl.align(t.M, 16)
+    slab_row = t.K if t.fmt == "fp4" else t.K // 32  # FP4: widened e4m3 weights; FP8: expanded scales
+    assert ws.xq == 0 and ws.xs >= rows * t.K and ws.slab >= ws.xs + rows * t.K // 32, ws
+    assert ws.slab_per_core >= 2 * t.n_tile * slab_row and ws.total == ws.slab + t.core_num * ws.slab_per_core
+    assert all(v % 512 == 0 for v in (ws.xs, ws.slab, ws.slab_per_core)) and t.workspace_bytes == ws.total
+
+
 @pytest.mark.parametrize("caps", SOCS, ids=lambda c: c.soc)
 @pytest.mark.parametrize("allow_mx", [False, True])
 def test_moe_gemm_capacity_never_exceeded(caps, allow_mx):
     for (M, N, K, E, fmt), cores in itertools.product(MOE_CASES, CORES):
         t = tl.moe_gemm_tiling(caps, M, N, K, E, fmt, cores, allow_mx=allow_mx)
-        u = t.usage()
-        assert u["ub"] <= caps.ub - tl.UB_RESERVED and u["l1"] <= caps.l1, (M, N, K, fmt, t)
-        assert u["l0a"] <= caps.l0a and u["l0b"] <= caps.l0b and u["l0c"] <= caps.l0c, (M, N, K, fmt, t)
+        _assert_fits(caps, t)
+        assert t.native_mx == (caps.native_mx and allow_mx and fmt != "bf16")  # every V4 K is a multiple of 64
+        if t.native_mx:
+            _assert_mx_layout(t)
+            continue
         bn, bk = tl.SCALE_BLOCKS[fmt]
         assert t.k_tile % bk == 0 or bk % t.k_tile == 0, "a k tile never straddles a scale block"
         assert t.n_tile % bn == 0 or bn % t.n_tile == 0
         assert (t.k_tile * tl.WEIGHT_BITS[fmt] // 8) % 32 == 0, "packed weight rows are 32-byte aligned"
-        assert t.native_mx == (caps.native_mx and allow_mx and fmt != "bf16")
 
 
 @pytest.mark.parametrize("M,N,K,E,fmt", [(6, 2048, 4096, 256, "fp4"), (6 * 512, 4096, 2048, 256, "fp4"),
@@ -182,6 +210,75 @@ def test_decode_gemm_uses_small_m_tile_and_prefill_large():
     assert tl.moe_gemm_tiling(caps, 6 * 8192, 2048, 4096, 256, "fp4", 24).m_tile == 128
 
 
+# ------------------------------------------------------------------------------------------------ moe_gemm, 950 MX
+def _mx_cases():
+    # routed experts of Flash / Pro (model-spec §8.4: w1/w3 D -> I, w2 I -> D), FP4 as stored and FP8 as recast
+    # by --expert-dtype fp8 (§8.6); rows M = tokens * 6 / EP; decode batches and prefill chunks
+    for (D, I, E) in ((4096, 2048, 256), (7168, 3072, 384)):
+        for ep in (1, 8, 16, 32):
+            for tokens in (1, 4, 32, 128, 2048, 8192, 16384):
+                M = max(1, tokens * 6 // ep)
+                for fmt in ("fp4", "fp8"):
+                    yield M, I, D, E // ep, fmt
+                    yield M, D, I, E // ep, fmt
+
+
+MX_CASES = list(_mx_cases())
+CAPS950 = tl.SOCS["ascend950"]
+
+
+def test_mx_tiling_capacity_and_scale_alignment():
+    n = 0
+    for (M, N, K, E, fmt), cores in itertools.product(MX_CASES, (20, 24, 32, 40)):
+        t = tl.moe_gemm_mx_tiling(CAPS950, M, N, K, E, fmt, cores)
+        assert t.native_mx and t == tl.moe_gemm_tiling(CAPS950, M, N, K, E, fmt, cores, allow_mx=True)
+        _assert_fits(CAPS950, t)
+        _assert_mx_layout(t)
+        assert t.n_tile <= N
+        n += 1
+    assert n > 800
+    # decode picks the smallest m tile, prefill the largest; both fit the 950 L0C (256 KiB) with double buffering
+    assert tl.moe_gemm_mx_tiling(CAPS950, 6, 2048, 4096, 256, "fp4", 32).m_tile == 16
+    assert tl.moe_gemm_mx_tiling(CAPS950, 6 * 8192, 2048, 4096, 256, "fp4", 32).m_tile == 128
+
+
+@pytest.mark.parametrize("M,N,K,E,fmt", [(6, 2048, 4096, 256, "fp4"), (6 * 512, 4096, 2048, 256, "fp4"),
+                                         (12, 7168, 3072, 24, "fp4"), (1, 1024, 4096, 1, "fp8"),
+                                         (300, 4096, 2048, 16, "fp8"), (37, 128, 128, 8, "fp4"),
+                                         (6 * 2048 // 16, 3072, 7168, 24, "fp8")])
+def test_mx_tiling_covers_every_output_once(M, N, K, E, fmt):
+    g = torch.Generator().manual_seed(M + N + 1)
+    for cores in (20, 32):
+        t = tl.moe_gemm_mx_tiling(CAPS950, M, N, K, E, fmt, cores)
+        for ids in (torch.randint(0, E, (M,), generator=g), torch.arange(M) % E, torch.full((M,), E - 1)):
+            counts = torch.bincount(ids, minlength=E).tolist()
+            hits = torch.zeros(M, N, dtype=torch.int32)
+            starts = [0] + list(itertools.accumulate(counts))
+            units = list(tl.moe_gemm_schedule(t, counts))
+            for w in units:
+                assert starts[w.group] <= w.row0 < w.row1 <= starts[w.group + 1]
+                assert w.row1 - w.row0 <= t.m_tile and w.col1 - w.col0 <= t.n_tile and 0 <= w.core < cores
+                hits[w.row0:w.row1, w.col0:w.col1] += 1
+            assert bool((hits == 1).all()), "every y[m, n] is computed exactly once"
+            assert len(units) <= t.max_units
+        # each unit walks K in k tiles of whole MX blocks: the k tiles tile K exactly
+        edges = list(range(0, K, t.k_tile)) + [K]
+        assert all((b - a) % 64 == 0 for a, b in itertools.pairwise(edges))
+
+
+def test_mx_path_only_where_it_applies():
+    caps = tl.SOCS["ascend910b"]
+    assert not tl.moe_gemm_tiling(caps, 6, 2048, 4096, 256, "fp4", 24, allow_mx=True).native_mx  # no MX cube
+    assert not tl.moe_gemm_tiling(CAPS950, 6, 2048, 4096, 256, "fp4", 24, allow_mx=False).native_mx
+    assert not tl.moe_gemm_tiling(CAPS950, 6, 2048, 96, 8, "fp4", 24, allow_mx=True).native_mx  # K % 64
+    assert not tl.moe_gemm_tiling(CAPS950, 7, 4096, 4096, 1, "bf16", 24, allow_mx=True).native_mx
+    for args in ((caps, 6, 2048, 4096, 256, "fp4"), (CAPS950, 6, 2048, 96, 8, "fp4"), (CAPS950, 6, 64, 64, 1, "bf16")):
+        with pytest.raises(tl.TilingError, match="no native MX path"):
+            tl.moe_gemm_mx_tiling(*args, 24)
+    with pytest.raises(tl.TilingError, match="N=100"):
+        tl.moe_gemm_mx_tiling(CAPS950, 4, 100, 4096, 1, "fp8", 24)
+
+
 def test_impossible_shapes_raise():
     caps = tl.SOCS["ascend910b"]
     with pytest.raises(tl.TilingError):
@@ -204,7 +301,8 @@ def rules_binary(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiling") / "tiling_rules_check"
     src = Path(__file__).with_name("tiling_rules_check.cpp")
     r = subprocess.run([gxx, "-std=c++17", "-O1", "-Wall", "-Werror", f"-I{ROOT / 'ops/ascendc/common'}",
-                        str(src), "-o", str(out)], capture_output=True, text=True, timeout=120)
+                        f"-I{ROOT / 'ops/ascendc/moe_gemm/op_host'}", str(src), "-o", str(out)],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     return out
 
@@ -220,12 +318,15 @@ def test_cpp_rules_match_python(rules_binary):
                 expect.append(["S", 1, t.h_tile, t.kv_block, t.d_qk, t.d_pv, t.n_hblk, t.n_kvblk, t.kv_splits,
                                t.blocks_per_split, t.units, t.used_cores, t.workspace_bytes, t.tiling_key,
                                *(u[m] for m in tl.MEMS)])
-        for (M, N, K, E, fmt), cores, mx in itertools.product(MOE_CASES, (20, 24), (False, True)):
+        moe = itertools.product(MOE_CASES + MX_CASES[::7] + [(6, 2048, 96, 8, "fp4")], (20, 24), (False, True))
+        for (M, N, K, E, fmt), cores, mx in moe:
             lines.append(f"M {caps.soc} {M} {N} {K} {E} {FMT_ID[fmt]} {cores} {int(mx)}")
             t = tl.moe_gemm_tiling(caps, M, N, K, E, fmt, cores, allow_mx=mx)
             u = t.usage()
+            ws = tl.mx_workspace(M, K, t.n_tile, cores, fmt) if t.native_mx else tl.MxWorkspace(0, 0, 0, 0, 0)
             expect.append(["M", 1, int(t.native_mx), t.m_tile, t.n_tile, t.k_tile, t.k_step, t.n_ntile, t.max_units,
-                           t.workspace_bytes, t.tiling_key, *(u[m] for m in tl.MEMS)])
+                           t.workspace_bytes, t.tiling_key, *(u[m] for m in tl.MEMS), ws.xq, ws.xs, ws.slab,
+                           ws.slab_per_core])
     lines.append("S ascend910b 1 64 520 640 24 0")  # invalid: both sides must refuse
     r = subprocess.run([str(rules_binary)], input="\n".join(lines) + "\n", capture_output=True, text=True,
                        timeout=60)

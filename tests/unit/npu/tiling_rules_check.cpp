@@ -1,11 +1,13 @@
-// Driver for test_tiling.py::test_cpp_rules_match_python: runs ops/ascendc/common/tiling_rules.h on the
-// cases read from stdin and prints one line of fields per case (compiled with the host g++, no CANN).
+// Driver for test_tiling.py::test_cpp_rules_match_python: runs ops/ascendc/common/tiling_rules.h and
+// ops/ascendc/moe_gemm/op_host/moe_gemm_mx_rules.h on the cases read from stdin and prints one line of fields per
+// case (compiled with the host g++, no CANN).
 //   in : "S <soc> <T> <H> <D> <K> <cores> <kv_fp8 0|1>"  or  "M <soc> <M> <N> <K> <E> <fmt 0|1|2> <cores> <allow_mx 0|1>"
 //   out: "S ok hTile kvBlock dQk dPv nHBlk nKvBlk kvSplits blocksPerSplit units usedCores ws key ub l1 l0a l0b l0c"
-//        "M ok mx mTile nTile kTile kStep nNTile maxUnits ws key ub l1 l0a l0b l0c"
+//        "M ok mx mTile nTile kTile kStep nNTile maxUnits ws key ub l1 l0a l0b l0c wsXq wsXs wsSlab wsSlabPerCore"
 #include <iostream>
 #include <string>
 
+#include "moe_gemm_mx_rules.h"
 #include "tiling_rules.h"
 
 using namespace ascend_v4::tiling;
@@ -34,11 +36,15 @@ int main()
         } else {
             int64_t M, N, K, E, fmt, cores, mx;
             std::cin >> M >> N >> K >> E >> fmt >> cores >> mx;
-            MoeGemmTiling t = ComputeMoeGemmTiling(Caps(soc), M, N, K, E, static_cast<WeightFmt>(fmt), cores, mx != 0);
+            // the op_host path: MX where it applies and is allowed (moe_gemm_mx_rules.h), else the dequant path
+            MoeGemmMxTiling r =
+                ComputeMoeGemmTilingFor(Caps(soc), M, N, K, E, static_cast<WeightFmt>(fmt), cores, mx != 0);
+            const MoeGemmTiling &t = r.t;
             std::cout << "M " << t.ok << ' ' << t.nativeMx << ' ' << t.mTile << ' ' << t.nTile << ' ' << t.kTile << ' '
                       << t.kStep << ' ' << t.nNTile << ' ' << t.maxUnits << ' ' << t.workspaceBytes << ' '
                       << t.tilingKey;
             PrintUsage(t.usage);
+            std::cout << ' ' << r.ws.xq << ' ' << r.ws.xs << ' ' << r.ws.slab << ' ' << r.ws.slabPerCore;
         }
         std::cout << '\n';
     }

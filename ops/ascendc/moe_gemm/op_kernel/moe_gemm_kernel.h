@@ -10,11 +10,8 @@
 // (Gather) -- times 2^(scale-127) per (scaleBlockN x scaleBlockK) block, -> bf16 into the core's workspace
 // (ping-pong across units); then the cube computes the [rows, nTile] tile with the Matmul API (bf16 x bf16,
 // fp32 accumulate, base tiles mTile/nTile/kTile from the host tiling).
-// 950 MX path: a pre-pass quantises x once (1x128 power-of-two scales as the reference's act quant, stored as
-// e4m3 + e8m0 replicated per 32 columns, exact), SyncAll, then the cube multiplies MX operands directly
-// (FP8 weight scales 128x128 replicated to 1x32 MX scales on load, also exact).
-// Evidence: written only. The MX matmul type names below follow the 950 Matmul API as we understand it and are
-// unverified.
+// The 950 native MX path (tiling keys 11 / 12) is a separate class: moe_gemm_mx_kernel.h.
+// Evidence: written only.
 #ifndef ASCEND_V4_MOE_GEMM_KERNEL_H
 #define ASCEND_V4_MOE_GEMM_KERNEL_H
 
@@ -31,7 +28,7 @@ constexpr int32_t FMT_FP4 = 2;
 constexpr int32_t DEQUANT_FLAG = 5;  // cross-core flag: both AIVs finished their half of the weight slab
 constexpr uint32_t MAX_GROUPS = 1024;
 
-template <typename T, int32_t FMT, bool MX>
+template <typename T, int32_t FMT>
 class MoeGemmKernel {
 public:
     using AType = matmul::MatmulType<TPosition::GM, CubeFormat::ND, T>;
@@ -51,7 +48,7 @@ public:
         core_ = GetBlockIdx() / GetTaskRation();
         slabWs_.SetGlobalBuffer((__gm__ T *)(ws + core_ * td->wsPerCore), 2 * td->nTile * td->K);
         const uint32_t half = td->nTile / 2;
-        if constexpr (FMT != FMT_BF16 && !MX) {
+        if constexpr (FMT != FMT_BF16) {
             const uint32_t bytes = FMT == FMT_FP4 ? half * td->kTile / 2 : half * td->kTile;
             pipe_.InitBuffer(wIn_, 2, bytes);
             pipe_.InitBuffer(wScale_, 2, 32 * ((half / td->scaleBlockN + 1) * (td->kTile / td->scaleBlockK + 1) / 32 + 1));
@@ -73,10 +70,6 @@ public:
     {
         if ASCEND_IS_AIC {
             return;  // driven by the Matmul object
-        }
-        if constexpr (MX) {
-            QuantizeActivations();  // 950: x -> e4m3 + MX scales once, then every unit reads it
-            SyncAll();
         }
         // Walk the unit list built from the group counts (same order on every core).
         uint32_t u = 0;
@@ -103,12 +96,12 @@ private:
         const uint32_t n0 = ni * td_->nTile;
         const uint32_t n = td_->N - n0 < td_->nTile ? td_->N - n0 : td_->nTile;
         GlobalTensor<T> slab = slabWs_[static_cast<uint64_t>(buf) * td_->nTile * td_->K];
-        if constexpr (FMT == FMT_BF16 || MX) {
+        if constexpr (FMT == FMT_BF16) {
             slab.SetGlobalBuffer(WeightPtr<T>(g) + static_cast<uint64_t>(n0) * td_->K);  // used as is
         } else {
             DequantSlab(g, n0, n, slab);
         }
-        mm.SetOrgShape(rows, n, td_->K);
+        mm.SetOrgShape(td_->M, td_->N, td_->K);  // row strides: x K, slab K, y N (orgN, not the tile width)
         mm.SetSingleShape(rows, n, td_->K);
         mm.SetTensorA(xGm_[row0 * td_->K]);
         mm.SetTensorB(slab, true);
@@ -182,16 +175,10 @@ private:
         CrossCoreWaitFlag(DEQUANT_FLAG);
     }
 
-    // 950 only: x -> e4m3 with 1x128 power-of-two scales (the reference's activation quantisation), scales
-    // written as e8m0 once per 32 columns (MX layout). Rows are split across all vector cores.
-    __aicore__ inline void QuantizeActivations()
-    {
-        // Layout in the workspace: [M, K] e4m3 bytes, then [M, K/32] e8m0. Written only; see the file header.
-    }
-
     const MoeGemmTilingData *td_;
     uint32_t core_;
-    GM_ADDR weightList_, scaleList_;
+    GM_ADDR weightList_;  // GM_ADDR is a macro (__gm__ uint8_t *): one declaration per pointer
+    GM_ADDR scaleList_;
     TPipe pipe_;
     TQue<QuePosition::VECIN, 2> wIn_, wScale_;
     TQue<QuePosition::VECOUT, 2> wOut_;

@@ -1,6 +1,8 @@
-// OpDef of SparseAttn (A2/A3: BF16/FP16 KV) and SparseAttnKvQuant (950: e4m3 KV + one UE8M0 per 64 dims).
-// Generated API: aclnnSparseAttn(q, kv, idx, sink, scale, out) / aclnnSparseAttnKvQuant(q, kv, kv_scale, idx,
-// sink, scale, out). Semantics = ops/reference/attention.py::sparse_attn (model-spec.md §4.6).
+// OpDef of SparseAttn (A2/A3: BF16/FP16 KV) and SparseAttnKvQuant (950: FP8 cache entries).
+// Generated API: aclnnSparseAttn(q, kv, idx, sink, scale, out) / aclnnSparseAttnKvQuant(q, kv, idx, sink, scale,
+// rope_dim, out). Semantics = ops/reference/attention.py::sparse_attn (model-spec.md §4.6); the KvQuant kv is
+// uint8 [N, entry] packed entries = ops/reference/kv_fp8.py (§10.2): [nope e4m3 | rope bf16 LE | UE8M0 per 64
+// nope dims, 0-padded to 8 B], 584 B for D = 512, rope_dim = 64.
 // Evidence: written only (no CANN here). See docs/npu.md.
 #include "register/op_def_registry.h"
 #include "sparse_attn_tiling.h"
@@ -50,14 +52,13 @@ public:
     explicit SparseAttnKvQuant(const char *name) : OpDef(name)
     {
         this->Input("q").ParamType(REQUIRED).DataType({ge::DT_BF16}).Format({ge::FORMAT_ND}).AutoContiguous();
-        this->Input("kv").ParamType(REQUIRED).DataType({ge::DT_FLOAT8_E4M3FN}).Format({ge::FORMAT_ND})
-            .AutoContiguous();
-        this->Input("kv_scale").ParamType(REQUIRED).DataType({ge::DT_UINT8}).Format({ge::FORMAT_ND})
-            .AutoContiguous();
+        // raw entry bytes: the e4m3, bf16 and UE8M0 parts share one row, so the tensor is uint8
+        this->Input("kv").ParamType(REQUIRED).DataType({ge::DT_UINT8}).Format({ge::FORMAT_ND}).AutoContiguous();
         this->Input("idx").ParamType(REQUIRED).DataType({ge::DT_INT32}).Format({ge::FORMAT_ND}).AutoContiguous();
         this->Input("sink").ParamType(REQUIRED).DataType({ge::DT_FLOAT}).Format({ge::FORMAT_ND});
         this->Output("out").ParamType(REQUIRED).DataType({ge::DT_BF16}).Format({ge::FORMAT_ND});
         this->Attr("scale").AttrType(REQUIRED).Float(1.0f);
+        this->Attr("rope_dim").AttrType(REQUIRED).Int(64);  // trailing bf16 dims of each entry
 
         this->SetInferShape(ge::InferShapeSparseAttn).SetInferDataType(ge::InferDataTypeSparseAttn);
         this->AICore().SetTiling(optiling::TilingSparseAttnKvQuant);

@@ -14,7 +14,19 @@ namespace tr = ascend_v4::tiling;
 
 constexpr size_t Q_INDEX = 0;
 constexpr size_t KV_INDEX = 1;
+constexpr size_t IDX_INDEX = 2;
 constexpr size_t ATTR_SCALE_INDEX = 0;
+constexpr size_t ATTR_ROPE_DIM_INDEX = 1;  // SparseAttnKvQuant only
+constexpr int64_t KV_SCALE_BLOCK = 64;     // nope dims per UE8M0 byte of an FP8 entry
+constexpr int64_t KV_ENTRY_ALIGN = 8;      // entries are zero-padded to a multiple of 8 bytes
+constexpr int64_t KV_ROPE_ALIGN = 16;      // kernel: rope bytes (2 per dim) a whole number of 32-byte UB blocks
+
+// Bytes of one FP8 cache entry (ops/reference/kv_fp8.py kv_fp8_layout): nope e4m3 + rope bf16 + scales, padded.
+static int64_t KvFp8EntryBytes(int64_t headDim, int64_t ropeDim)
+{
+    const int64_t scales = (headDim - ropeDim) / KV_SCALE_BLOCK;
+    return headDim - ropeDim + 2 * ropeDim + (scales + KV_ENTRY_ALIGN - 1) / KV_ENTRY_ALIGN * KV_ENTRY_ALIGN;
+}
 
 static tr::SocCaps ReadCaps(const platform_ascendc::PlatformAscendC &plat, bool nativeMx)
 {
@@ -33,7 +45,7 @@ static ge::graphStatus DoTiling(gert::TilingContext *context, bool kvFp8)
 {
     const gert::StorageShape *qShape = context->GetInputShape(Q_INDEX);
     const gert::StorageShape *kvShape = context->GetInputShape(KV_INDEX);
-    const gert::StorageShape *idxShape = context->GetInputShape(kvFp8 ? 3 : 2);
+    const gert::StorageShape *idxShape = context->GetInputShape(IDX_INDEX);
     const float *scale = context->GetAttrs()->GetAttrPointer<float>(ATTR_SCALE_INDEX);
     if (qShape == nullptr || kvShape == nullptr || idxShape == nullptr || scale == nullptr) {
         return ge::GRAPH_FAILED;
@@ -41,8 +53,27 @@ static ge::graphStatus DoTiling(gert::TilingContext *context, bool kvFp8)
     const gert::Shape &q = qShape->GetStorageShape();
     const gert::Shape &kv = kvShape->GetStorageShape();
     const gert::Shape &idx = idxShape->GetStorageShape();
-    if (q.GetDimNum() != 3 || kv.GetDimNum() != 2 || idx.GetDimNum() != 2 || kv.GetDim(1) != q.GetDim(2) ||
-        idx.GetDim(0) != q.GetDim(0)) {
+    if (q.GetDimNum() != 3 || kv.GetDimNum() != 2 || idx.GetDimNum() != 2 || idx.GetDim(0) != q.GetDim(0)) {
+        return ge::GRAPH_FAILED;
+    }
+    // BF16 KV: a row is D values. FP8 KV: a row is one packed entry whose width follows from D and rope_dim.
+    int64_t ropeDim = 0;
+    int64_t entryBytes = 0;
+    if (kvFp8) {
+        const int64_t *rope = context->GetAttrs()->GetAttrPointer<int64_t>(ATTR_ROPE_DIM_INDEX);
+        if (rope == nullptr) {
+            return ge::GRAPH_FAILED;
+        }
+        ropeDim = *rope;
+        const int64_t nope = q.GetDim(2) - ropeDim;
+        if (ropeDim < 0 || ropeDim % KV_ROPE_ALIGN != 0 || nope <= 0 || nope % KV_SCALE_BLOCK != 0) {
+            return ge::GRAPH_FAILED;
+        }
+        entryBytes = KvFp8EntryBytes(q.GetDim(2), ropeDim);
+        if (kv.GetDim(1) != entryBytes) {
+            return ge::GRAPH_FAILED;
+        }
+    } else if (kv.GetDim(1) != q.GetDim(2)) {
         return ge::GRAPH_FAILED;
     }
 
@@ -72,6 +103,8 @@ static ge::graphStatus DoTiling(gert::TilingContext *context, bool kvFp8)
     data.set_blocksPerSplit(t.blocksPerSplit);
     data.set_units(t.units);
     data.set_usedCores(t.usedCores);
+    data.set_ropeDim(static_cast<uint32_t>(ropeDim));
+    data.set_entryBytes(static_cast<uint32_t>(entryBytes));
     const uint64_t perCore = tr::DOUBLE * (t.hTile * t.kvBlock * tr::FP32 + t.hTile * t.kvBlock * tr::BF16 +
                                            t.hTile * t.dPv * tr::FP32) +
                              (kvFp8 ? tr::DOUBLE * t.kvBlock * q.GetDim(2) * tr::BF16 : 0);

@@ -28,6 +28,8 @@ TILING_DATA_FIELD_DEF(uint32_t, units)         // T * nHBlk * kvSplits
 TILING_DATA_FIELD_DEF(uint32_t, usedCores)
 TILING_DATA_FIELD_DEF(uint64_t, wsPerCore)     // S / P / O-block exchange area per core (bytes)
 TILING_DATA_FIELD_DEF(uint64_t, wsPartialOffset)  // start of the split partials (bytes)
+TILING_DATA_FIELD_DEF(uint32_t, ropeDim)       // KvQuant: trailing bf16 dims of an entry (0 for SparseAttn)
+TILING_DATA_FIELD_DEF(uint32_t, entryBytes)    // KvQuant: bytes per cache entry, 584 for D 512 (0 for SparseAttn)
 TILING_DATA_FIELD_DEF_STRUCT(TCubeTiling, mm1Tiling)  // S = Q K^T, per AIV: [hTile/2, kvBlock, D]
 TILING_DATA_FIELD_DEF_STRUCT(TCubeTiling, mm2Tiling)  // O = P V,   per AIV: [hTile/2, D, kvBlock]
 END_TILING_DATA_DEF;

@@ -7,8 +7,9 @@
 // driving the cube core (AIC) through the high-level Matmul API (MIX mode):
 //   for each block of kvBlock index slots:
 //     1. gather: each AIV copies half of the block's kv rows (idx -1 -> zero row, masked later) into the
-//        core's GM workspace as a dense [kvBlock, D] bf16 tile; FP8-KV variant: dequantise e4m3 x 2^(s-127)
-//        to bf16 on the way (DQ_ROWS rows per step); AIVs sync with a cross-core flag
+//        core's GM workspace as a dense [kvBlock, D] bf16 tile; FP8-KV variant: each gathered row is a packed
+//        cache entry (ops/reference/kv_fp8.py) decoded on the way: e4m3 x 2^(s-127) per 64 nope dims, the
+//        bf16 rope dims copied; AIVs sync with a cross-core flag
 //     2. mm1  S[h/2, kb] = q[t, rows] . Kblk^T            (fp32 out, workspace)
 //     3. online softmax on the AIV: m' = max(m, max S*scale), p = exp(S*scale - m'), l = l e^(m-m') + sum p,
 //        P -> bf16 (workspace)
@@ -42,8 +43,8 @@ public:
     matmul::Matmul<AType, BTrans, CType> mm1;  // S = Q K^T
     matmul::Matmul<AType, BType, CType> mm2;   // O = P V
 
-    __aicore__ inline void Init(GM_ADDR q, GM_ADDR kv, GM_ADDR kvScale, GM_ADDR idx, GM_ADDR sink, GM_ADDR out,
-                                GM_ADDR ws, const SparseAttnTilingData *td)
+    __aicore__ inline void Init(GM_ADDR q, GM_ADDR kv, GM_ADDR idx, GM_ADDR sink, GM_ADDR out, GM_ADDR ws,
+                                const SparseAttnTilingData *td)
     {
         td_ = td;
         T_ = td->T; H_ = td->H; D_ = td->D; K_ = td->K;
@@ -54,8 +55,10 @@ public:
         sinkGm_.SetGlobalBuffer((__gm__ float *)sink, H_);
         outGm_.SetGlobalBuffer((__gm__ T *)out, static_cast<uint64_t>(T_) * H_ * D_);
         if constexpr (KV_FP8) {
-            kv8Gm_.SetGlobalBuffer((__gm__ uint8_t *)kv, static_cast<uint64_t>(td->N) * D_);
-            kvScaleGm_.SetGlobalBuffer((__gm__ uint8_t *)kvScale, static_cast<uint64_t>(td->N) * (D_ / FP8_SCALE_BLOCK));
+            entryBytes_ = td->entryBytes;
+            nope_ = D_ - td->ropeDim;
+            scaleOff_ = nope_ + 2 * td->ropeDim;
+            kv8Gm_.SetGlobalBuffer((__gm__ uint8_t *)kv, static_cast<uint64_t>(td->N) * entryBytes_);
         } else {
             kvGm_.SetGlobalBuffer((__gm__ T *)kv, static_cast<uint64_t>(td->N) * D_);
         }
@@ -77,8 +80,10 @@ public:
         pipe_.InitBuffer(oAcc_, rows_ * D_ * sizeof(float));
         pipe_.InitBuffer(stats_, 4 * AlignUp(rows_ * sizeof(float), 32));
         if constexpr (KV_FP8) {
+            // Sized as the host tiling accounts them (tiling_rules.h: DQ_ROWS rows of D bytes in, of D bf16
+            // out); one entry (AlignUp(entryBytes, 32) <= DQ_ROWS * D) is decoded at a time. The scale bytes
+            // live inside the entry, so the rules' separate dq_scale buffer is not allocated (over-counted).
             pipe_.InitBuffer(dqIn_, 2, DQ_ROWS * D_);
-            pipe_.InitBuffer(dqScale_, 2, AlignUp(DQ_ROWS * (D_ / FP8_SCALE_BLOCK), 32));
             pipe_.InitBuffer(dqOut_, 2, DQ_ROWS * D_ * sizeof(T));
         }
         REGIST_MATMUL_OBJ(&pipe_, GetSysWorkSpacePtr(), mm1, &td->mm1Tiling, mm2, &td->mm2Tiling);
@@ -174,7 +179,11 @@ private:
         pQ_.FreeTensor(tmp);
     }
 
-    // FP8-KV variant: e4m3 bytes x 2^(scale - 127) per 64 dims -> bf16 (950 has an e4m3 Cast)
+    // FP8-KV variant: decode one cache entry to a bf16 row (950 has an e4m3 Cast). Entry bytes
+    // (ops/reference/kv_fp8.py, model-spec.md §10.2): [0, nope) e4m3 | [nope, nope + 2 rope) bf16 little-endian
+    // (the NPU's own byte order) | [nope + 2 rope, +nope/64) UE8M0 exponents | zero padding to a multiple of 8.
+    // With nope % 64 == 0 and rope % 16 == 0 (the tiling rejects other shapes) every part starts 32-byte aligned
+    // in UB (448 and 576 for D = 512).
     __aicore__ inline void DequantRow(int32_t row, GlobalTensor<T> dst)
     {
         if constexpr (KV_FP8) {
@@ -183,34 +192,36 @@ private:
                 return;
             }
             LocalTensor<uint8_t> in = dqIn_.AllocTensor<uint8_t>();
-            LocalTensor<uint8_t> sc = dqScale_.AllocTensor<uint8_t>();
-            DataCopy(in, kv8Gm_[static_cast<uint64_t>(row) * D_], D_);
-            DataCopy(sc, kvScaleGm_[static_cast<uint64_t>(row) * (D_ / FP8_SCALE_BLOCK)], 32);
+            // 584 B is not a whole number of 32-byte blocks: DataCopyPad moves exactly the entry's bytes
+            DataCopyExtParams cp{1, entryBytes_, 0, 0, 0};
+            DataCopyPadExtParams<uint8_t> noPad{false, 0, 0, 0};
+            DataCopyPad(in, kv8Gm_[static_cast<uint64_t>(row) * entryBytes_], cp, noPad);
             dqIn_.EnQue(in);
-            dqScale_.EnQue(sc);
             in = dqIn_.DeQue<uint8_t>();
-            sc = dqScale_.DeQue<uint8_t>();
             LocalTensor<T> o = dqOut_.AllocTensor<T>();
-            LocalTensor<float> f = oBlkQ_.AllocTensor<float>();  // fp32 scratch, D <= rows*dPv
-            Cast(f, in.template ReinterpretCast<fp8_e4m3fn_t>(), RoundMode::CAST_NONE, D_);
-            for (uint32_t b = 0; b < D_ / FP8_SCALE_BLOCK; ++b) {
-                const float s = static_cast<float>(1u << 0) * ScalarExp2(static_cast<int32_t>(sc.GetValue(b)) - 127);
+            LocalTensor<float> f = oBlkQ_.AllocTensor<float>();  // fp32 scratch, nope <= D <= rows*dPv
+            Cast(f, in.template ReinterpretCast<fp8_e4m3fn_t>(), RoundMode::CAST_NONE, nope_);
+            for (uint32_t b = 0; b < nope_ / FP8_SCALE_BLOCK; ++b) {
+                const float s = ScalarExp2(static_cast<int32_t>(in.GetValue(scaleOff_ + b)) - 127);
                 Muls(f[b * FP8_SCALE_BLOCK], f[b * FP8_SCALE_BLOCK], s, FP8_SCALE_BLOCK);
             }
-            Cast(o, f, RoundMode::CAST_RINT, D_);
+            Cast(o, f, RoundMode::CAST_RINT, nope_);  // exact: an e4m3 value times a power of two fits bf16
+            if (D_ > nope_) {  // the rope dims are stored as bf16: copy them unchanged
+                DataCopy(o[nope_], in[nope_].template ReinterpretCast<T>(), D_ - nope_);
+            }
             oBlkQ_.FreeTensor(f);
             dqOut_.EnQue(o);
             o = dqOut_.DeQue<T>();
             DataCopy(dst, o, D_);
             dqOut_.FreeTensor(o);
             dqIn_.FreeTensor(in);
-            dqScale_.FreeTensor(sc);
         }
     }
 
     __aicore__ inline float ScalarExp2(int32_t e)
     {
-        // 2^e as an fp32 bit pattern (e in [-126, 127] for UE8M0 bytes 1..254)
+        // 2^e as an fp32 bit pattern (e in [-126, 127] for UE8M0 bytes 1..254; byte 0 gives 0.0, the
+        // reference 2^-127: kv_pack_fp8 never writes it, its scale exponent is >= -22)
         uint32_t bits = static_cast<uint32_t>(e + 127) << 23;
         return *reinterpret_cast<float *>(&bits);
     }
@@ -393,13 +404,14 @@ private:
 
     const SparseAttnTilingData *td_;
     uint32_t T_, H_, D_, K_, hTile_, kvBlock_, dPv_, rows_;
+    uint32_t nope_ = 0, scaleOff_ = 0, entryBytes_ = 0;  // FP8-KV entry layout (tiling: ropeDim, entryBytes)
     TPipe pipe_;
-    TQue<QuePosition::VECIN, 2> sQ_, idxQ_, dqIn_, dqScale_;
+    TQue<QuePosition::VECIN, 2> sQ_, idxQ_, dqIn_;
     TQue<QuePosition::VECOUT, 2> pQ_, dqOut_;
     TQue<QuePosition::VECIN, 2> oBlkQ_;
     TBuf<TPosition::VECCALC> oAcc_, stats_;
     GlobalTensor<T> qGm_, kvGm_, outGm_, kvWs_, pWs_;
-    GlobalTensor<uint8_t> kv8Gm_, kvScaleGm_;
+    GlobalTensor<uint8_t> kv8Gm_;
     GlobalTensor<int32_t> idxGm_;
     GlobalTensor<float> sinkGm_, sWs_, oWs_, partGm_;
 };

@@ -217,3 +217,207 @@ def npu_quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=No
     acc = torch.matmul(x1.to(torch.float64), x2.to(torch.float64))  # exact int32-range sums
     y = acc.to(torch.float32) * scale.float().reshape(1, -1) * pertoken_scale.reshape(-1, 1)
     return y.to(output_dtype)
+
+
+# ---------------------------------------------------------------------------------------------- MC2 (expert parallel)
+# npu_moe_distribute_dispatch_v2 / npu_moe_distribute_combine_v2 to the torch_npu API pages of the same names,
+# over torch.distributed instead of HCCL: the test registers a (Gloo) process group under a communicator name
+# and passes that name as group_ep, as the real code passes an HCCL communicator name. Called by
+# ascend_v4.ops.npu.mc2 (runtime/expert_parallel_mc2.py).
+# Implemented: quant_mode 0, no TP domain, no shared-expert ranks, no special (zero/copy/const) experts, no
+# elastic scaling, 1-D x_active_mask. The documentation's chip limits on H, BS and EP size are the runtime's
+# business (ops/npu/mc2.py `Mc2Limits`), so the tiny model can run here; the chip-independent rules are enforced.
+# Layouts the pages call internal are THIS DOUBLE'S OWN and only its combine reads them:
+#   assist_info_for_combine [A*128] int32: row i of expand_x -> (source rank, token, slot, global expert id) in
+#   elements i*128 .. i*128+3, everything else UNDEFINED_INT; ep_recv_counts [ep_world_size * local experts]
+#   int32: cumulative row counts per (local expert, source rank); tp_recv_counts: empty (no TP domain).
+# Documented: expand_x rows grouped by local expert (within an expert: source rank, then token order here),
+# rows past sum(expert_token_nums) undefined (NaN); combine x[t] = sum_k expert_scales[t, k] * row(t, k),
+# summed here in fp32 in slot order and cast to expand_x's dtype (the real op's order / precision is not
+# documented); rows of tokens that took no part (x_active_mask) are undefined (NaN).
+MC2_GROUPS: dict = {}  # communicator name -> torch.distributed process group
+_MC2_INFO = 128  # assist_info_for_combine elements per expand_x row (A * 128)
+_MC2_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def register_mc2_group(name: str, group) -> None:
+    """Make `name` usable as group_ep / group_tp: MC2 calls with it communicate over `group`."""
+    MC2_GROUPS[name] = group
+
+
+def _mc2_group(fn: str, group_ep, ep_world_size: int, ep_rank_id: int):
+    import torch.distributed as dist
+
+    _check(isinstance(group_ep, str) and 1 <= len(group_ep) < 128,
+           f"{fn}: group_ep must be a string of length [1, 128), got {group_ep!r}")
+    _check(group_ep in MC2_GROUPS, f"{fn}: group_ep {group_ep!r} names no communicator")
+    g = MC2_GROUPS[group_ep]
+    size, rank = dist.get_world_size(g), dist.get_rank(g)
+    _check(ep_world_size == size, f"{fn}: ep_world_size={ep_world_size} but communicator {group_ep!r} has {size}")
+    _check(ep_rank_id == rank, f"{fn}: ep_rank_id={ep_rank_id} but this process is rank {rank} of {group_ep!r}")
+    return g
+
+
+def _mc2_exchange(g, tensors: list, send_counts: torch.Tensor) -> tuple[list, list[int]]:
+    """all_to_all_single of row blocks: rows [sum(send_counts[:r]), ...) of each tensor go to rank r."""
+    import torch.distributed as dist
+
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts, group=g)
+    sc, rc = send_counts.tolist(), recv_counts.tolist()
+    out = []
+    for t in tensors:
+        r = t.new_empty((sum(rc),) + tuple(t.shape[1:]))
+        dist.all_to_all_single(r, t.contiguous(), rc, sc, group=g)
+        out.append(r)
+    return out, rc
+
+
+def _mc2_common(fn: str, expert_ids, moe_expert_num, ep_world_size, x_active_mask, group_tp, tp_world_size,
+                shared_expert_rank_num, elastic_info, zero_expert_num, copy_expert_num, const_expert_num) -> int:
+    """Checks shared by dispatch and combine; returns the number of active tokens."""
+    _check(expert_ids.dim() == 2 and expert_ids.dtype == torch.int32,
+           f"{fn}: expert_ids must be a 2-D int32 tensor [BS, K], got {expert_ids.dtype} {tuple(expert_ids.shape)}")
+    bs, k = expert_ids.shape
+    _check(bs > 0, f"{fn}: BS must be > 0")
+    _check(0 < k <= 16 and k <= moe_expert_num, f"{fn}: K={k} must be in (0, 16] and <= moe_expert_num")
+    _check(1 <= moe_expert_num <= 1024 and moe_expert_num % (ep_world_size - shared_expert_rank_num) == 0,
+           f"{fn}: moe_expert_num={moe_expert_num} must be in [1, 1024] and divisible by the MoE ranks")
+    _check(shared_expert_rank_num == 0, f"{fn}: shared-expert ranks are not implemented by this double")
+    _check(tp_world_size in (0, 1) and group_tp == "", f"{fn}: a TP domain is not implemented by this double")
+    _check(elastic_info is None and zero_expert_num == copy_expert_num == const_expert_num == 0,
+           f"{fn}: elastic scaling / special experts are not implemented by this double")
+    ids = expert_ids.long()
+    _check(bool(((ids >= 0) & (ids < moe_expert_num)).all()), f"{fn}: expert_ids must lie in [0, moe_expert_num)")
+    _check(bool((ids.sort(1).values.diff(dim=1) != 0).all()), f"{fn}: the K expert ids of a row must be distinct")
+    if x_active_mask is None:
+        return bs
+    _check(x_active_mask.dtype == torch.bool and x_active_mask.shape == (bs,),
+           f"{fn}: x_active_mask must be a 1-D bool tensor [BS] (2-D masks are not implemented by this double)")
+    active = int(x_active_mask.sum())
+    _check(bool(x_active_mask[:active].all()), f"{fn}: x_active_mask must put every True before every False")
+    return active
+
+
+@_counted
+def npu_moe_distribute_dispatch_v2(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, *,
+                                   scales=None, x_active_mask=None, expert_scales=None, elastic_info=None,
+                                   group_tp="", tp_world_size=0, tp_rank_id=0, expert_shard_type=0,
+                                   shared_expert_num=1, shared_expert_rank_num=0, quant_mode=0, global_bs=0,
+                                   expert_token_nums_type=1, comm_alg="", zero_expert_num=0, copy_expert_num=0,
+                                   const_expert_num=0):
+    """Send row t of x to the ranks owning experts expert_ids[t, :] (owner = id // local experts).
+
+    Returns (expand_x [A, H], dynamic_scales None (quant_mode 0), assist_info_for_combine [A*128] int32,
+    expert_token_nums [local experts] int64 (counts, or cumulative with expert_token_nums_type 0),
+    ep_recv_counts, tp_recv_counts, expand_scales [A] fp32 or None without expert_scales), with
+    A = (global_bs or BS * ep_world_size) * min(local experts, K)."""
+    import torch.distributed as dist
+
+    fn = "npu_moe_distribute_dispatch_v2"
+    _check(x.dim() == 2 and x.shape[0] == expert_ids.shape[0], f"{fn}: x must be [BS, H] matching expert_ids")
+    _check(x.dtype in _MC2_DTYPES, f"{fn}: x must be bfloat16/float16, got {x.dtype}")
+    _check(quant_mode == 0 and scales is None, f"{fn}: only quant_mode=0 (no quantisation) is implemented")
+    _check(expert_token_nums_type in (0, 1), f"{fn}: expert_token_nums_type must be 0 or 1")
+    active = _mc2_common(fn, expert_ids, moe_expert_num, ep_world_size, x_active_mask, group_tp, tp_world_size,
+                         shared_expert_rank_num, elastic_info, zero_expert_num, copy_expert_num, const_expert_num)
+    g = _mc2_group(fn, group_ep, ep_world_size, ep_rank_id)
+    bs, k = expert_ids.shape
+    h = x.shape[1]
+    n_local = moe_expert_num // ep_world_size
+    all_bs = torch.empty(ep_world_size, dtype=torch.int64)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the torch version's name
+    gather(all_bs, torch.tensor([bs]), group=g)
+    if global_bs == 0:
+        _check(bool((all_bs == bs).all()), f"{fn}: ranks send different BS {all_bs.tolist()}: pass global_bs")
+    else:
+        _check(global_bs == int(all_bs.max()) * ep_world_size, f"{fn}: global_bs must be max BS * ep_world_size")
+    if expert_scales is not None:
+        _check(expert_scales.shape == (bs, k) and expert_scales.dtype == torch.float32,
+               f"{fn}: expert_scales must be fp32 [BS, K]")
+    a = (global_bs or bs * ep_world_size) * min(n_local, k)
+
+    # (token, slot) pairs of the active tokens by global expert id: grouped by owner, then local expert, then token
+    eid = expert_ids[:active].reshape(-1).long()
+    order = torch.argsort(eid, stable=True)
+    tok, slot, eid = order // k, order % k, eid[order]
+    owner = eid // n_local
+    meta = torch.stack([torch.full_like(tok, ep_rank_id), tok, slot, eid], 1).to(torch.int32)
+    payload = [x[tok], meta]
+    if expert_scales is not None:
+        payload.append(expert_scales[tok, slot][:, None])
+    recv, _ = _mc2_exchange(g, payload, torch.bincount(owner, minlength=ep_world_size))
+    rmeta = recv[1]
+    lexp = rmeta[:, 3].long() - ep_rank_id * n_local
+    regroup = torch.argsort(lexp, stable=True)  # by local expert; source rank, token order kept within one
+    n = regroup.numel()
+    _check(n <= a, f"{fn}: {n} rows received exceed A={a}")
+
+    expand_x = torch.full((a, h), float("nan"), dtype=x.dtype)
+    expand_x[:n] = recv[0][regroup]
+    info = torch.full((a, _MC2_INFO), UNDEFINED_INT, dtype=torch.int32)
+    info[:n, :4] = rmeta[regroup]
+    counts = torch.bincount(lexp, minlength=n_local)
+    expert_token_nums = counts if expert_token_nums_type == 1 else counts.cumsum(0)
+    per_src = torch.bincount(lexp * ep_world_size + rmeta[:, 0].long(), minlength=n_local * ep_world_size)
+    expand_scales = None
+    if expert_scales is not None:
+        expand_scales = torch.full((a,), float("nan"))
+        expand_scales[:n] = recv[2][regroup, 0]
+    return (expand_x, None, info.reshape(-1), expert_token_nums.to(torch.int64), per_src.cumsum(0).to(torch.int32),
+            torch.empty(0, dtype=torch.int32), expand_scales)
+
+
+@_counted
+def npu_moe_distribute_combine_v2(expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales,
+                                  group_ep, ep_world_size, ep_rank_id, moe_expert_num, *, tp_send_counts=None,
+                                  x_active_mask=None, expand_scales=None, shared_expert_x=None, elastic_info=None,
+                                  ori_x=None, const_expert_alpha_1=None, const_expert_alpha_2=None,
+                                  const_expert_v=None, group_tp="", tp_world_size=0, tp_rank_id=0,
+                                  expert_shard_type=0, shared_expert_num=1, shared_expert_rank_num=0, global_bs=0,
+                                  comm_quant_mode=0, comm_alg="", zero_expert_num=0, copy_expert_num=0,
+                                  const_expert_num=0):
+    """Send row i of expand_x back to the (rank, token, slot) it came from, then
+    x[t] = sum_k expert_scales[t, k] * row(t, k) on that rank: [BS, H] in expand_x's dtype."""
+    fn = "npu_moe_distribute_combine_v2"
+    _check(expand_x.dim() == 2 and expand_x.dtype in _MC2_DTYPES,
+           f"{fn}: expand_x must be a 2-D bfloat16/float16 tensor, got {expand_x.dtype} {tuple(expand_x.shape)}")
+    active = _mc2_common(fn, expert_ids, moe_expert_num, ep_world_size, x_active_mask, group_tp, tp_world_size,
+                         shared_expert_rank_num, elastic_info, zero_expert_num, copy_expert_num, const_expert_num)
+    _check(comm_quant_mode == 0 and shared_expert_x is None and ori_x is None and const_expert_v is None,
+           f"{fn}: comm_quant_mode / shared_expert_x / special experts are not implemented by this double")
+    bs, k = expert_ids.shape
+    _check(expert_scales.shape == (bs, k) and expert_scales.dtype == torch.float32,
+           f"{fn}: expert_scales must be fp32 [BS, K] like expert_ids, got {expert_scales.dtype} "
+           f"{tuple(expert_scales.shape)}")
+    a, h = expand_x.shape
+    _check(assist_info_for_combine.dtype == torch.int32 and assist_info_for_combine.shape == (a * _MC2_INFO,),
+           f"{fn}: assist_info_for_combine must be dispatch's int32 [A*128] output (A={a})")
+    n_local = moe_expert_num // ep_world_size
+    _check(ep_send_counts.dtype == torch.int32 and ep_send_counts.shape == (ep_world_size * n_local,),
+           f"{fn}: ep_send_counts must be dispatch's ep_recv_counts output")
+    g = _mc2_group(fn, group_ep, ep_world_size, ep_rank_id)
+    n = int(ep_send_counts[-1])
+    full = assist_info_for_combine.view(a, _MC2_INFO)[:, :4]
+    info = full[:n]
+    _check(0 <= n <= a and bool((info != UNDEFINED_INT).all()) and bool((full[n:] == UNDEFINED_INT).all()),
+           f"{fn}: assist_info_for_combine / ep_send_counts do not come from the same dispatch call")
+    src = info[:, 0].long()
+    order = torch.argsort(src, stable=True)
+    (rows, meta), _ = _mc2_exchange(g, [expand_x[:n][order], info[order, 1:]],
+                                    torch.bincount(src, minlength=ep_world_size))
+    tok, slot = meta[:, 0].long(), meta[:, 1].long()
+    _check(bool((expert_ids[tok, slot] == meta[:, 2]).all()),
+           f"{fn}: expert_ids differ from the ones given to npu_moe_distribute_dispatch_v2")
+    got = torch.zeros(bs, k, dtype=torch.bool)
+    got[tok, slot] = True
+    _check(bool(got[:active].all()) and not bool(got[active:].any()) and tok.numel() == active * k,
+           f"{fn}: the rows coming back do not cover every (token, slot) of the active tokens exactly once")
+    y = torch.zeros(bs, k, h)
+    y[tok, slot] = rows.float()
+    acc = torch.zeros(active, h)
+    for j in range(k):  # slot order, fp32
+        acc += expert_scales[:active, j:j + 1] * y[:active, j]
+    out = torch.full((bs, h), float("nan"), dtype=expand_x.dtype)
+    out[:active] = acc.to(expand_x.dtype)
+    return out
