@@ -73,6 +73,9 @@ def main(argv=None) -> int:
         plain = main_layers * ctx * args.head_dim * esize
         rows.append({"context": ctx, "decode_ms": 1e3 * statistics.median(times), "cache_bytes": measured,
                      "formula_bytes": formula, "plain_kv_bytes": plain, "prefill_tok_s": done / t_prefill})
+        print(f"[bench_context] context {ctx}: decode {rows[-1]['decode_ms']:.1f} ms, cache "
+              f"{measured / (1 << 20):.2f} MiB, prefill {rows[-1]['prefill_tok_s']:.0f} tok/s", file=sys.stderr,
+              flush=True)
         ctx *= 2
     if a.json:
         print(json.dumps({"model": str(ckpt), "threads": torch.get_num_threads(), "kv_cache_dtype": a.kv_cache_dtype,
