@@ -1,16 +1,18 @@
 """Cache blocks with reference counts, and the prefix cache over them.
 
 The engine's `CachePool` (model/cache.py) has two kinds of block of B tokens each: *window* blocks (raw KV
-rows of every layer, only the last few per sequence are live) and *comp* blocks (compressed KV entries,
-indexer keys and the compressor state at the block's end, kept for the whole sequence). `BlockManager` hands
-out both, one `BlockPool` per kind, and is the allocator every engine `SeqCache` uses.
+rows of every layer, only the last few per sequence are live) and *comp* blocks (compressed KV entries and
+indexer keys, kept for the whole sequence), plus *state* slots (the compressor state at a prompt block's end,
+only while it is a prefix-cache entry). `BlockManager` hands out all three, one `BlockPool` per kind, and is the
+allocator every engine `SeqCache` uses.
 
-Prefix cache (vLLM-style, content-addressed): when a prompt's prefill completes block j, the comp and window
-blocks j are registered under h_j, the chained hash of the prompt's blocks 0..j. A released registered block
+Prefix cache (vLLM-style, content-addressed): when a prompt's prefill completes block j, the comp, window and
+state blocks j are registered under h_j, the chained hash of the prompt's blocks 0..j. A released registered block
 (reference count 0) is not freed but parked in an LRU list; allocation takes truly free blocks first, then
 evicts the least recently parked. A new request walks its prompt's hashes: it can resume at boundary kB when
-comp blocks 0..k-1 are all cached and so are the window blocks that hold the W-1 positions before kB; it then
-shares those blocks (reference counts, no copies) and restores the compressor state from comp block k-1.
+comp blocks 0..k-1, the state slot of block k-1 and the window blocks that hold the W-1 positions before kB are
+all cached; it then shares those blocks (reference counts, no copies) and copies the compressor state out of
+the slot. A sequence gives a state slot back as soon as it is registered, so slots are only ever cache entries.
 Any prefix of one whole block hits (B = the largest compression ratio, 128 for V4, is the minimum that holds a
 whole block of every cache kind), short prompts included.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 
-from ascend_v4.model.cache import COMP_KIND, KINDS, WINDOW_KIND, NoFreeBlocks, SeqCache, new_states
+from ascend_v4.model.cache import COMP_KIND, KINDS, STATE_KIND, WINDOW_KIND, NoFreeBlocks, SeqCache, new_states
 
 __all__ = ["BlockManager", "BlockPool", "NoFreeBlocks", "PrefixCache", "chain_hashes"]
 
@@ -82,9 +84,10 @@ class BlockManager:
     """One manager for every cache kind: the allocator (`allocate`/`release`/`can_allocate` by kind) of the
     engine's SeqCaches. `num_blocks` / `used` refer to comp blocks, the part that grows with context."""
 
-    def __init__(self, num_comp_blocks: int, num_window_blocks: int, block_size: int):
+    def __init__(self, num_comp_blocks: int, num_window_blocks: int, block_size: int, num_state_slots: int = 0):
         self.block_size = block_size
-        self.pools = {COMP_KIND: BlockPool(num_comp_blocks), WINDOW_KIND: BlockPool(num_window_blocks)}
+        self.pools = {COMP_KIND: BlockPool(num_comp_blocks), WINDOW_KIND: BlockPool(num_window_blocks),
+                      STATE_KIND: BlockPool(num_state_slots)}
 
     def can_allocate(self, kind: str, n: int) -> bool:
         return n <= self.pools[kind].available()
@@ -105,7 +108,8 @@ class BlockManager:
 
     def usage(self) -> dict[str, int]:
         return {f"{k}_blocks_{what}": getattr(self.pools[k], attr) if attr != "parked" else len(self.pools[k].parked)
-                for k in KINDS for what, attr in (("total", "num_blocks"), ("used", "used"), ("cached", "parked"))}
+                for k in (*KINDS, STATE_KIND)
+                for what, attr in (("total", "num_blocks"), ("used", "used"), ("cached", "parked"))}
 
 
 def chain_hashes(ids: list[int], block_size: int, max_blocks: int) -> list[bytes]:
@@ -138,11 +142,16 @@ class PrefixCache:
         """Register the prompt blocks [done, upto) the cache has completed, upto = blocks fully computed and
         below the prompt's boundary. Returns the new count of registered blocks."""
         upto = min(cache.length, self.boundary(len(prompt), self.block_size)) // self.block_size
-        comp, win = self.blocks.pools[COMP_KIND], self.blocks.pools[WINDOW_KIND]
+        comp, win, state = (self.blocks.pools[k] for k in (COMP_KIND, WINDOW_KIND, STATE_KIND))
         for j in range(done, upto):
             comp.register(cache.comp_blocks[j], hashes[j])
             if cache.win_blocks[j] >= 0:
                 win.register(cache.win_blocks[j], hashes[j])
+            slot = cache.state_slots[j] if j < len(cache.state_slots) else -1
+            if slot >= 0:  # the sequence never reads it again: hand it to the cache right away
+                state.register(slot, hashes[j])
+                state.release([slot])
+                cache.state_slots[j] = -1
         return max(done, upto)
 
     def lookup(self, prompt: list[int], hashes: list[bytes], pool) -> tuple[int, SeqCache | None]:
@@ -150,7 +159,7 @@ class PrefixCache:
         or (0, None). Takes references on the blocks it shares."""
         self.queries += 1
         self.query_tokens += len(prompt)
-        comp, win = self.blocks.pools[COMP_KIND], self.blocks.pools[WINDOW_KIND]
+        comp, win, state = (self.blocks.pools[k] for k in (COMP_KIND, WINDOW_KIND, STATE_KIND))
         nb = self.boundary(len(prompt), self.block_size) // self.block_size
         chain = []
         for h in hashes[:nb]:
@@ -161,7 +170,8 @@ class PrefixCache:
         for k in range(len(chain), 0, -1):
             need = self._window_blocks(k)
             wins = [win.by_hash.get(hashes[j]) for j in need]
-            if all(w is not None for w in wins):
+            slot = state.by_hash.get(hashes[k - 1]) if pool.has_state else -1
+            if all(w is not None for w in wins) and slot is not None:
                 break
         else:
             return 0, None
@@ -170,15 +180,18 @@ class PrefixCache:
         for w in wins:
             win.acquire(w)
         tokens = k * self.block_size
-        cache = SeqCache(pool, self.blocks, self._states_at(pool, chain[k - 1], tokens), list(chain[:k]),
-                         [-1] * need.start + wins, tokens, auto_trim=False)
+        if slot in state.parked:
+            state.parked.move_to_end(slot)  # recently used: evicted last
+        cache = SeqCache(pool, self.blocks, self._states_at(pool, slot, tokens), comp_blocks=list(chain[:k]),
+                         win_blocks=[-1] * need.start + wins, state_slots=[-1] * k, length=tokens,
+                         auto_trim=False)
         self.hit_tokens += tokens
         return tokens, cache
 
     @staticmethod
-    def _states_at(pool, last_block: int, tokens: int) -> list:
-        """Compressor states at a block boundary: no buffered tokens; CSA keeps the A-half stored with the
-        block that ends there."""
+    def _states_at(pool, slot: int, tokens: int) -> list:
+        """Compressor states at a block boundary: no buffered tokens; CSA takes the A-half stored in the
+        boundary's state slot."""
         states = new_states(pool.args)
         for l, (cs, ist) in enumerate(states):
             m = pool.ratios[l]
@@ -187,8 +200,8 @@ class PrefixCache:
                     continue
                 st.n_entries = tokens // m
                 if m == 4:
-                    slot = pool.state[l][name][last_block]
-                    st.prev_kv, st.prev_score = slot[0].clone(), slot[1].clone()
+                    saved = pool.state[l][name][slot]
+                    st.prev_kv, st.prev_score = saved[0].clone(), saved[1].clone()
         return states
 
     @property

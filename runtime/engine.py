@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ascend_v4.model.cache import (COMP_KIND, WINDOW_KIND, CachePool, SeqSlice, StepBatch, check_block_size, mark,
+from ascend_v4.model.cache import (COMP_KIND, STATE_KIND, WINDOW_KIND, CachePool, SeqSlice, StepBatch, check_block_size, mark,
                                    rollback)
 from ascend_v4.model.transformer import Transformer
 from ascend_v4.tokenizer import Tokenizer
@@ -62,7 +62,7 @@ class Engine:
         self.max_model_len = min(cfg.max_model_len or args.max_seq_len, args.max_seq_len)
         device = model.embed.weight.device
         self.pool = pool = self._make_pool(model, cfg, device)
-        self.blocks = BlockManager(pool.num[COMP_KIND], pool.num[WINDOW_KIND], cfg.block_size)
+        self.blocks = BlockManager(pool.num[COMP_KIND], pool.num[WINDOW_KIND], cfg.block_size, pool.num[STATE_KIND])
         self.prefix = PrefixCache(self.blocks, args.window_size) if cfg.enable_prefix_caching else None
         self.scheduler = Scheduler(cfg, self.blocks, self.prefix, pool)
         self.seqs: dict[str, Sequence] = {}
@@ -84,10 +84,16 @@ class Engine:
         pool = CachePool(args, B, 0, 0, model.opts.dtype, device, cfg.kv_cache_dtype)
         comp = cfg.num_blocks or max(cfg.max_num_seqs, int(cfg.cache_gib * (1 << 30) / pool.block_bytes(COMP_KIND)))
         per_seq = -(-(args.window_size + 2) // B) + 2
-        window = cfg.max_num_seqs * per_seq + -(-cfg.max_num_batched_tokens // B)
+        step_blocks = -(-cfg.max_num_batched_tokens // B)
+        window, state = cfg.max_num_seqs * per_seq + step_blocks, 0
         if cfg.enable_prefix_caching:
-            window += int(cfg.prefix_cache_gib * (1 << 30) / pool.block_bytes(WINDOW_KIND))
-        pool.resize(window, comp)
+            # One resume point of a cached prefix = its window block(s) + one state slot: keep as many of each.
+            kept = int(cfg.prefix_cache_gib * (1 << 30) / (pool.block_bytes(WINDOW_KIND)
+                                                           + pool.block_bytes(STATE_KIND)))
+            window += kept
+            # slots are held from reservation until the block completes (then they are cache entries)
+            state = (step_blocks + cfg.max_num_seqs + kept) if pool.has_state else 0
+        pool.resize(window, comp, state)
         return pool
 
     # -- requests ---------------------------------------------------------------------------------
@@ -263,7 +269,7 @@ class Engine:
     def stats(self) -> dict:
         s = self.scheduler
         u = self.blocks.usage()
-        cached = sum(u[f"{k}_blocks_cached"] * self.pool.block_bytes(k) for k in (COMP_KIND, WINDOW_KIND))
+        cached = sum(u[f"{k}_blocks_cached"] * self.pool.block_bytes(k) for k in (COMP_KIND, WINDOW_KIND, STATE_KIND))
         return {"waiting": len(s.waiting), "running": len(s.running), "blocks_total": self.blocks.num_blocks,
                 "blocks_used": self.blocks.used, "cache_usage": self.blocks.used / self.blocks.num_blocks,
                 "prefix_hit_rate": self.prefix.hit_rate if self.prefix else 0.0,

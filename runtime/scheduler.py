@@ -120,10 +120,13 @@ class Scheduler:
                 seq.block_hashes = chain_hashes(seq.prompt_ids, B, PrefixCache.boundary(len(seq.prompt_ids), B) // B)
             hit, cache = self.prefix.lookup(seq.prompt_ids, seq.block_hashes, self.pool)
             if cache is not None:
+                cache.state_upto = len(seq.block_hashes)  # prompt blocks a later request may resume after
                 seq.cache, seq.num_computed = cache, hit
                 seq.cached_prompt_tokens, seq.registered_blocks = hit, hit // B
                 return
         seq.cache, seq.num_computed = SeqCache(self.pool, self.blocks, new_states(self.pool.args), auto_trim=False), 0
+        # State slots only for the prompt blocks a later request may resume after.
+        seq.cache.state_upto = len(seq.block_hashes) if self.prefix is not None and self.pool.has_state else 0
 
     @staticmethod
     def _draft_len(seq: Sequence, n: int) -> int:

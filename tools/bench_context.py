@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, args.vocab_size, (a.max_context + a.steps,), generator=g).tolist()
     cache = new_seq_cache(args, torch.float32, kv_format=a.kv_cache_dtype)
+    cache.state_upto = 0  # as in the engine, where block-end state slots are prefix-cache entries, not per sequence
     kv_esize = cache.pool.entry_bytes / args.head_dim  # bytes per latent element as stored
     main_layers = args.n_layers
     rows, done, ctx = [], 0, 1024

@@ -164,15 +164,16 @@ class Attention(nn.Module):
 
     @staticmethod
     def _keep_block_end_state(state_pool: dict, which: str, cache, lid: int, first: int, halves) -> None:
-        """Store the CSA A-half of every new window that closes a comp block in that block's state slot."""
+        """Store the CSA A-half of every new window that closes a block in that block's state slot."""
         if halves is None:
             return
         epb = cache.pool.entries_per_block(lid)
         n = halves[0].shape[0]
         for e in range(first + (-(first + 1)) % epb, first + n, epb):  # e + 1 is a multiple of epb
-            blk = cache.comp_blocks[e // epb]
-            state_pool[which][blk, 0] = halves[0][e - first]
-            state_pool[which][blk, 1] = halves[1][e - first]
+            slot = cache.state_slots[e // epb]
+            if slot >= 0:  # only blocks a later request may resume after have a slot
+                state_pool[which][slot, 0] = halves[0][e - first]
+                state_pool[which][slot, 1] = halves[1][e - first]
 
     @staticmethod
     def _stack_indices(idx_rows: list[list[torch.Tensor]]) -> torch.Tensor:

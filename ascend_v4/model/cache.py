@@ -1,15 +1,18 @@
 """Paged V4 cache (model-spec §10): the physical block pool of every cache kind, and each sequence's view of
 it (block tables plus the compressors' running state).
 
-Two kinds of token block share one block size B (a multiple of every compression ratio, so a block boundary
-is also a window boundary of every compressor):
+Three kinds of block share one block size B (a multiple of every compression ratio, so a block boundary is
+also a window boundary of every compressor):
 
 * **window** blocks hold B raw KV rows (positions jB .. jB+B-1) of every attention layer. A sequence keeps only
   the blocks that still overlap its sliding window; older ones go back to the allocator (or stay in the prefix
   cache, evictable).
-* **comp** blocks hold, per compressed layer, the B/m compressed KV entries of those tokens, for CSA layers the
-  B/4 indexer keys, and the compressor state *at the block's end* (the A-half of the last CSA window, which the
-  next entry pools with): everything a later sequence needs to resume after a shared prefix of whole blocks.
+* **comp** blocks hold, per compressed layer, the B/m compressed KV entries of those tokens and, for CSA layers,
+  the B/4 indexer keys.
+* **state** slots hold the compressor state *at a block's end* (the A-half of the last CSA window, which the
+  next entry pools with), fp32: what a later sequence needs, besides the blocks, to resume after a shared
+  prefix. Only prompt blocks that may become prefix-cache entries get one, and a sequence gives each back as
+  soon as it is registered (it stays cached, evictable), so state memory does not grow with context.
 
 Per layer, window rows and compressed entries live in one tensor `CachePool.kv[layer]` (window region first,
 then the compressed region), so one index list addresses both and `sparse_attn` reads the pool in place, the
@@ -31,8 +34,8 @@ from typing import Protocol
 
 import torch
 
-WINDOW_KIND, COMP_KIND = "window", "comp"
-KINDS = (WINDOW_KIND, COMP_KIND)
+WINDOW_KIND, COMP_KIND, STATE_KIND = "window", "comp", "state"
+KINDS = (WINDOW_KIND, COMP_KIND)  # allocated for every block of a sequence; state slots only on request
 
 
 class NoFreeBlocks(RuntimeError):
@@ -85,12 +88,13 @@ class CachePool:
 
     kv[l]: [NW*B + NC*B/m_l, E] rows: window block w at rows [wB, wB+B), comp block c's entries at rows
     NW*B + [c*B/m_l, (c+1)*B/m_l). E = head_dim (activation dtype) or the FP8 entry width (uint8).
-    ikeys[l]: [NC*B/4, index_head_dim] indexer keys (CSA layers). state[l]: {"comp"|"index": [NC, 2, 4, dc]}
-    fp32, the (kv, score) A-half at each comp block's end (CSA layers; HCA needs none at a boundary).
+    ikeys[l]: [NC*B/4, index_head_dim] indexer keys (CSA layers). state[l]: {"comp"|"index": [NS, 2, 4, dc]}
+    fp32, the (kv, score) A-half at a block's end, per state slot (CSA layers; HCA needs none at a boundary).
     """
 
     def __init__(self, args, block_size: int, num_window_blocks: int, num_comp_blocks: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu", kv_format: str = "auto"):
+                 dtype: torch.dtype, device: torch.device | str = "cpu", kv_format: str = "auto",
+                 num_state_slots: int = 0):
         check_block_size(args, block_size)
         if kv_format not in ("auto", "fp8"):
             raise ValueError(f"cache kv_format must be 'auto' (activation dtype) or 'fp8', got {kv_format!r}")
@@ -102,17 +106,22 @@ class CachePool:
         self.n_layers = args.n_layers + args.n_mtp_layers
         self.ratios = [args.ratio(i) for i in range(self.n_layers)]
         self.entry_bytes = kv_entry_bytes(args, kv_format, dtype)
-        self.num = {WINDOW_KIND: 0, COMP_KIND: 0}
+        self.num = {WINDOW_KIND: 0, COMP_KIND: 0, STATE_KIND: 0}
         self.kv: list[torch.Tensor] = [self._kv_rows(0) for _ in self.ratios]
         self.ikeys: list[torch.Tensor | None] = [None] * self.n_layers
         self.state: list[dict[str, torch.Tensor] | None] = [None] * self.n_layers
-        self.resize(num_window_blocks, num_comp_blocks)
+        self.resize(num_window_blocks, num_comp_blocks, num_state_slots)
 
     # -- layout --------------------------------------------------------------------------------------------
     def _kv_rows(self, n: int) -> torch.Tensor:
         if self.kv_format == "fp8":
             return torch.empty(n, self.entry_bytes, dtype=torch.uint8, device=self.device)
         return torch.empty(n, self.args.head_dim, dtype=self.dtype, device=self.device)
+
+    @property
+    def has_state(self) -> bool:
+        """Whether a block boundary carries compressor state (CSA layers keep an A-half across windows)."""
+        return 4 in self.ratios
 
     def entries_per_block(self, layer: int) -> int:
         m = self.ratios[layer]
@@ -122,10 +131,11 @@ class CachePool:
         """First row of the compressed region of layer's kv tensor."""
         return self.num[WINDOW_KIND] * self.block_size
 
-    def resize(self, num_window_blocks: int, num_comp_blocks: int) -> None:
+    def resize(self, num_window_blocks: int, num_comp_blocks: int, num_state_slots: int | None = None) -> None:
         """(Re)allocate for the given block counts, keeping the rows of blocks that exist in both layouts
         (a private pool grows this way; the engine sizes its pool once)."""
         B, old = self.block_size, dict(self.num)
+        ns = old[STATE_KIND] if num_state_slots is None else num_state_slots
         a = self.args
         for l, m in enumerate(self.ratios):
             epb = self.entries_per_block(l)
@@ -139,15 +149,16 @@ class CachePool:
             self.kv[l] = kv
             if m == 4:
                 ik = torch.empty(num_comp_blocks * epb, a.index_head_dim, dtype=self.dtype, device=self.device)
-                st = {"comp": torch.empty(num_comp_blocks, 2, m, a.head_dim, device=self.device),
-                      "index": torch.empty(num_comp_blocks, 2, m, a.index_head_dim, device=self.device)}
+                st = {"comp": torch.empty(ns, 2, m, a.head_dim, device=self.device),
+                      "index": torch.empty(ns, 2, m, a.index_head_dim, device=self.device)}
                 if kc:
                     ik[:kc] = self.ikeys[l][:kc]
-                    nc = min(old[COMP_KIND], num_comp_blocks)
+                keep = min(old[STATE_KIND], ns)
+                if keep:
                     for k in st:
-                        st[k][:nc] = self.state[l][k][:nc]
+                        st[k][:keep] = self.state[l][k][:keep]
                 self.ikeys[l], self.state[l] = ik, st
-        self.num = {WINDOW_KIND: num_window_blocks, COMP_KIND: num_comp_blocks}
+        self.num = {WINDOW_KIND: num_window_blocks, COMP_KIND: num_comp_blocks, STATE_KIND: ns}
 
     def block_bytes(self, kind: str) -> int:
         """Bytes one block of `kind` occupies across all layers."""
@@ -156,15 +167,17 @@ class CachePool:
             return self.n_layers * B * self.entry_bytes
         n = 0
         for l, m in enumerate(self.ratios):
+            if kind == STATE_KIND:
+                n += 2 * 2 * 4 * (a.head_dim + a.index_head_dim) if m == 4 else 0  # (kv, score) x 4 rows, fp32
+                continue
             if m:
                 n += (B // m) * self.entry_bytes
             if m == 4:
                 n += (B // 4) * a.index_head_dim * torch.finfo(self.dtype).bits // 8
-                n += 2 * 4 * (a.head_dim + a.index_head_dim) * 4
         return n
 
     def nbytes(self) -> int:
-        return sum(self.block_bytes(k) * self.num[k] for k in KINDS)
+        return sum(self.block_bytes(k) * self.num[k] for k in (*KINDS, STATE_KIND))
 
     # -- writes / reads ----------------------------------------------------------------------------------------
     def write_kv(self, layer: int, rows: torch.Tensor, values: torch.Tensor) -> None:
@@ -191,7 +204,7 @@ class _PrivateAllocator:
 
     def __init__(self, pool: CachePool):
         self.pool = pool
-        self.free = {k: list(range(pool.num[k] - 1, -1, -1)) for k in KINDS}
+        self.free = {k: list(range(pool.num[k] - 1, -1, -1)) for k in (*KINDS, STATE_KIND)}
 
     def can_allocate(self, kind: str, n: int) -> bool:
         return True
@@ -201,7 +214,7 @@ class _PrivateAllocator:
             num = dict(self.pool.num)
             grow = max(num[kind], n - len(self.free[kind]), 4)
             num[kind] += grow
-            self.pool.resize(num[WINDOW_KIND], num[COMP_KIND])
+            self.pool.resize(num[WINDOW_KIND], num[COMP_KIND], num[STATE_KIND])
             self.free[kind] = list(range(num[kind] - 1, num[kind] - grow - 1, -1)) + self.free[kind]
         return [self.free[kind].pop() for _ in range(n)]
 
@@ -222,6 +235,8 @@ class SeqCache:
     states: list[tuple[CompressorState | None, CompressorState | None]]  # per layer: (comp, index)
     comp_blocks: list[int] = field(default_factory=list)
     win_blocks: list[int] = field(default_factory=list)
+    state_slots: list[int] = field(default_factory=list)  # per block: its block-end state slot, -1 = none
+    state_upto: int | None = None  # blocks that get a state slot (None = all: standalone caches)
     length: int = 0
     auto_trim: bool = True  # StepBatch.commit drops out-of-window blocks (the engine trims itself, later)
 
@@ -243,6 +258,12 @@ class SeqCache:
                 raise NoFreeBlocks(f"need {need} free {kind} cache blocks")
         self.comp_blocks += self.alloc.allocate(COMP_KIND, need)
         self.win_blocks += self.alloc.allocate(WINDOW_KIND, need)
+        # State slots for the blocks that may be resumed from; none left is not an error (no resume there).
+        n = len(self.comp_blocks)
+        want = n if self.state_upto is None else min(n, self.state_upto)
+        while len(self.state_slots) < n:
+            ok = len(self.state_slots) < want and self.alloc.can_allocate(STATE_KIND, 1)
+            self.state_slots += self.alloc.allocate(STATE_KIND, 1) if ok else [-1]
 
     def trim(self, margin: int = 2) -> None:
         """Release window blocks no future query can see. `margin` positions of slack cover a rollback of
@@ -258,7 +279,8 @@ class SeqCache:
         """Give every block back (finish, abort, preemption)."""
         self.alloc.release(COMP_KIND, [b for b in self.comp_blocks if b >= 0])
         self.alloc.release(WINDOW_KIND, [b for b in self.win_blocks if b >= 0])
-        self.comp_blocks, self.win_blocks = [], []
+        self.alloc.release(STATE_KIND, [b for b in self.state_slots if b >= 0])
+        self.comp_blocks, self.win_blocks, self.state_slots = [], [], []
 
     # -- addressing ----------------------------------------------------------------------------------------
     def window_rows(self, positions: torch.Tensor) -> torch.Tensor:
@@ -283,6 +305,7 @@ class SeqCache:
         layers = range(pool.n_layers) if layers is None else layers
         n_win = sum(b >= 0 for b in self.win_blocks)
         n_comp = len(self.comp_blocks)
+        n_state = sum(b >= 0 for b in self.state_slots)
         total = 0
         for l in layers:
             m = pool.ratios[l]
@@ -291,6 +314,7 @@ class SeqCache:
                 total += n_comp * (B // m) * pool.entry_bytes
             if m == 4:
                 total += n_comp * (B // 4) * a.index_head_dim * torch.finfo(pool.dtype).bits // 8
+                total += n_state * 2 * 2 * 4 * (a.head_dim + a.index_head_dim)
             total += sum(s.nbytes() for s in self.states[l] if s is not None)
         return total
 

@@ -8,7 +8,7 @@ import torch
 
 from ascend_v4.checkpoint.dummy import ensure_dummy_checkpoint
 from ascend_v4.model.args import ModelArgs
-from ascend_v4.model.cache import (COMP_KIND, WINDOW_KIND, CachePool, StepBatch, check_block_size, mark,
+from ascend_v4.model.cache import (COMP_KIND, STATE_KIND, WINDOW_KIND, CachePool, StepBatch, check_block_size, mark,
                                    new_seq_cache, rollback)
 from ascend_v4.model.layers import ModelOptions
 from ascend_v4.model.load import load_model
@@ -63,7 +63,7 @@ def test_private_pool_growth_keeps_rows(args):
     pool.resize(3, 2)
     assert pool.comp_base(1) == 3 * 128
     assert (pool.kv[1][:128] == 1).all() and (pool.kv[1][384:416] == 2).all()
-    assert pool.num == {WINDOW_KIND: 3, COMP_KIND: 2}
+    assert pool.num == {WINDOW_KIND: 3, COMP_KIND: 2, STATE_KIND: 0}
 
 
 def test_long_prefill_holds_only_the_window_blocks(model):
@@ -89,7 +89,7 @@ def test_block_end_state_is_the_running_state_there(model):
     b.commit()
     for lid in (1, 3):  # CSA layers of tiny
         for k, name in ((0, "comp"), (1, "index")):
-            slot = whole.pool.state[lid][name][whole.comp_blocks[1]]
+            slot = whole.pool.state[lid][name][whole.state_slots[1]]
             st = cut.states[lid][k]
             torch.testing.assert_close(slot[0], st.prev_kv, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(slot[1], st.prev_score, rtol=1e-5, atol=1e-5)

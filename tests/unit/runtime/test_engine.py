@@ -81,6 +81,9 @@ def test_prefix_cache_hit_equals_cold_and_counts_cached_tokens(model, tok):
     base = prompts(300, seed=3)[0]
     e = Engine(model, tok, EngineConfig())
     run(e, [base])
+    # base's two whole prompt blocks are cached with their block-end compressor state; no slot stays held
+    st = e.stats()
+    assert st["state_blocks_cached"] == 2 and st["state_blocks_used"] == 0 and st["comp_blocks_cached"] >= 2
     short = base[:140] + [5, 6, 7]  # a short prompt sharing one whole block (128 tokens) with base
     longer = base[:290] + [9, 9]  # shares base's two blocks
     got, outs = run(e, [short])
