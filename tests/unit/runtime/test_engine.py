@@ -296,3 +296,19 @@ def test_mtp_accepted_drafts_emit_two_tokens_per_step(model, tok, monkeypatch):
     st = e.stats()
     assert st["spec_proposed"] == st["spec_accepted"] == 4
     assert [len(o.new_token_ids) for o in outs[0]] == [1, 2, 2, 2, 2]
+
+
+def test_fp8_cache_engine_prefix_hit_equals_cold_and_uses_fewer_bytes(model, tok):
+    base = prompts(280, seed=12)[0]
+    q = base[:200] + [4, 4]
+    e8 = Engine(model, tok, EngineConfig(kv_cache_dtype="fp8", cache_gib=0.05))
+    assert e8.pool.kv[0].dtype == torch.uint8
+    run(e8, [base])
+    got, outs = run(e8, [q])
+    assert outs[0][-1].cached_tokens == 128
+    cold = Engine(model, tok, EngineConfig(kv_cache_dtype="fp8", cache_gib=0.05, enable_prefix_caching=False))
+    assert run(cold, [q])[0] == got
+    native = Engine(model, tok, EngineConfig(cache_gib=0.05))
+    assert e8.pool.block_bytes("comp") < native.pool.block_bytes("comp")
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        EngineConfig(kv_cache_dtype="int4")
