@@ -36,6 +36,21 @@ def test_busy_port_fails_before_loading():
 def test_help_lists_the_issue_options():
     out = CliRunner().invoke(main, ["serve", "--help"]).output
     for opt in ("--model", "--npus", "--host", "--port", "--api-key", "--served-model-name", "--max-num-seqs",
-                "--max-queue", "--max-model-len", "--require-reasoning-passback"):
+                "--max-queue", "--max-model-len", "--require-reasoning-passback", "--kv-cache-dtype", "--block-size"):
         assert opt in out
     assert "serve" in CliRunner().invoke(main, ["bench", "--help"]).output
+
+
+def test_cache_options_reach_the_engine():
+    import asyncio
+
+    from ascend_v4.server.launch import build_app
+
+    app, _ = build_app(ServeOptions(model="tiny", kv_cache_dtype="fp8", cache_gib=0.05))
+    ae = app.state.server.engine
+    try:
+        assert ae.engine.pool.kv_format == "fp8" and ae.engine.config.block_size == 128
+    finally:
+        asyncio.run(ae.shutdown(drain=False))
+    with pytest.raises(ValueError, match="block_size 64 must be a multiple"):
+        build_app(ServeOptions(model="tiny", block_size=64, cache_gib=0.05))
