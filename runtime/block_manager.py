@@ -1,13 +1,13 @@
 """Cache blocks with reference counts, and the prefix cache over them.
 
-The engine's `CachePool` (model/cache.py) has two kinds of block of B tokens each: *window* blocks (raw KV
-rows of every layer, only the last few per sequence are live) and *comp* blocks (compressed KV entries and
+The engine's `CachePool` (model/cache.py) has *window* blocks of B/4 tokens (raw KV rows of every layer, only
+the last few per sequence are live), *comp* blocks of B tokens (compressed KV entries and
 indexer keys, kept for the whole sequence), plus *state* slots (the compressor state at a prompt block's end,
 only while it is a prefix-cache entry). `BlockManager` hands out all three, one `BlockPool` per kind, and is the
 allocator every engine `SeqCache` uses.
 
-Prefix cache (vLLM-style, content-addressed): when a prompt's prefill completes block j, the comp, window and
-state blocks j are registered under h_j, the chained hash of the prompt's blocks 0..j. A released registered block
+Prefix cache (vLLM-style, content-addressed): when a prompt's prefill completes block j, its comp block, its
+four window blocks (keys h_j + index) and its state slot are registered under h_j, the chained hash of the prompt's blocks 0..j. A released registered block
 (reference count 0) is not freed but parked in an LRU list; allocation takes truly free blocks first, then
 evicts the least recently parked. A new request walks its prompt's hashes: it can resume at boundary kB when
 comp blocks 0..k-1, the state slot of block k-1 and the window blocks that hold the W-1 positions before kB are
@@ -134,19 +134,26 @@ class PrefixCache:
         """Deepest block boundary that still leaves a prompt token to compute (its logits are needed)."""
         return ((prompt_len - 1) // block_size) * block_size
 
-    def _window_blocks(self, k: int) -> range:
-        """Window blocks a sequence resuming at boundary kB needs: those with positions >= kB - W + 1."""
-        return range(max(0, k * self.block_size - self.window + 1) // self.block_size, k)
+    def _window_blocks(self, k: int, bw: int) -> range:
+        """Window blocks (of bw tokens) a sequence resuming at boundary kB needs: positions >= kB - W + 1."""
+        return range(max(0, k * self.block_size - self.window + 1) // bw, k * self.block_size // bw)
+
+    def _window_key(self, hashes: list[bytes], jw: int, bw: int) -> bytes:
+        per = self.block_size // bw
+        return hashes[jw // per] + bytes([jw % per])
 
     def register(self, prompt: list[int], hashes: list[bytes], cache: SeqCache, done: int) -> int:
         """Register the prompt blocks [done, upto) the cache has completed, upto = blocks fully computed and
         below the prompt's boundary. Returns the new count of registered blocks."""
         upto = min(cache.length, self.boundary(len(prompt), self.block_size)) // self.block_size
         comp, win, state = (self.blocks.pools[k] for k in (COMP_KIND, WINDOW_KIND, STATE_KIND))
+        bw = cache.pool.window_block
+        per = self.block_size // bw
         for j in range(done, upto):
             comp.register(cache.comp_blocks[j], hashes[j])
-            if cache.win_blocks[j] >= 0:
-                win.register(cache.win_blocks[j], hashes[j])
+            for jw in range(j * per, (j + 1) * per):
+                if cache.win_blocks[jw] >= 0:
+                    win.register(cache.win_blocks[jw], self._window_key(hashes, jw, bw))
             slot = cache.state_slots[j] if j < len(cache.state_slots) else -1
             if slot >= 0:  # the sequence never reads it again: hand it to the cache right away
                 state.register(slot, hashes[j])
@@ -167,9 +174,10 @@ class PrefixCache:
             if b is None:
                 break
             chain.append(b)
+        bw = pool.window_block
         for k in range(len(chain), 0, -1):
-            need = self._window_blocks(k)
-            wins = [win.by_hash.get(hashes[j]) for j in need]
+            need = self._window_blocks(k, bw)
+            wins = [win.by_hash.get(self._window_key(hashes, jw, bw)) for jw in need]
             slot = state.by_hash.get(hashes[k - 1]) if pool.has_state else -1
             if all(w is not None for w in wins) and slot is not None:
                 break

@@ -83,16 +83,18 @@ class Engine:
             raise ValueError(f"EngineConfig.block_size: {e}") from None
         pool = CachePool(args, B, 0, 0, model.opts.dtype, device, cfg.kv_cache_dtype)
         comp = cfg.num_blocks or max(cfg.max_num_seqs, int(cfg.cache_gib * (1 << 30) / pool.block_bytes(COMP_KIND)))
-        per_seq = -(-(args.window_size + 2) // B) + 2
-        step_blocks = -(-cfg.max_num_batched_tokens // B)
-        window, state = cfg.max_num_seqs * per_seq + step_blocks, 0
+        bw = pool.window_block
+        per_seq = -(-(args.window_size + 2) // bw) + 2  # live window blocks per sequence after a trim, + 1 spare
+        window = cfg.max_num_seqs * per_seq + -(-cfg.max_num_batched_tokens // bw)
+        state = 0
         if cfg.enable_prefix_caching:
-            # One resume point of a cached prefix = its window block(s) + one state slot: keep as many of each.
-            kept = int(cfg.prefix_cache_gib * (1 << 30) / (pool.block_bytes(WINDOW_KIND)
+            # One resume point of a cached prefix = the window blocks before it + one state slot.
+            per_point = -(-(args.window_size - 1) // bw) + 1
+            kept = int(cfg.prefix_cache_gib * (1 << 30) / (per_point * pool.block_bytes(WINDOW_KIND)
                                                            + pool.block_bytes(STATE_KIND)))
-            window += kept
+            window += kept * per_point
             # slots are held from reservation until the block completes (then they are cache entries)
-            state = (step_blocks + cfg.max_num_seqs + kept) if pool.has_state else 0
+            state = (-(-cfg.max_num_batched_tokens // B) + cfg.max_num_seqs + kept) if pool.has_state else 0
         pool.resize(window, comp, state)
         return pool
 

@@ -1,12 +1,13 @@
 """Paged V4 cache (model-spec §10): the physical block pool of every cache kind, and each sequence's view of
 it (block tables plus the compressors' running state).
 
-Three kinds of block share one block size B (a multiple of every compression ratio, so a block boundary is
-also a window boundary of every compressor):
+Three kinds of block. The block size B (a multiple of every compression ratio, so a block boundary is also a
+window boundary of every compressor) is the unit of allocation for compressed data and of prefix hits:
 
-* **window** blocks hold B raw KV rows (positions jB .. jB+B-1) of every attention layer. A sequence keeps only
-  the blocks that still overlap its sliding window; older ones go back to the allocator (or stay in the prefix
-  cache, evictable).
+* **window** blocks hold Bw = B/4 raw KV rows (positions jBw .. jBw+Bw-1) of every attention layer. A sequence
+  keeps only the blocks that still overlap its sliding window (about W + Bw rows per layer); older ones go back
+  to the allocator (or stay in the prefix cache, evictable). Smaller than B so that the rows held beyond the
+  window stay few.
 * **comp** blocks hold, per compressed layer, the B/m compressed KV entries of those tokens and, for CSA layers,
   the B/4 indexer keys.
 * **state** slots hold the compressor state *at a block's end* (the A-half of the last CSA window, which the
@@ -86,8 +87,8 @@ def check_block_size(args, block_size: int) -> None:
 class CachePool:
     """Physical storage of every cache kind, for all attention layers (main layers, then MTP blocks).
 
-    kv[l]: [NW*B + NC*B/m_l, E] rows: window block w at rows [wB, wB+B), comp block c's entries at rows
-    NW*B + [c*B/m_l, (c+1)*B/m_l). E = head_dim (activation dtype) or the FP8 entry width (uint8).
+    kv[l]: [NW*Bw + NC*B/m_l, E] rows: window block w at rows [wBw, (w+1)Bw), comp block c's entries at rows
+    NW*Bw + [c*B/m_l, (c+1)*B/m_l). E = head_dim (activation dtype) or the FP8 entry width (uint8).
     ikeys[l]: [NC*B/4, index_head_dim] indexer keys (CSA layers). state[l]: {"comp"|"index": [NS, 2, 4, dc]}
     fp32, the (kv, score) A-half at a block's end, per state slot (CSA layers; HCA needs none at a boundary).
     """
@@ -102,6 +103,7 @@ class CachePool:
             raise ValueError(f"kv_format='fp8' needs head_dim - rope_head_dim to be a multiple of 64, got "
                              f"{args.head_dim} - {args.rope_head_dim}")
         self.args, self.block_size, self.dtype, self.device = args, block_size, dtype, torch.device(device)
+        self.window_block = block_size // 4 if block_size % 4 == 0 else block_size  # Bw
         self.kv_format = kv_format
         self.n_layers = args.n_layers + args.n_mtp_layers
         self.ratios = [args.ratio(i) for i in range(self.n_layers)]
@@ -129,22 +131,22 @@ class CachePool:
 
     def comp_base(self, layer: int) -> int:
         """First row of the compressed region of layer's kv tensor."""
-        return self.num[WINDOW_KIND] * self.block_size
+        return self.num[WINDOW_KIND] * self.window_block
 
     def resize(self, num_window_blocks: int, num_comp_blocks: int, num_state_slots: int | None = None) -> None:
         """(Re)allocate for the given block counts, keeping the rows of blocks that exist in both layouts
         (a private pool grows this way; the engine sizes its pool once)."""
-        B, old = self.block_size, dict(self.num)
+        Bw, old = self.window_block, dict(self.num)
         ns = old[STATE_KIND] if num_state_slots is None else num_state_slots
         a = self.args
         for l, m in enumerate(self.ratios):
             epb = self.entries_per_block(l)
-            kv = self._kv_rows(num_window_blocks * B + num_comp_blocks * epb)
-            kw, kc = min(old[WINDOW_KIND], num_window_blocks) * B, min(old[COMP_KIND], num_comp_blocks) * epb
+            kv = self._kv_rows(num_window_blocks * Bw + num_comp_blocks * epb)
+            kw, kc = min(old[WINDOW_KIND], num_window_blocks) * Bw, min(old[COMP_KIND], num_comp_blocks) * epb
             if kw:
                 kv[:kw] = self.kv[l][:kw]
             if kc:
-                ob, nb = old[WINDOW_KIND] * B, num_window_blocks * B
+                ob, nb = old[WINDOW_KIND] * Bw, num_window_blocks * Bw
                 kv[nb:nb + kc] = self.kv[l][ob:ob + kc]
             self.kv[l] = kv
             if m == 4:
@@ -164,7 +166,7 @@ class CachePool:
         """Bytes one block of `kind` occupies across all layers."""
         B, a = self.block_size, self.args
         if kind == WINDOW_KIND:
-            return self.n_layers * B * self.entry_bytes
+            return self.n_layers * self.window_block * self.entry_bytes
         n = 0
         for l, m in enumerate(self.ratios):
             if kind == STATE_KIND:
@@ -226,8 +228,8 @@ class _PrivateAllocator:
 class SeqCache:
     """One sequence's cache: block tables into a `CachePool` and the compressors' running state.
 
-    comp_blocks[j] / win_blocks[j]: the blocks holding tokens [jB, (j+1)B); win_blocks[j] = -1 once the
-    window has moved past block j. `length` = tokens already processed.
+    comp_blocks[j]: the block holding tokens [jB, (j+1)B); win_blocks[j]: the window block of tokens
+    [jBw, (j+1)Bw), -1 once the window has moved past it. `length` = tokens already processed.
     """
 
     pool: CachePool
@@ -244,20 +246,21 @@ class SeqCache:
     def block_size(self) -> int:
         return self.pool.block_size
 
-    def blocks_needed(self, tokens: int) -> int:
+    def blocks_needed(self, tokens: int) -> dict[str, int]:
         """Blocks of each kind still to allocate so that `tokens` positions fit."""
-        return max(0, -(-tokens // self.block_size) - len(self.comp_blocks))
+        return {COMP_KIND: max(0, -(-tokens // self.block_size) - len(self.comp_blocks)),
+                WINDOW_KIND: max(0, -(-tokens // self.pool.window_block) - len(self.win_blocks))}
 
     def reserve(self, tokens: int) -> None:
         """Make room for positions [0, tokens): allocates both kinds or nothing (raises NoFreeBlocks)."""
         need = self.blocks_needed(tokens)
-        if need == 0:
+        if not any(need.values()):
             return
-        for kind in KINDS:
-            if not self.alloc.can_allocate(kind, need):
-                raise NoFreeBlocks(f"need {need} free {kind} cache blocks")
-        self.comp_blocks += self.alloc.allocate(COMP_KIND, need)
-        self.win_blocks += self.alloc.allocate(WINDOW_KIND, need)
+        for kind, n in need.items():
+            if n and not self.alloc.can_allocate(kind, n):
+                raise NoFreeBlocks(f"need {n} free {kind} cache blocks")
+        self.comp_blocks += self.alloc.allocate(COMP_KIND, need[COMP_KIND]) if need[COMP_KIND] else []
+        self.win_blocks += self.alloc.allocate(WINDOW_KIND, need[WINDOW_KIND]) if need[WINDOW_KIND] else []
         # State slots for the blocks that may be resumed from; none left is not an error (no resume there).
         n = len(self.comp_blocks)
         want = n if self.state_upto is None else min(n, self.state_upto)
@@ -268,7 +271,7 @@ class SeqCache:
     def trim(self, margin: int = 2) -> None:
         """Release window blocks no future query can see. `margin` positions of slack cover a rollback of
         speculative tokens (MTP: at most 2) after the trim."""
-        first_needed = max(0, self.length - margin - self.pool.args.window_size + 1) // self.block_size
+        first_needed = max(0, self.length - margin - self.pool.args.window_size + 1) // self.pool.window_block
         dead = [b for b in self.win_blocks[:first_needed] if b >= 0]
         if dead:
             self.alloc.release(WINDOW_KIND, dead)
@@ -285,11 +288,11 @@ class SeqCache:
     # -- addressing ----------------------------------------------------------------------------------------
     def window_rows(self, positions: torch.Tensor) -> torch.Tensor:
         """Pool rows of token positions (same in every layer's window region); -1 for negative positions."""
-        B = self.block_size
+        Bw = self.pool.window_block
         table = torch.tensor(self.win_blocks, dtype=torch.long, device=positions.device)
         p = positions.clamp_min(0)
-        blk = table[p // B]
-        return torch.where((positions >= 0) & (blk >= 0), blk * B + p % B, torch.full_like(p, -1))
+        blk = table[p // Bw]
+        return torch.where((positions >= 0) & (blk >= 0), blk * Bw + p % Bw, torch.full_like(p, -1))
 
     def entry_rows(self, layer: int, entries: torch.Tensor) -> torch.Tensor:
         """Rows of compressed entries (numbers 0..) of layer, relative to the start of its compressed region
@@ -309,7 +312,7 @@ class SeqCache:
         total = 0
         for l in layers:
             m = pool.ratios[l]
-            total += n_win * B * pool.entry_bytes
+            total += n_win * pool.window_block * pool.entry_bytes
             if m:
                 total += n_comp * (B // m) * pool.entry_bytes
             if m == 4:

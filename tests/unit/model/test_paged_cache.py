@@ -40,29 +40,30 @@ def test_block_size_must_be_a_multiple_of_every_ratio(args):
 
 def test_reserve_trim_free_and_row_addressing(args):
     c = new_seq_cache(args, F32)
-    c.reserve(300)  # 3 blocks of 128 of each kind
-    assert len(c.comp_blocks) == len(c.win_blocks) == 3
+    B, Bw = c.block_size, c.pool.window_block
+    assert (B, Bw) == (128, 32)
+    c.reserve(300)  # 3 comp blocks of 128, 10 window blocks of 32
+    assert len(c.comp_blocks) == 3 and len(c.win_blocks) == 10
     c.reserve(200)
-    assert len(c.comp_blocks) == 3  # already there: no-op
-    rows = c.window_rows(torch.tensor([-1, 0, 127, 128, 299]))
-    B = c.block_size
-    assert rows[0] == -1 and rows[1] == c.win_blocks[0] * B and rows[3] == c.win_blocks[1] * B
-    assert rows[4] == c.win_blocks[2] * B + 299 - 256
+    assert len(c.comp_blocks) == 3 and len(c.win_blocks) == 10  # already there: no-op
+    rows = c.window_rows(torch.tensor([-1, 0, 31, 32, 299]))
+    assert rows[0] == -1 and rows[1] == c.win_blocks[0] * Bw and rows[3] == c.win_blocks[1] * Bw
+    assert rows[4] == c.win_blocks[9] * Bw + 299 - 288
     c.length = 300
-    c.trim()  # window 16: positions >= 300-2-16+1 = 283 stay visible -> blocks 0, 1 released
-    assert c.win_blocks[:2] == [-1, -1] and c.win_blocks[2] >= 0
-    assert (c.window_rows(torch.tensor([100])) == -1).all()
+    c.trim()  # window 16: positions >= 300-2-16+1 = 283 stay visible -> window blocks 0..7 released
+    assert c.win_blocks[:8] == [-1] * 8 and min(c.win_blocks[8:]) >= 0
+    assert (c.window_rows(torch.tensor([100, 255])) == -1).all()
     c.free()
     assert c.comp_blocks == [] and c.win_blocks == []
 
 
 def test_private_pool_growth_keeps_rows(args):
     pool = CachePool(args, 128, 1, 1, F32)
-    pool.kv[1][:128] = 1.0  # window block 0
-    pool.kv[1][128:160] = 2.0  # comp block 0 of layer 1 (ratio 4: 32 entries per block)
+    pool.kv[1][:32] = 1.0  # window block 0 (32 rows)
+    pool.kv[1][32:64] = 2.0  # comp block 0 of layer 1 (ratio 4: 32 entries per block)
     pool.resize(3, 2)
-    assert pool.comp_base(1) == 3 * 128
-    assert (pool.kv[1][:128] == 1).all() and (pool.kv[1][384:416] == 2).all()
+    assert pool.comp_base(1) == 3 * 32
+    assert (pool.kv[1][:32] == 1).all() and (pool.kv[1][96:128] == 2).all()
     assert pool.num == {WINDOW_KIND: 3, COMP_KIND: 2, STATE_KIND: 0}
 
 
