@@ -154,7 +154,7 @@ class PrefixCache:
             for jw in range(j * per, (j + 1) * per):
                 if cache.win_blocks[jw] >= 0:
                     win.register(cache.win_blocks[jw], self._window_key(hashes, jw, bw))
-            slot = cache.state_slots[j] if j < len(cache.state_slots) else -1
+            slot = cache.state_slots[j]  # reserve keeps one entry per comp block
             if slot >= 0:  # the sequence never reads it again: hand it to the cache right away
                 state.register(slot, hashes[j])
                 state.release([slot])

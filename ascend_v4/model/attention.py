@@ -123,9 +123,10 @@ class Attention(nn.Module):
             sl = slice(o0, o0 + s.n)
             pos = positions[sl]
             cache = s.cache
-            pool.write_kv(lid, cache.window_rows(pos), kv[sl])
-            # Query t sees positions [t-W+1, t] (negative ones are empty).
-            parts = [cache.window_rows(pos[:, None] - W + 1 + arange_w[None, :])]
+            # Query t sees positions [t-W+1, t] (negative ones are empty); the last column is t's own row.
+            win = cache.window_rows(pos[:, None] - W + 1 + arange_w[None, :])  # [n, W]
+            pool.write_kv(lid, win[:, -1], kv[sl])
+            parts = [win]
             if self.kind != WINDOW:
                 cs, ist = cache.states[lid]
                 first = cs.n_entries

@@ -35,6 +35,8 @@ from typing import Protocol
 
 import torch
 
+from ascend_v4 import ops
+
 WINDOW_KIND, COMP_KIND, STATE_KIND = "window", "comp", "state"
 KINDS = (WINDOW_KIND, COMP_KIND)  # allocated for every block of a sequence; state slots only on request
 
@@ -70,7 +72,6 @@ class CompressorState:
 def kv_entry_bytes(args, kv_format: str, dtype: torch.dtype) -> int:
     """Bytes of one window row / compressed entry in the pool."""
     if kv_format == "fp8":
-        from ascend_v4 import ops
         return ops.kv_fp8_entry_bytes(args.head_dim, args.rope_head_dim)
     return args.head_dim * torch.finfo(dtype).bits // 8
 
@@ -187,7 +188,6 @@ class CachePool:
         if values.shape[0] == 0:
             return
         if self.kv_format == "fp8":
-            from ascend_v4 import ops
             self.kv[layer][rows] = ops.kv_pack_fp8(values, self.args.rope_head_dim)
         else:
             self.kv[layer][rows] = values.to(self.dtype)
@@ -195,7 +195,6 @@ class CachePool:
     def attend(self, layer: int, q: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor,
                scale: float) -> torch.Tensor:
         """Sparse attention of q [T, H, hd] over layer's pool rows idx [T, K] (-1 = none)."""
-        from ascend_v4 import ops
         if self.kv_format == "fp8":
             return ops.sparse_attn_fp8(q, self.kv[layer], idx, sink, scale, self.args.rope_head_dim)
         return ops.sparse_attn(q, self.kv[layer], idx, sink, scale)
@@ -393,7 +392,7 @@ class CacheMark:
     states: list[tuple[CompressorState | None, CompressorState | None]]
 
 
-def mark(cache: SeqCache, positions: range | None = None) -> CacheMark:
+def mark(cache: SeqCache) -> CacheMark:
     """Remember the state before a step that may be rolled back."""
     return CacheMark(cache.length, [tuple(copy.copy(s) if s is not None else None for s in st)
                                     for st in cache.states])
