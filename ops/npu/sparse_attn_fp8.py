@@ -17,7 +17,7 @@ no host sync, capturable in an ACL graph), and otherwise the distinct entries of
 
 kv_pack_fp8 / kv_unpack_fp8 run without float8 dtypes (A2/A3 torch_npu has no FP8; ascend-notes.md §1):
 e4m3 codes are computed from the fp32 bits and decoded by a 256-entry table, bit-exact with the reference.
-Evidence: Python checked on CPU under the torch_npu test double (tests/unit/ops/test_npu_sparse_attn_fp8.py);
+Evidence: Python checked on CPU under the torch_npu test double (tests/unit/npu/test_npu_sparse_attn_fp8.py);
 the 950 path and the binding are written only (docs/kernels.md).
 """
 

@@ -10,19 +10,43 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_to, dot_in_fp32, mma, next_pow2
+from ._common import cast_to, dot_in_fp32, e8m0_to_f32, fp8e4m3_to_f32, mma, next_pow2
 
 _SCORE_BUFFER_ELEMS = 1 << 24  # indexer: at most 16M fp32 scores (64 MiB) alive at once
 
 
 # ---------------------------------------------------------------------------------------------- sparse_attn
 @triton.jit
+def _decode_entries(kv_ptr, ix, valid, d, stride_kv, D, NOPE: tl.constexpr, ROPE_OFF: tl.constexpr,
+                    SCALE_OFF: tl.constexpr, SCALE_BLOCK_: tl.constexpr):
+    """fp32 [BK, BD] rows of the FP8 cache entries `ix` (invalid rows and columns >= D read as 0): e4m3 byte x
+    2^(UE8M0 - 127) for the nope dims, two little-endian bytes -> bf16 for the rope dims. Only integer ops and
+    bitcasts (no fp8 dtype), like the GEMM decoders in `_common.py`."""
+    base = kv_ptr + ix[:, None] * stride_kv
+    is_nope = d < NOPE
+    nope_m = valid[:, None] & is_nope[None, :]
+    rope_m = valid[:, None] & ((d >= NOPE) & (d < D))[None, :]
+    dn = tl.where(is_nope, d, 0)  # keep masked-off addresses inside the entry
+    dr = tl.where(is_nope, 0, d - NOPE)
+    code = tl.load(base + dn[None, :], mask=nope_m, other=0)
+    sb = tl.load(base + SCALE_OFF + (dn // SCALE_BLOCK_)[None, :], mask=nope_m, other=127)
+    nope = fp8e4m3_to_f32(code) * e8m0_to_f32(sb)
+    # two byte loads rather than a bf16 pointer cast: triton-ascend rejects casts between pointer widths
+    lo = tl.load(base + ROPE_OFF + 2 * dr[None, :], mask=rope_m, other=0).to(tl.int32)
+    hi = tl.load(base + ROPE_OFF + 2 * dr[None, :] + 1, mask=rope_m, other=0).to(tl.int32)
+    rope = ((lo | (hi << 8)) << 16).to(tl.float32, bitcast=True)  # bf16 bits in the top half of an fp32
+    return tl.where(is_nope[None, :], nope, rope)
+
+
+@triton.jit
 def _sparse_attn_kernel(q_ptr, kv_ptr, idx_ptr, sink_ptr, out_ptr, H, D, K, scale,
                         stride_qt, stride_qh, stride_kv, stride_it, stride_ot, stride_oh,
                         BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                        F32: tl.constexpr):
+                        F32: tl.constexpr, FP8_ENTRY: tl.constexpr = False, NOPE: tl.constexpr = 0,
+                        ROPE_OFF: tl.constexpr = 0, SCALE_OFF: tl.constexpr = 0, SCALE_BLOCK_: tl.constexpr = 64):
     # One program = one query row t x BLOCK_H heads; walks the row's K indices in BLOCK_K chunks with an
     # fp32 online softmax. The sink is a logit with zero value: it seeds the running max and denominator.
+    # FP8_ENTRY: kv holds FP8 cache entries (sparse_attn_fp8.py), decoded in registers as they are gathered.
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
@@ -36,8 +60,12 @@ def _sparse_attn_kernel(q_ptr, kv_ptr, idx_ptr, sink_ptr, out_ptr, H, D, K, scal
         kk = k0 + tl.arange(0, BLOCK_K)
         ix = tl.load(idx_ptr + t * stride_it + kk, mask=kk < K, other=-1).to(tl.int64)
         valid = ix >= 0
-        rows = tl.load(kv_ptr + ix[:, None] * stride_kv + d[None, :], mask=valid[:, None] & dm[None, :],
-                       other=0.0)  # [BK, BD], K = V
+        if FP8_ENTRY:
+            rows = _decode_entries(kv_ptr, tl.where(valid, ix, 0), valid, d, stride_kv, D, NOPE, ROPE_OFF,
+                                   SCALE_OFF, SCALE_BLOCK_)  # [BK, BD] fp32, exact in bf16
+        else:
+            rows = tl.load(kv_ptr + ix[:, None] * stride_kv + d[None, :], mask=valid[:, None] & dm[None, :],
+                           other=0.0)  # [BK, BD], K = V
         s = mma(q, tl.trans(rows), F32) * scale  # [BH, BK]
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -62,6 +90,12 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torc
 
     Decode (one query per row) and prefill (T rows) use the same kernel; grid = (T, ceil(H / 16)).
     """
+    return launch_sparse_attn(q, kv, idx, sink, scale, dot_in_fp32(q, kv))
+
+
+def launch_sparse_attn(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor, scale: float,
+                       f32: bool, **entry) -> torch.Tensor:
+    """Run `_sparse_attn_kernel` (entry: the FP8-entry constexprs, empty for plain kv rows)."""
     T, H, D = q.shape
     K = idx.shape[1]
     q = q if q.stride(-1) == 1 else q.contiguous()
@@ -75,7 +109,7 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torc
     grid = (T, triton.cdiv(H, cfg["BLOCK_H"]))
     _sparse_attn_kernel[grid](q, kv, idx, sink, out, H, D, K, float(scale),
                               q.stride(0), q.stride(1), kv.stride(0), idx.stride(0), out.stride(0), out.stride(1),
-                              F32=dot_in_fp32(q, kv), **cfg)
+                              F32=f32, **entry, **cfg)
     return out
 
 

@@ -25,9 +25,8 @@ def _load():
         return importlib.import_module(_MOD), dev
     with _interpret.interpreter_env():
         mod = importlib.import_module(_MOD)
-        # imported compiled earlier, or against an older _common: import again under the interpreter
-        if mod.fp8e4m3_to_f32 is not K._common.fp8e4m3_to_f32 or not _interpret._interpreted(
-                mod._sparse_attn_fp8_kernel):
+        # imported compiled earlier, or against an older attention module: import again under the interpreter
+        if mod.launch_sparse_attn is not K.attention.launch_sparse_attn:
             mod = importlib.reload(mod)
     return mod, dev
 
