@@ -58,3 +58,14 @@ def tiny_args():
     from ascend_v4.model.args import ModelArgs
 
     return ModelArgs.from_preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for the module's tests (multi-process tests: ranks must not oversubscribe the cores)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -52,14 +52,6 @@ LAYERS = (0, 3)  # hash-routed, score-routed
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
 def ckpt():
     return ensure_dummy_checkpoint("tiny")
 

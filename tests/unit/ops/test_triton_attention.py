@@ -1,7 +1,7 @@
 """Triton attention kernels (sparse_attn, indexer_topk, compress_kv) vs the reference goldens.
 
 On CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set only while this module imports
-the kernels and while each test runs); on a CUDA machine they run compiled on the GPU.
+the kernels and while each test runs, by the fixture in conftest.py); on a CUDA machine they run compiled on the GPU.
 """
 
 from __future__ import annotations
@@ -22,13 +22,6 @@ except _interpret.InterpreterUnavailable as e:
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
-
-@pytest.fixture(autouse=True)
-def _interpreter(request, monkeypatch):
-    if ISOLATED and request.node.name != "test_isolated_rerun":
-        pytest.skip(f"{ISOLATED}; run by test_isolated_rerun")
-    if DEV.type == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 if ISOLATED:  # triton was imported compiled before this module: run the whole module in a fresh process

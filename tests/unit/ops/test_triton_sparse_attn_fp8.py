@@ -42,13 +42,6 @@ except _interpret.InterpreterUnavailable as e:
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
-@pytest.fixture(autouse=True)
-def _interpreter(request, monkeypatch):
-    if ISOLATED and request.node.name != "test_isolated_rerun":
-        pytest.skip(f"{ISOLATED}; run by test_isolated_rerun")
-    if DEV.type == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-
 
 if ISOLATED:
     def test_isolated_rerun():

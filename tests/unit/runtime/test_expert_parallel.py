@@ -43,12 +43,7 @@ CFG = EngineConfig(max_num_batched_tokens=48, max_num_seqs=4, enable_prefix_cach
 GREEDY = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: ranks share the cores
 
 
 @pytest.fixture(scope="module")
