@@ -144,11 +144,7 @@ constexpr int64_t M_TILES[] = {16, 32, 64, 128};
 constexpr int64_t N_TILES[] = {256, 128, 64, 32, 16};
 constexpr int64_t K_TILES[] = {512, 256, 128, 64, 32};
 constexpr int64_t K_STEPS[] = {4, 2, 1};
-constexpr int64_t ACT_QUANT_COLS = 512;
-constexpr int64_t ACT_QUANT_ROWS = 16;
-constexpr int64_t MOE_KEY_MX = 10;
-// tiling.py MX_KERNEL_READY: the 950 MX kernel path is planned but its activation pre-pass is not written.
-constexpr bool MX_KERNEL_READY = false;
+constexpr int64_t MOE_KEY_MX = 10;  // tiling key offset of the 950 MX variant (moe_gemm_mx_rules.h)
 
 inline int64_t WeightBits(WeightFmt f) { return f == WeightFmt::FP8 ? 8 : (f == WeightFmt::FP4 ? 4 : 16); }
 inline int64_t ScaleBlockN(WeightFmt f) { return f == WeightFmt::FP8 ? 128 : 1; }
@@ -162,24 +158,12 @@ struct MoeGemmTiling {
     Usage usage;
 };
 
-inline Usage MoeGemmUsage(int64_t m, int64_t n, int64_t k, int64_t step, WeightFmt fmt, bool nativeMx)
+// Dequant path (vector-unit decode to BF16, then the cube); the 950 MX path has its own rules.
+inline Usage MoeGemmUsage(int64_t m, int64_t n, int64_t k, int64_t step, WeightFmt fmt)
 {
     const int64_t bits = WeightBits(fmt);
     const int64_t kl1 = k * step;
     Usage u;
-    if (nativeMx && fmt != WeightFmt::BF16) {
-        const int64_t scA = m * CeilDiv(kl1, 32);
-        const int64_t scB = n * CeilDiv(kl1, 32);
-        u.l1 = DOUBLE * (m * kl1 + scA) + DOUBLE * (n * kl1 * bits / 8 + scB);
-        u.l0a = DOUBLE * m * k;
-        u.l0b = DOUBLE * k * n * bits / 8;
-        u.l0c = DOUBLE * m * n * FP32;
-        u.ub = DOUBLE * Align(ACT_QUANT_ROWS * ACT_QUANT_COLS * BF16, UB_ALIGN) +
-               DOUBLE * Align(ACT_QUANT_ROWS * ACT_QUANT_COLS, UB_ALIGN) +
-               Align(ACT_QUANT_ROWS * ACT_QUANT_COLS * FP32, UB_ALIGN) +
-               DOUBLE * Align(ACT_QUANT_ROWS * ACT_QUANT_COLS / 32, UB_ALIGN);
-        return u;
-    }
     const int64_t half = std::max<int64_t>(1, n / 2);
     u.l1 = DOUBLE * m * kl1 * BF16 + DOUBLE * n * kl1 * BF16;
     u.l0a = DOUBLE * m * k * BF16;
@@ -198,14 +182,13 @@ inline Usage MoeGemmUsage(int64_t m, int64_t n, int64_t k, int64_t step, WeightF
 inline bool AlignedToBlock(int64_t tile, int64_t block) { return tile % block == 0 || block % tile == 0; }
 
 inline MoeGemmTiling ComputeMoeGemmTiling(const SocCaps &caps, int64_t M, int64_t N, int64_t K, int64_t E,
-                                          WeightFmt fmt, int64_t coreNum, bool allowMx = MX_KERNEL_READY)
+                                          WeightFmt fmt, int64_t coreNum)
 {
     MoeGemmTiling t;
     if (M <= 0 || N <= 0 || K <= 0 || E <= 0 || coreNum <= 0 || N % CUBE != 0 || K % 32 != 0) {
         return t;
     }
     const int64_t bits = WeightBits(fmt);
-    const bool mx = caps.nativeMx && allowMx && fmt != WeightFmt::BF16;
     const int64_t groups = std::min(E, M);
     const int64_t rows = CeilDiv(M, groups);
     int64_t m = M_TILES[3];
@@ -218,10 +201,9 @@ inline MoeGemmTiling ComputeMoeGemmTiling(const SocCaps &caps, int64_t M, int64_
             if (k > K || !AlignedToBlock(k, ScaleBlockK(fmt)) || (k * bits / 8) % UB_ALIGN != 0) continue;
             for (int64_t step : K_STEPS) {
                 if (k * step > Align(K, k)) continue;
-                Usage u = MoeGemmUsage(m, n, k, step, fmt, mx);
+                Usage u = MoeGemmUsage(m, n, k, step, fmt);
                 if (!Fits(caps, u)) continue;
                 t.ok = true;
-                t.nativeMx = mx;
                 t.mTile = m;
                 t.nTile = n;
                 t.kTile = k;
@@ -229,14 +211,12 @@ inline MoeGemmTiling ComputeMoeGemmTiling(const SocCaps &caps, int64_t M, int64_
                 t.usage = u;
                 t.nNTile = CeilDiv(N, n);
                 t.maxUnits = (CeilDiv(M, m) + groups) * t.nNTile;
-                if (mx) {
-                    t.workspaceBytes = Align(M, 16) * (K + CeilDiv(K, 32));
-                } else if (fmt != WeightFmt::BF16) {
+                if (fmt != WeightFmt::BF16) {
                     t.workspaceBytes = coreNum * DOUBLE * n * K * BF16;  // [nTile, K] bf16 slabs
                 } else {
                     t.workspaceBytes = 0;
                 }
-                t.tilingKey = static_cast<int64_t>(fmt) + (mx ? MOE_KEY_MX : 0);
+                t.tilingKey = static_cast<int64_t>(fmt);
                 return t;
             }
         }

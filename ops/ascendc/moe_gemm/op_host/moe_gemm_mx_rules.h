@@ -129,7 +129,7 @@ inline MoeGemmMxTiling ComputeMoeGemmTilingFor(const SocCaps &caps, int64_t M, i
         return ComputeMoeGemmMxTiling(caps, M, N, K, E, fmt, coreNum);
     }
     MoeGemmMxTiling r;
-    r.t = ComputeMoeGemmTiling(caps, M, N, K, E, fmt, coreNum, false);
+    r.t = ComputeMoeGemmTiling(caps, M, N, K, E, fmt, coreNum);
     return r;
 }
 
