@@ -20,6 +20,14 @@ class SourceReadError(QuantizeError):
     """A source shard could not be read as its header promised (truncated or modified during the run)."""
 
 
+class OutputWriteError(QuantizeError):
+    """The output could not be written mid-run (disk full, quota, I/O error); finished files are kept for --resume."""
+
+
+class NonFiniteSourceError(QuantizeError):
+    """A source tensor holds a non-finite value (NaN / inf, an FP8 NaN byte, a NaN or overflowing UE8M0 scale)."""
+
+
 class UnsupportedConversionError(QuantizeError):
     """The requested format / options do not apply to this checkpoint (e.g. --ep not dividing the experts)."""
 
@@ -33,4 +41,5 @@ class InjectedFailure(RuntimeError):
 
 
 __all__ = ["QuantizeError", "DestinationConflictError", "InsufficientDiskSpaceError", "SourceReadError",
-           "UnsupportedConversionError", "ResumeMismatchError", "InjectedFailure"]
+           "UnsupportedConversionError", "ResumeMismatchError", "InjectedFailure", "OutputWriteError",
+           "NonFiniteSourceError"]

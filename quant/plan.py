@@ -38,6 +38,7 @@ from typing import Any, Protocol
 from ascend_v4.quant import get_format
 
 from . import recipes
+from .st_io import tensor_nbytes
 
 GIB = 1 << 30
 RUNTIME_RESERVE = 2 * GIB  # framework/runtime context, allocator slack (estimate)
@@ -115,11 +116,6 @@ class InventoryEntry(Protocol):
 
 _TP_SPLIT = re.compile(r"^(embed|head)\.|\.attn\.(wq_b|wo_a|wo_b)\.|\.attn\.indexer\.(wq_b|weights_proj)\.|"
                        r"\.attn_sink$")
-_BYTES = {"F8_E4M3": 1, "F8_E8M0": 1, "I8": 1, "BF16": 2, "F32": 4, "I64": 8}
-
-
-def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
-    return math.prod(shape) * _BYTES[dtype]
 
 
 @dataclass
@@ -154,7 +150,7 @@ def weight_split(specs: Mapping[str, InventoryEntry], output_format: str) -> Wei
         elif s.kind == "scale" and f"{base}.weight" in specs:
             continue  # counted with its weight
         else:
-            b = _nbytes(s.shape, s.dtype)
+            b = tensor_nbytes(s.shape, s.dtype)
             ws.params += math.prod(s.shape)
         if ".ffn.experts." in name:
             ws.routed_experts += b

@@ -22,10 +22,9 @@ from ascend_v4.quant import get_format
 
 from . import recipes
 from .errors import QuantizeError
-from .formats.base import TORCH_DTYPE
 from .manifest import read_manifest
-from .st_io import pread_exact, read_header, sha256_file
-from .tool import SourceCheckpoint, make_plan
+from .conversion_plan import SourceCheckpoint, make_plan
+from .st_io import TensorEntry, parse_header, pread_exact, read_tensor, sha256_file
 
 
 @dataclass
@@ -74,10 +73,12 @@ def linear_error(ref: torch.Tensor, test: torch.Tensor) -> tuple[float, float, f
     return max_rel, mean_rel, rel_l2
 
 
-def _read(fd: int, e, what: str) -> torch.Tensor:
-    buf = pread_exact(fd, e.begin, e.end - e.begin, what)
-    raw = torch.frombuffer(buf, dtype=torch.uint8) if len(buf) else torch.empty(0, dtype=torch.uint8)
-    return raw.view(TORCH_DTYPE[e.dtype]).reshape(e.shape)
+def _output_header(path: Path) -> dict[str, TensorEntry]:
+    problems: list[str] = []
+    header = parse_header(path, problems)
+    if problems:
+        raise QuantizeError(f"{path}: not a valid safetensors file: " + "; ".join(problems[:3]))
+    return header.tensors
 
 
 def verify_conversion(src: SourceCheckpoint, out_dir: str | Path, *, check_hashes: bool = True) -> VerifyReport:
@@ -103,7 +104,7 @@ def verify_conversion(src: SourceCheckpoint, out_dir: str | Path, *, check_hashe
     root = Path(src.path)
     try:
         for f in plan.files:
-            entries, _, _ = read_header(out / f.name)
+            entries = _output_header(out / f.name)
             for u in f.units:
                 if u.is_copy:
                     s, o = u.src[0], entries[u.outputs[0].name]
@@ -114,9 +115,9 @@ def verify_conversion(src: SourceCheckpoint, out_dir: str | Path, *, check_hashe
                         rep.copy_mismatches.append(s.name)
                     continue
                 src_fmt, dst_fmt = get_format(u.src_fmt), get_format(u.dst_fmt)
-                ref = src_fmt.dequantize({"weight": _read(fd(root / u.src[0].file), u.src[0], u.src[0].name),
-                                          "scale": _read(fd(root / u.src[1].file), u.src[1], u.src[1].name)})
-                got = dst_fmt.dequantize({o.name.rsplit(".", 1)[1]: _read(fd(out / f.name), entries[o.name], o.name)
+                ref = src_fmt.dequantize({"weight": read_tensor(fd(root / u.src[0].file), u.src[0]),
+                                          "scale": read_tensor(fd(root / u.src[1].file), u.src[1])})
+                got = dst_fmt.dequantize({o.name.rsplit(".", 1)[1]: read_tensor(fd(out / f.name), entries[o.name])
                                           for o in u.outputs})
                 mx, mean, l2 = linear_error(ref, got)
                 kind = recipes.layer_kind(u.name)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from ascend_v4.model.args import CSA, HCA, WINDOW, ModelArgs, ceil_div
 from ascend_v4.quant import get_format
 from ascend_v4.quant.recipes import is_down_proj
+from ascend_v4.quant.st_io import dtype_nbytes, tensor_nbytes
 
 # safetensors dtype names (header "dtype" field)
 F8, E8M0, I8, BF16, F32, I64 = "F8_E4M3", "F8_E8M0", "I8", "BF16", "F32", "I64"
@@ -165,19 +166,9 @@ def _official_tensors(args: ModelArgs, include_mtp: bool) -> dict[str, TensorSpe
     return out
 
 
-def dtype_nbytes(dtype: str) -> int:
-    return {F8: 1, E8M0: 1, I8: 1, BF16: 2, F32: 4, I64: 8}[dtype]  # also every converted format's dtypes
-
-
 def checkpoint_nbytes(args: ModelArgs) -> int:
     """Bytes of tensor data in the full checkpoint (headers excluded)."""
-    total = 0
-    for s in expected_tensors(args).values():
-        n = dtype_nbytes(s.dtype)
-        for x in s.shape:
-            n *= x
-        total += n
-    return total
+    return sum(tensor_nbytes(s.shape, s.dtype) for s in expected_tensors(args).values())
 
 
 __all__ = ["TensorSpec", "expected_tensors", "official_linears", "apply_linear_formats", "block_tensors",

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-# safetensors dtype name <-> torch dtype for the dtypes the formats store (model-spec.md §8.1, ascend-notes §6.3).
-ST_DTYPE = {torch.float8_e4m3fn: "F8_E4M3", torch.float8_e8m0fnu: "F8_E8M0", torch.int8: "I8",
-            torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64"}
-TORCH_DTYPE = {v: k for k, v in ST_DTYPE.items()}
+from ..st_io import ST_DTYPES, TORCH_DTYPES
+
+# safetensors dtype name <-> torch dtype (model-spec.md §8.1, ascend-notes §6.3): the one table lives in st_io.
+ST_DTYPE, TORCH_DTYPE = ST_DTYPES, TORCH_DTYPES
 
 
 @dataclass(frozen=True)

@@ -42,3 +42,27 @@ def converted(tiny_info, tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """small_fs(nbytes) -> a directory on a fresh tmpfs of that size (a real filesystem that fills up; unmounted
+    after the test). Needs the right to mount (root, as in CI); skipped otherwise, with the reason."""
+    import os
+    import subprocess
+
+    mounts: list[Path] = []
+
+    def make(nbytes: int) -> Path:
+        mnt = tmp_path / f"fs{len(mounts)}"
+        mnt.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={nbytes}", "tmpfs", str(mnt)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (uid {os.geteuid()}): {r.stderr.strip()}")
+        mounts.append(mnt)
+        return mnt
+
+    yield make
+    for m in mounts:
+        subprocess.run(["umount", "-l", str(m)], check=False)
