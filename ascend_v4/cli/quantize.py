@@ -10,7 +10,6 @@ describes formats, layouts and every difference from msModelSlim's ascendV1 outp
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,10 +36,11 @@ class QuantizeRequest:
     read_baseline: str = "sample"
     fsync: bool = True
     progress: bool = False
+    allow_nonfinite: bool = False
 
 
 def _progress_factory():
-    from ascend_v4.checkpoint.reader import ProgressBar
+    from ascend_v4.quant.progress import ProgressBar
 
     return lambda total, desc: ProgressBar(total, desc)
 
@@ -70,7 +70,8 @@ def run_quantize(req: QuantizeRequest, log=None) -> dict:
         raise CheckpointError(f"{src_dir}: unexpected config")
     res = quantize(info, req.out, req.format, ep=req.ep, workers=req.workers, resume=req.resume, force=req.force,
                    fsync=req.fsync, read_baseline=req.read_baseline,
-                   progress_factory=_progress_factory() if req.progress else None, log=say)
+                   progress_factory=_progress_factory() if req.progress else None, log=say,
+                   allow_nonfinite=req.allow_nonfinite)
     out = {"result": res, "source": src_dir}
     if req.verify or req.verify_e2e:
         from ascend_v4.quant.verify import verify_conversion
@@ -150,12 +151,17 @@ def format_accuracy(rows: list[dict], n_tokens: int) -> str:
 @click.option("--read-baseline", type=click.Choice(["sample", "full", "off"]), default="sample", show_default=True,
               help="Cold raw read of the same source bytes for the throughput ratio (sample = up to 4 GiB).")
 @click.option("--no-fsync", is_flag=True, help="Skip fsync before renames (benchmarks only: not crash safe).")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Warn about NaN / inf source values (and FP8 NaN bytes, NaN or overflowing UE8M0 scales) and go "
+                   "on; by default the first one stops the run, naming file, tensor and element.")
 def quantize_cmd(model, out, fmt, ep, workers, resume, force, verify, verify_e2e, e2e_tokens, read_baseline,
-                 no_fsync):
+                 no_fsync, allow_nonfinite):
     """Convert an official DeepSeek-V4 checkpoint for Ascend NPUs (or to BF16 / FP8 experts / re-sharded).
 
-    Streams shard by shard with bounded memory, writes every file under a temporary name, keeps a journal
-    so --resume continues after a crash or Ctrl-C, and writes the manifest last. The output loads with
+    Streams shard by shard with bounded memory, writes every file under a temporary name, records each
+    finished file in a journal so --resume keeps it after a crash, Ctrl-C or a full disk, and writes the
+    manifest last. Every source value is checked: NaN / inf stop the run (see --allow-nonfinite). Progress
+    is a bar on a terminal and a log line every few seconds when stderr is piped. The output loads with
     ascend-v4 (generate, LLM(...)); w8a8 / w4a8 follow msModelSlim's ascendV1 conventions (docs/quantize.md).
 
     \b
@@ -169,7 +175,7 @@ def quantize_cmd(model, out, fmt, ep, workers, resume, force, verify, verify_e2e
     from ascend_v4.quant.errors import QuantizeError
 
     req = QuantizeRequest(model, out, fmt, ep, workers or min(8, os.cpu_count() or 1), resume, force, verify,
-                          verify_e2e, e2e_tokens, read_baseline, not no_fsync, sys.stderr.isatty())
+                          verify_e2e, e2e_tokens, read_baseline, not no_fsync, True, allow_nonfinite)
     try:
         res = run_quantize(req, log=lambda s: click.echo(s, err=True))
     except (CheckpointError, ConfigError, QuantizeError) as e:
