@@ -47,6 +47,9 @@ ENV_VARS: dict[str, EnvVar] = {
                "override device detection: cpu | cuda | npu (optionally with an index, e.g. npu:1)"),
         EnvVar("ASCEND_V4_LOG_LEVEL", "WARNING",
                "log level of the ascend_v4 loggers: DEBUG | INFO | WARNING | ERROR | CRITICAL"),
+        EnvVar("ASCEND_V4_DEBUG", "0",
+               "1 = the CLI shows the Python traceback of an error (as `ascend-v4 --debug`); "
+               "0 = one `error: ...` line"),
         EnvVar("ASCEND_V4_TRITON_RERUN", None,
                "internal: marks the child pytest process that reruns Triton tests in interpreter mode",
                internal=True),
@@ -107,6 +110,11 @@ def log_level() -> str:
     return _choice("ASCEND_V4_LOG_LEVEL", LOG_LEVELS, (_raw("ASCEND_V4_LOG_LEVEL") or "WARNING").upper())
 
 
+# CLI tracebacks switch ("0" | "1"), same as `ascend-v4 --debug`; default 0 (one `error: ...` line per error).
+def debug() -> bool:
+    return _choice("ASCEND_V4_DEBUG", ("0", "1"), _raw("ASCEND_V4_DEBUG") or "0") == "1"
+
+
 # Internal: true inside the Triton interpreter-mode child test process (read directly by ops/triton/_interpret.py).
 def triton_rerun() -> bool:
     return _raw("ASCEND_V4_TRITON_RERUN") is not None
@@ -119,4 +127,4 @@ def list_env_vars() -> list[dict[str, str | bool | None]]:
 
 
 __all__ = ["EnvVar", "ENV_VARS", "OP_BACKENDS", "DEVICE_TYPES", "LOG_LEVELS", "cache_dir", "model_dir",
-           "op_backend", "device", "log_level", "triton_rerun", "list_env_vars"]
+           "op_backend", "device", "log_level", "debug", "triton_rerun", "list_env_vars"]

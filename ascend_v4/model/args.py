@@ -8,13 +8,12 @@ official repositories ship it (`flash`, `pro`) or in the same format for the sma
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 # Layer kinds, named after what the attention sees beyond its sliding window.
 WINDOW, CSA, HCA = "window", "csa", "hca"
@@ -25,6 +24,97 @@ PRESETS_PACKAGE = "ascend_v4.model.configs"
 
 class ConfigError(ValueError):
     """A config.json (or preset) that is not a DeepSeek-V4 config this toolkit can run."""
+
+
+_REQUIRED: Any = object()  # `_Keys` default meaning "the key must be present"
+
+
+def _shown(value: Any) -> str:
+    """A config value for an error message: its repr (shortened) and Python type; JSON null as `null`."""
+    if value is None:
+        return "null"
+    text = repr(value)
+    return f"{text if len(text) <= 80 else text[:77] + '...'} ({type(value).__name__})"
+
+
+def _as_int(value: Any) -> int | None:
+    """`value` as an int when it is one: JSON integers, and floats with no fractional part (4.0 -> 4, as some
+    JSON writers emit); None for bools (True is an int in Python), fractions, strings, null and the rest."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+class _Keys:
+    """Typed, range-checked reads of the keys of one JSON object of a config.json.
+
+    Each getter takes the key and its default (omitted: the key is required), checks the value's type and
+    range, and raises `ConfigError` naming the key, the rule and the value found, e.g.
+    `config.json: "hidden_size" must be a positive integer, got 'large' (str)`. Null is never accepted for a
+    scalar or list key; for `section` (a nested object) null means absent, as in Hugging Face configs.
+    """
+
+    def __init__(self, obj: dict[str, Any], where: str, prefix: str = "") -> None:
+        self.obj, self.where, self.prefix = obj, where, prefix
+
+    def _get(self, key: str, default: Any, rule: str) -> Any:
+        if key in self.obj:
+            return self.obj[key]
+        if default is _REQUIRED:
+            raise ConfigError(f'{self.where}: required key "{self.prefix}{key}" is missing (must be {rule})')
+        return default
+
+    def _fail(self, key: str, rule: str, value: Any, detail: str = "") -> NoReturn:
+        raise ConfigError(f'{self.where}: "{self.prefix}{key}" must be {rule}, got {_shown(value)}{detail}')
+
+    def integer(self, key: str, default: Any = _REQUIRED, lo: int = 1, hi: int | None = None) -> int:
+        """An integer >= lo (default: positive) and <= hi when given."""
+        rule = f"an integer in [{lo}, {hi}]" if hi is not None else \
+            {0: "a non-negative integer", 1: "a positive integer"}.get(lo, f"an integer >= {lo}")
+        value = self._get(key, default, rule)
+        n = _as_int(value)
+        if n is None or n < lo or (hi is not None and n > hi):
+            self._fail(key, rule, value)
+        return n
+
+    def number(self, key: str, default: Any = _REQUIRED) -> float:
+        """A finite number > 0 (JSON integer or float; not a bool)."""
+        rule = "a positive number"
+        value = self._get(key, default, rule)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            self._fail(key, rule, value)
+        return float(value)
+
+    def text(self, key: str, default: Any = _REQUIRED) -> str:
+        value = self._get(key, default, "a string")
+        if not isinstance(value, str):
+            self._fail(key, "a string", value)
+        return value
+
+    def integers(self, key: str, default: Any = _REQUIRED) -> tuple[int, ...]:
+        """A JSON list of non-negative integers, as a tuple."""
+        rule = "a list of non-negative integers"
+        value = self._get(key, default, rule)
+        if not isinstance(value, (list, tuple)):
+            self._fail(key, rule, value)
+        out = tuple(_as_int(v) for v in value)
+        for i, n in enumerate(out):
+            if n is None or n < 0:
+                self._fail(key, rule, value, f": item {i} is {_shown(value[i])}")
+        return out  # type: ignore[return-value]
+
+    def section(self, key: str) -> _Keys | None:
+        """A nested JSON object (None when absent or null), read with the same checks."""
+        value = self.obj.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            self._fail(key, "a JSON object {...} (or null)", value)
+        return _Keys(value, self.where, f"{self.prefix}{key}.")
 
 
 @dataclass(frozen=True)
@@ -169,82 +259,76 @@ class ModelArgs:
 
     # ---- I/O ---------------------------------------------------------------------------------------
     @classmethod
-    def from_hf_config(cls, cfg: dict[str, Any], name: str = "custom") -> "ModelArgs":
+    def from_hf_config(cls, cfg: dict[str, Any], name: str = "custom", source: str | None = None) -> "ModelArgs":
         """Read a Hugging Face `config.json` dict of a DeepSeek-V4 checkpoint (Flash, Pro or test preset).
 
-        Raises `ConfigError` naming the offending field for anything that is not DeepSeek-V4.
+        Every key read is checked for presence (when required), JSON type and range before use (see
+        `_Keys`): bools and fractions are not integers, but an integral float (4.0) is accepted as one;
+        null is an error except for the optional objects `rope_scaling` / `quantization_config`.
+        `source` (default "config of <name>") starts every message. Raises `ConfigError` naming the key,
+        the expected type/range and the value found for anything that is not DeepSeek-V4.
         """
-        where = f"config of {name}"
+        where = source or f"config of {name}"
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{where}: the top level must be a JSON object {{...}}, got {_shown(cfg)}")
         mt = cfg.get("model_type")
         if mt != "deepseek_v4":
             hint = " (DeepSeek-V4.1 is a different architecture)" if mt == "deepseek_v41" else ""
             raise ConfigError(f"{where}: model_type is {mt!r}, expected 'deepseek_v4'{hint}")
 
-        def get(key: str, default: Any = dataclasses.MISSING) -> Any:
-            if key in cfg:
-                return cfg[key]
-            if default is dataclasses.MISSING:
-                raise ConfigError(f"{where}: required field {key!r} is missing")
-            return default
-
-        rs = cfg.get("rope_scaling") or {}
-        n_layers = int(get("num_hidden_layers"))
-        n_mtp = int(get("num_nextn_predict_layers", 1))
+        k = _Keys(cfg, where)
+        rs = k.section("rope_scaling")  # absent or null: no YaRN
+        qc = k.section("quantization_config")
+        n_layers = k.integer("num_hidden_layers")
+        n_mtp = k.integer("num_nextn_predict_layers", 1, lo=0)
         if "dspark_block_size" in cfg:
             n_mtp = 0  # 0731/0813 DSpark draft modules under mtp.*: backbone only (model-spec §13.1)
-        if int(get("num_key_value_heads", 1)) != 1:
+        if k.integer("num_key_value_heads", 1) != 1:
             raise ConfigError(f"{where}: num_key_value_heads must be 1 (single shared K=V latent)")
-        qc = cfg.get("quantization_config") or {}
-        if qc and list(qc.get("weight_block_size", [128, 128])) != [128, 128]:
-            raise ConfigError(f"{where}: quantization_config.weight_block_size "
-                              f"{qc.get('weight_block_size')} is not [128, 128]")
-        ratios = tuple(int(r) for r in get("compress_ratios"))
-        try:
-            return cls(
-                name=name,
-                vocab_size=int(get("vocab_size")),
-                dim=int(get("hidden_size")),
-                n_layers=n_layers,
-                norm_eps=float(get("rms_norm_eps", 1e-6)),
-                bos_token_id=int(get("bos_token_id", 0)),
-                eos_token_id=int(get("eos_token_id", 1)),
-                n_heads=int(get("num_attention_heads")),
-                head_dim=int(get("head_dim", 512)),
-                rope_head_dim=int(get("qk_rope_head_dim", 64)),
-                q_lora_rank=int(get("q_lora_rank")),
-                o_groups=int(get("o_groups")),
-                o_lora_rank=int(get("o_lora_rank")),
-                window_size=int(get("sliding_window", 128)),
-                compress_ratios=ratios,
-                index_n_heads=int(get("index_n_heads")),
-                index_head_dim=int(get("index_head_dim")),
-                index_topk=int(get("index_topk")),
-                rope_theta=float(get("rope_theta", 10000.0)),
-                compress_rope_theta=float(get("compress_rope_theta", 160000.0)),
-                rope_factor=float(rs.get("factor", 1.0)) if rs else 1.0,
-                original_seq_len=int(rs.get("original_max_position_embeddings", 0)) if rs else 0,
-                beta_fast=int(rs.get("beta_fast", 32)),
-                beta_slow=int(rs.get("beta_slow", 1)),
-                max_seq_len=int(get("max_position_embeddings", 1048576)),
-                n_routed_experts=int(get("n_routed_experts")),
-                n_shared_experts=int(get("n_shared_experts", 1)),
-                n_activated_experts=int(get("num_experts_per_tok")),
-                moe_inter_dim=int(get("moe_intermediate_size")),
-                score_func=str(get("scoring_func", "sqrtsoftplus")),
-                route_scale=float(get("routed_scaling_factor")),
-                n_hash_layers=int(get("num_hash_layers", 0)),
-                swiglu_limit=float(get("swiglu_limit", 10.0)),
-                expert_dtype=str(get("expert_dtype", qc.get("expert_dtype", "fp4"))),
-                hc_mult=int(get("hc_mult", 4)),
-                hc_sinkhorn_iters=int(get("hc_sinkhorn_iters", 20)),
-                hc_eps=float(get("hc_eps", 1e-6)),
-                n_mtp_layers=n_mtp,
-                hf_config=dict(cfg),
-            )
-        except (TypeError, ValueError) as e:
-            if isinstance(e, ConfigError):
-                raise
-            raise ConfigError(f"{where}: {e}") from e
+        if qc and (block := qc.integers("weight_block_size", (128, 128))) != (128, 128):
+            raise ConfigError(f"{where}: quantization_config.weight_block_size {list(block)} is not [128, 128]")
+        vocab = k.integer("vocab_size")
+        return cls(
+            name=name,
+            vocab_size=vocab,
+            dim=k.integer("hidden_size"),
+            n_layers=n_layers,
+            norm_eps=k.number("rms_norm_eps", 1e-6),
+            bos_token_id=k.integer("bos_token_id", 0, lo=0, hi=vocab - 1),
+            eos_token_id=k.integer("eos_token_id", 1, lo=0, hi=vocab - 1),
+            n_heads=k.integer("num_attention_heads"),
+            head_dim=k.integer("head_dim", 512),
+            rope_head_dim=k.integer("qk_rope_head_dim", 64),
+            q_lora_rank=k.integer("q_lora_rank"),
+            o_groups=k.integer("o_groups"),
+            o_lora_rank=k.integer("o_lora_rank"),
+            window_size=k.integer("sliding_window", 128),
+            compress_ratios=k.integers("compress_ratios"),
+            index_n_heads=k.integer("index_n_heads"),
+            index_head_dim=k.integer("index_head_dim"),
+            index_topk=k.integer("index_topk"),
+            rope_theta=k.number("rope_theta", 10000.0),
+            compress_rope_theta=k.number("compress_rope_theta", 160000.0),
+            rope_factor=rs.number("factor", 1.0) if rs else 1.0,
+            original_seq_len=rs.integer("original_max_position_embeddings", 0, lo=0) if rs else 0,
+            beta_fast=rs.integer("beta_fast", 32) if rs else 32,
+            beta_slow=rs.integer("beta_slow", 1) if rs else 1,
+            max_seq_len=k.integer("max_position_embeddings", 1048576),
+            n_routed_experts=k.integer("n_routed_experts"),
+            n_shared_experts=k.integer("n_shared_experts", 1),
+            n_activated_experts=k.integer("num_experts_per_tok"),
+            moe_inter_dim=k.integer("moe_intermediate_size"),
+            score_func=k.text("scoring_func", "sqrtsoftplus"),
+            route_scale=k.number("routed_scaling_factor"),
+            n_hash_layers=k.integer("num_hash_layers", 0, lo=0, hi=n_layers),
+            swiglu_limit=k.number("swiglu_limit", 10.0),
+            expert_dtype=k.text("expert_dtype", qc.text("expert_dtype", "fp4") if qc else "fp4"),
+            hc_mult=k.integer("hc_mult", 4),
+            hc_sinkhorn_iters=k.integer("hc_sinkhorn_iters", 20),
+            hc_eps=k.number("hc_eps", 1e-6),
+            n_mtp_layers=n_mtp,
+            hf_config=dict(cfg),
+        )
 
     @classmethod
     def from_preset(cls, name: str) -> "ModelArgs":
@@ -256,15 +340,25 @@ class ModelArgs:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "ModelArgs":
-        """Read `<path>/config.json` of a checkpoint directory."""
+        """Read `<path>/config.json` of a checkpoint directory.
+
+        Every failure is a `ConfigError` naming the file: missing, unreadable (permissions, I/O error),
+        not UTF-8 JSON, not a JSON object, or not a valid DeepSeek-V4 config.
+        """
         p = Path(path) / "config.json"
-        if not p.is_file():
-            raise ConfigError(f"{p}: no config.json in the checkpoint directory")
         try:
-            cfg = json.loads(p.read_text())
+            if not p.is_file():
+                raise ConfigError(f"{p}: no config.json in the checkpoint directory")
+            text = p.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read: {e.strerror or e}") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not valid JSON (not UTF-8 text: {e})") from e
+        try:
+            cfg = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{p}: not valid JSON ({e})") from e
-        return cls.from_hf_config(cfg, name=str(path))
+        return cls.from_hf_config(cfg, name=str(path), source=str(p))
 
     def to_hf_config(self) -> dict[str, Any]:
         """The `config.json` dict for this model (the original one when it was read from a file)."""
