@@ -17,6 +17,8 @@ import torch
 
 from ascend_v4.chat.encoding import encode_messages, thinking_options
 from ascend_v4.chat.parsing import parse_completion
+from ascend_v4.checkpoint.errors import CheckpointError
+from ascend_v4.checkpoint.loader import BAD_VALUES, scan_values, verify_checkpoint_files
 from ascend_v4.checkpoint.resolve import resolve_model
 from ascend_v4.model.args import ModelArgs
 from ascend_v4.model.layers import ModelOptions
@@ -67,17 +69,27 @@ class LLM:
         npus: devices (ranks) to run on with expert parallelism: N - 1 worker processes are started, each
             rank holds n_routed_experts / N routed experts (docs/expert_parallel.md). Multi-node: set
             MASTER_ADDR / MASTER_PORT / LOCAL_WORLD_SIZE. Call `shutdown()` when done (exit also stops them).
+        check_weights: check every float weight for NaN / inf while loading (UE8M0 scales are always checked);
+            with `npus > 1`, one pass over the whole checkpoint before the ranks load.
+        verify_checkpoint: before loading, re-hash every file of an `ascend-v4 quantize` output against its
+            manifest; a directory without a manifest raises (nothing to verify).
+
+    Raises:
+        CheckpointError: bad checkpoint, including bad values and (verify_checkpoint) file hash mismatches.
     """
 
     def __init__(self, model: str | Path = "tiny", *, device: str = "cpu", dtype: str = "auto",
                  quant_sim: bool = True, dequantize_weights: bool | None = None, dummy: bool = False,
-                 progress: bool = False, npus: int = 1, engine_config=None):
+                 progress: bool = False, npus: int = 1, engine_config=None, check_weights: bool = False,
+                 verify_checkpoint: bool = False):
         if dtype == "auto":
             dtype = "fp32" if torch.device(device).type == "cpu" else "bf16"
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {dtype!r}")
         resolved = resolve_model(model, dummy=dummy)
         self.path = resolved.path
+        if verify_checkpoint:
+            verify_checkpoint_files(self.path)
         self.args = ModelArgs.from_dir(self.path)
         tdtype = _DTYPES[dtype]
         if dequantize_weights is None:
@@ -92,6 +104,10 @@ class LLM:
             from ascend_v4.runtime.dist_engine import DistEngine
             from ascend_v4.runtime.distributed import ParallelConfig
 
+            if check_weights:  # the ranks load their own parts (scales checked there): check everything once here
+                bad = scan_values(self.path, progress=progress)
+                if bad:
+                    raise CheckpointError.from_problems(f"{self.path}: {BAD_VALUES}", bad)
             self.engine = DistEngine(self.path, self.options,
                                      engine_config or EngineConfig(max_num_batched_tokens=8192,
                                                                    enable_prefix_caching=False),
@@ -100,7 +116,8 @@ class LLM:
                                      tokenizer=self.tokenizer)
             self.model = self.engine.model  # rank 0's share of the routed experts
         else:
-            self.model = load_model(self.path, self.options, device=device, progress=progress)
+            self.model = load_model(self.path, self.options, device=device, progress=progress,
+                                    check_weights=check_weights)
         if resolved.is_dummy:
             log.info("%s: dummy checkpoint (random weights) at %s", model, self.path)
 

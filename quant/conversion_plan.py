@@ -15,13 +15,13 @@ from typing import Any, Protocol
 
 from ascend_v4.quant import get_format
 
-from . import recipes
+from . import ascend_v1, recipes
 from .errors import UnsupportedConversionError
 from .formats.base import TensorLayout
 from .formats.int4_channel import CLIP_GRID
 from .st_io import build_header, order_for_writing
 
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: ascendV1 outputs carry msModelSlim's MTP copies and description header
 FLOAT = "FLOAT"
 
 
@@ -68,6 +68,7 @@ class Unit:
     src_fmt: str | None = None
     dst_fmt: str | None = None
     down: bool = False
+    scale_of: str | None = None  # a copied UE8M0 scale: dtype of the weight it scales (value checks)
 
     @property
     def is_copy(self) -> bool:
@@ -148,8 +149,9 @@ def plan_units(src: SourceCheckpoint, output_format: str) -> list[tuple[Unit, So
                                        down), w))
                     done.update((w.name, s.name))
                     continue
-            units.append((Unit(name, [ent], [OutTensor(name, ent.dtype, tuple(ent.shape), ent.end - ent.begin)]),
-                          ent))
+            w = tensors.get(f"{base}.weight") if leaf == "scale" else None
+            units.append((Unit(name, [ent], [OutTensor(name, ent.dtype, tuple(ent.shape), ent.end - ent.begin)],
+                               scale_of=w.dtype if w is not None else None), ent))
             done.add(name)
     return units
 
@@ -165,7 +167,12 @@ def make_plan(src: SourceCheckpoint, output_format: str, ep: int | None) -> Plan
     shard_idx = {sh.path.name: i for i, sh in enumerate(src.shards)}
     n_shards = len(src.shards)
     files: dict[tuple[int, int | None], OutFile] = {}
-    for unit, primary in plan_units(src, output_format):
+    units = plan_units(src, output_format)
+    if style.ascend_v1:  # msModelSlim's MTP copies of the main embedding and head (byte copies)
+        units += [(Unit(dst, [ent], [OutTensor(dst, ent.dtype, tuple(ent.shape), ent.nbytes)]), ent)
+                  for dst, name in ascend_v1.shared_copies(src.tensors, src.args.n_mtp_layers)
+                  for ent in (src.tensors[name],)]
+    for unit, primary in units:
         i = shard_idx[primary.file]
         e = recipes.expert_id(unit.outputs[0].name)
         rank = None if ep is None or e is None else e // (n_exp // ep)
@@ -178,10 +185,7 @@ def make_plan(src: SourceCheckpoint, output_format: str, ep: int | None) -> Plan
 
     meta = {"format": "pt", "ascend_v4.quantize": f"{output_format} v{CONVERTER_VERSION}"}
     weight_map: dict[str, str] = {}
-    description: dict[str, Any] | None = None
-    if style.ascend_v1:
-        description = {"model_quant_type": style.model_quant_type, "version": recipes.ASCEND_V1_VERSION,
-                       "group_size": 0}
+    quant_types: dict[str, str] = {}
     for f in files.values():
         outs = [t for u in f.units for t in u.outputs]
         f.order = [outs[j] for j in order_for_writing([(t.name, t.dtype, t.nbytes) for t in outs])]
@@ -190,8 +194,8 @@ def make_plan(src: SourceCheckpoint, output_format: str, ep: int | None) -> Plan
             qt = get_format(u.dst_fmt).quant_type if u.dst_fmt else FLOAT
             for t in u.outputs:
                 weight_map[t.name] = f.name
-                if description is not None:
-                    description[t.name] = qt
+                quant_types[t.name] = qt
+    description = ascend_v1.description(quant_types, output_format) if style.ascend_v1 else None
     ordered = sorted(files.values(), key=lambda f: f.name)
     return Plan(output_format, ep, n_exp, ordered, description, dict(sorted(weight_map.items())), len(weight_map))
 

@@ -16,7 +16,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import recipes
+from . import ascend_v1, recipes
 from .conversion_plan import CONVERTER_VERSION, OutFile, Plan, SourceCheckpoint, converter_options
 from .errors import DestinationConflictError, InsufficientDiskSpaceError, ResumeMismatchError
 from .manifest import JOURNAL_NAME, MANIFEST_NAME, MANIFEST_VERSION, read_json
@@ -73,15 +73,11 @@ def check_space(out: Path, need: int, reclaim: int) -> None:
             f"free (incl. {reclaim / 1e9:.2f} GB of files it replaces); nothing was written")
 
 
-def write_side_files(src: SourceCheckpoint, out: Path, output_format: str) -> None:
-    """config.json (adjusted) and the small top-level files of the source (tokenizer, generation config...)."""
-    style = recipes.STYLES[output_format]
+def write_side_files(src: SourceCheckpoint, out: Path, output_format: str, mindie: bool = False) -> None:
+    """config.json (adjusted: `ascend_v1.adjust_config`) and the small top-level files of the source (tokenizer,
+    generation config...)."""
     cfg = json.loads((Path(src.path) / "config.json").read_text())
-    if style.drop_quantization_config:
-        cfg.pop("quantization_config", None)
-    if style.expert_dtype:
-        cfg["expert_dtype"] = style.expert_dtype
-    write_json_atomic(out / "config.json", cfg)
+    write_json_atomic(out / "config.json", ascend_v1.adjust_config(cfg, output_format, mindie=mindie))
     shard_names = {Path(sh.path).name for sh in src.shards}
     for p in sorted(Path(src.path).iterdir()):
         if not p.is_file() or p.name in SOURCE_SKIP or p.name in shard_names or p.suffix in (".safetensors",) \

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,58 @@ def conversion_key(identity: dict, output_format: str, ep: int | None, options: 
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+# ---------------------------------------------------------------------------------------------- file hashes
+class NoManifestError(FileNotFoundError):
+    """`verify_files` on a directory without our manifest: there are no recorded hashes to check against."""
+
+
+def verify_files(root: str | Path, *, workers: int = 4,
+                 on_file: Callable[[str, int], None] | None = None) -> list[str]:
+    """Re-hash every output file the manifest of the complete conversion in `root` lists (name, bytes, sha256).
+
+    Returns one problem line per bad file, naming it: missing, a size other than the manifest's (not hashed
+    then), or another sha256 (expected vs found); an empty list when every file matches. Files are hashed in
+    `workers` threads (sha256 releases the GIL); `on_file(name, nbytes)` is called as each one is done.
+
+    Raises:
+        NoManifestError: `root` has no `ascend_v4_manifest.json` of ours (an official checkpoint, an unfinished
+            conversion, another tool's output): nothing to verify.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .st_io import sha256_file
+
+    root = Path(root)
+    m = read_manifest(root)
+    if m is None or not isinstance(m.get("files"), list):
+        why = "an unreadable or foreign" if (root / MANIFEST_NAME).exists() else "no"
+        raise NoManifestError(f"{root}: nothing to verify: {why} {MANIFEST_NAME} (only `ascend-v4 quantize` outputs "
+                              f"record file hashes)")
+
+    def check(f: dict) -> str | None:
+        name = str(f.get("name"))
+        path = root / name
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return f"{name}: missing (the manifest lists it with {f.get('bytes')} bytes)"
+        try:
+            if size != f.get("bytes"):
+                return f"{name}: {size} bytes, the manifest says {f.get('bytes')} (sha256 not computed)"
+            digest = sha256_file(path)
+        except OSError as e:
+            return f"{name}: cannot be read: {e.strerror or e}"
+        finally:
+            if on_file is not None:
+                on_file(name, size)
+        if digest != f.get("sha256"):
+            return f"{name}: sha256 {digest}, the manifest says {f.get('sha256')} (same size, {size} bytes)"
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return [p for p in pool.map(check, m["files"]) if p is not None]
+
+
 # ---------------------------------------------------------------------------------------------- loading
 def linear_formats(root: str | Path, official: dict[str, str]) -> dict[str, str]:
     """Stored tensor format of each official linear (`{base: format}`, only those that differ from `official`)
@@ -149,4 +202,4 @@ def load_rank_experts(root: str | Path, rank: int, world: int) -> RankFiles:
 
 
 __all__ = ["MANIFEST_NAME", "JOURNAL_NAME", "read_manifest", "is_unfinished", "linear_formats", "load_rank_experts",
-           "RankFiles", "source_identity", "conversion_key", "is_converted"]
+           "RankFiles", "source_identity", "conversion_key", "is_converted", "verify_files", "NoManifestError"]

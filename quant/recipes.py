@@ -18,7 +18,8 @@ Linear roles (model-spec.md §8.1) and, per output format, the tensor format eac
 
 w8a8 / w4a8 follow msModelSlim's V4 recipes (ascend-notes.md §6.2): W8A8-dynamic on `*attn*` except `wo_a` /
 `wo_b` (compressor and indexer `weights_proj` are BF16 already) and on `*ffn*` except the router gate; the MTP
-projections match neither pattern, so they stay float too.
+projections match neither pattern, so they stay float too. What else an ascendV1 output holds (the description
+file, the MTP copies of the embedding and head, config.json) follows `ascend_v1.py`.
 """
 
 from __future__ import annotations
@@ -59,15 +60,14 @@ class OutputStyle:
     stem: str  # shard name stem: <stem>-0000i-of-0000N[...].safetensors
     index: str  # index file name
     ascend_v1: bool  # writes quant_model_description.json
-    model_quant_type: str | None = None
     drop_quantization_config: bool = False  # remove config.json's FP8 quantization_config
     expert_dtype: str | None = None  # config.json expert_dtype override
 
 
 STYLES = {
-    W8A8: OutputStyle("quant_model_weights", "quant_model_weights.safetensors.index.json", True, "W8A8_DYNAMIC",
+    W8A8: OutputStyle("quant_model_weights", "quant_model_weights.safetensors.index.json", True,
                       drop_quantization_config=True),
-    W4A8: OutputStyle("quant_model_weights", "quant_model_weights.safetensors.index.json", True, "W4A8_DYNAMIC",
+    W4A8: OutputStyle("quant_model_weights", "quant_model_weights.safetensors.index.json", True,
                       drop_quantization_config=True),
     BF16: OutputStyle("model", "model.safetensors.index.json", False, drop_quantization_config=True),
     FP8_EXPERTS: OutputStyle("model", "model.safetensors.index.json", False, expert_dtype="fp8"),

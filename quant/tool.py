@@ -39,7 +39,7 @@ from .errors import InjectedFailure, OutputWriteError, UnsupportedConversionErro
 from .manifest import JOURNAL_NAME, MANIFEST_NAME, conversion_key, source_identity
 from .raw_read import READ_SAMPLE_BYTES, measure_raw_read, read_ranges
 from .st_io import fsync_dir, write_json_atomic
-from .writer import Fds, Hooks, Progress, Timers, write_file
+from .writer import Fds, Hooks, Progress, Run, SourceValues, Timers, write_file
 
 # errno values that mean "the output cannot be written right now": reported with what is left to write.
 OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
@@ -137,7 +137,7 @@ def quantize(src: SourceCheckpoint, out_dir: str | Path, output_format: str, *, 
              workers: int = 1, resume: bool = False, force: bool = False, fsync: bool = True,
              read_baseline: str = "sample", progress_factory: Callable[[int, str], Any] | None = None,
              hooks: Hooks | None = None, log: Callable[[str], None] | None = None,
-             allow_nonfinite: bool = False) -> QuantizeResult:
+             allow_nonfinite: bool = False, mindie: bool = False) -> QuantizeResult:
     """Convert the validated checkpoint `src` into `out_dir` (see the module docstring).
 
     Args:
@@ -156,6 +156,8 @@ def quantize(src: SourceCheckpoint, out_dir: str | Path, output_format: str, *, 
         log: receives one-line status messages.
         allow_nonfinite: report non-finite source values (NaN/inf floats, FP8 NaN bytes, NaN or overflowing
             UE8M0 scales) as warnings through `log` and go on, instead of failing.
+        mindie: w8a8 / w4a8 only: add MindIE's `quantize` (and `moe_quantize`) fields to config.json
+            (`ascend_v1.adjust_config`; msModelSlim writes none for V4).
 
     Raises:
         DestinationConflictError / ResumeMismatchError, InsufficientDiskSpaceError, UnsupportedConversionError,
@@ -205,7 +207,7 @@ def quantize(src: SourceCheckpoint, out_dir: str | Path, output_format: str, *, 
                                            or p.name in OWN_SIDE_FILES):
                 p.unlink(missing_ok=True)
         fsync_dir(out)
-        write_side_files(src, out, output_format)
+        write_side_files(src, out, output_format, mindie)
 
         raw = (0, 0.0)
         if read_baseline != "off" and todo:
@@ -240,14 +242,14 @@ def _write_all(src: SourceCheckpoint, out: Path, todo: list[OutFile], journal: J
     bar = progress_factory(in_bytes, f"quantize {output_format}") if progress_factory and todo else None
     prog = Progress(bar, sum(len(t.outputs) for f in todo for t in f.units))
     timers = Timers()
-    fds = Fds(Path(src.path))
-    stop = threading.Event()
+    run = Run(out, Fds(Path(src.path)), fsync, prog, timers, hooks, threading.Event(),
+              SourceValues(allow_nonfinite, say))
 
     def task(f: OutFile) -> int:
         try:
-            sha, n = write_file(f, out, fds, fsync, prog, timers, hooks, stop)
+            sha, n = write_file(f, run)
         finally:
-            fds.close_mine()
+            run.fds.close_mine()
         journal.record(f.name, n, sha)
         return n
 
@@ -267,7 +269,7 @@ def _write_all(src: SourceCheckpoint, out: Path, todo: list[OutFile], journal: J
                         if hooks.fail_after_files is not None and written >= hooks.fail_after_files:
                             raise InjectedFailure(f"injected failure after {written} files")
             except BaseException:
-                stop.set()
+                run.stop.set()
                 for fut in pending:
                     fut.cancel()
                 raise

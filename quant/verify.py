@@ -5,13 +5,15 @@
 * converted linears: the output dequantised with its format vs the source dequantised with its own, per tensor
   `max_rel` = max over rows of max|dW_row| / max|W_row| (the row-normalised worst case, which min-max per-channel
   quantisation bounds by 0.5/qmax), `mean_rel` = mean|dW| / mean|W| and `rel_l2` = ||dW|| / ||W||, aggregated
-  by layer kind (max of max_rel and rel_l2, mean of mean_rel);
+  by layer kind (max of max_rel and rel_l2, mean of mean_rel); a NaN / inf statistic (a non-finite value in the
+  source or the output) makes `VerifyReport.ok` False, and the table flags the kind and names the tensors;
 * `logit_agreement`: mean KL(P_ref || P_test) and top-1 agreement of two logit sets (the end-to-end check is
   run by the CLI, which can load models).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,10 +37,31 @@ class KindStats:
     max_rel: float = 0.0
     mean_rel_sum: float = 0.0
     rel_l2: float = 0.0
+    nonfinite: list[str] = field(default_factory=list)  # "<tensor>: mean_rel nan, ..." per tensor
 
     @property
     def mean_rel(self) -> float:
         return self.mean_rel_sum / self.tensors if self.tensors else 0.0
+
+    def add(self, name: str, max_rel: float, mean_rel: float, rel_l2: float) -> None:
+        """Fold in one tensor's statistics; a non-finite one is recorded and kept (NaN-propagating max: the
+        built-in `max(0.0, nan)` would drop it)."""
+        self.tensors += 1
+        stats = {"max_rel": max_rel, "mean_rel": mean_rel, "rel_l2": rel_l2}
+        bad = [f"{k} {v}" for k, v in stats.items() if not math.isfinite(v)]
+        if bad:
+            self.nonfinite.append(f"{name}: {', '.join(bad)}")
+        self.max_rel = _nan_max(self.max_rel, max_rel)
+        self.mean_rel_sum += mean_rel
+        self.rel_l2 = _nan_max(self.rel_l2, rel_l2)
+
+    @property
+    def finite(self) -> bool:
+        return not self.nonfinite and all(math.isfinite(v) for v in (self.max_rel, self.mean_rel, self.rel_l2))
+
+
+def _nan_max(a: float, b: float) -> float:
+    return a if math.isnan(a) else b if math.isnan(b) else max(a, b)
 
 
 @dataclass
@@ -50,16 +73,27 @@ class VerifyReport:
     kinds: dict[str, KindStats] = field(default_factory=dict)
 
     @property
+    def nonfinite_kinds(self) -> list[str]:
+        """Layer kinds with a NaN / inf statistic (a NaN or inf in the source or the output)."""
+        return sorted(k.kind for k in self.kinds.values() if not k.finite)
+
+    @property
     def ok(self) -> bool:
-        return not self.bad_files and not self.copy_mismatches
+        return not self.bad_files and not self.copy_mismatches and not self.nonfinite_kinds
 
     def table(self) -> str:
         lines = [f"verify: {self.files_checked} files (sha256 {'ok' if not self.bad_files else 'MISMATCH'}), "
                  f"{self.copied_tensors} copied tensors ({len(self.copy_mismatches)} differ)",
                  f"{'layer kind':<20} {'conversion':<28} {'tensors':>7} {'max_rel':>9} {'mean_rel':>9} {'rel_l2':>9}"]
         for k in sorted(self.kinds.values(), key=lambda k: k.kind):
+            flag = "  NON-FINITE" if not k.finite else ""
             lines.append(f"{k.kind:<20} {k.formats:<28} {k.tensors:>7} {k.max_rel:>9.2e} {k.mean_rel:>9.2e} "
-                         f"{k.rel_l2:>9.2e}")
+                         f"{k.rel_l2:>9.2e}{flag}")
+        for kind in self.nonfinite_kinds:
+            ks = self.kinds[kind]
+            shown = ks.nonfinite[:5]
+            more = f" (and {len(ks.nonfinite) - 5} more tensors)" if len(ks.nonfinite) > 5 else ""
+            lines.append(f"NON-FINITE statistics in {kind}: {'; '.join(shown) or 'aggregate'}{more}")
         return "\n".join(lines)
 
 
@@ -122,10 +156,7 @@ def verify_conversion(src: SourceCheckpoint, out_dir: str | Path, *, check_hashe
                 mx, mean, l2 = linear_error(ref, got)
                 kind = recipes.layer_kind(u.name)
                 ks = rep.kinds.setdefault(kind, KindStats(kind, f"{u.src_fmt} -> {u.dst_fmt}"))
-                ks.tensors += 1
-                ks.max_rel = max(ks.max_rel, mx)
-                ks.mean_rel_sum += mean
-                ks.rel_l2 = max(ks.rel_l2, l2)
+                ks.add(u.name, mx, mean, l2)
     finally:
         for x in fds.values():
             os.close(x)

@@ -19,10 +19,11 @@ import torch
 
 from ascend_v4.quant import get_format
 
-from .conversion_plan import OutFile
-from .errors import QuantizeError
+from .conversion_plan import OutFile, SourceTensor
+from .errors import NonFiniteSourceError, QuantizeError
 from .formats.base import TORCH_DTYPE
-from .st_io import HashingWriter, pread_exact, read_tensor
+from .st_io import HashingWriter, dtype_nbytes, pread_exact, read_tensor
+from .value_checks import NonFiniteValueError, check_chunk
 
 COPY_CHUNK = 64 << 20
 
@@ -87,32 +88,78 @@ class Cancelled(Exception):
     """Another worker failed or the run was interrupted: stop at the next unit."""
 
 
-def write_file(f: OutFile, out: Path, fds: Fds, fsync: bool, progress: Progress, timers: Timers,
-                hooks: Hooks, stop: threading.Event) -> tuple[str, int]:
-    w = HashingWriter(out / f.name, fsync=fsync)
+class SourceValues:
+    """Every source byte the converter reads is checked for non-finite values (`value_checks`): the first one
+    raises `NonFiniteSourceError` naming file, tensor and element, or, with `allow`, is reported through `warn`
+    once per tensor and the run goes on."""
+
+    def __init__(self, allow: bool = False, warn: Callable[[str], None] | None = None) -> None:
+        self.allow, self.warn = allow, warn or (lambda s: None)
+        self.warned: set[str] = set()
+        self.lock = threading.Lock()
+
+    def check(self, t: SourceTensor, buf, first_element: int = 0, scale_of: str | None = None) -> None:
+        try:
+            check_chunk(t.dtype, buf, tensor=t.name, file=t.file, first_element=first_element, shape=t.shape,
+                        scale_of=scale_of)
+        except NonFiniteValueError as e:
+            if not self.allow:
+                raise NonFiniteSourceError(f"{e}; the source checkpoint is corrupt (pass --allow-nonfinite to "
+                                           f"convert it anyway)") from None
+            with self.lock:
+                if t.name not in self.warned:
+                    self.warned.add(t.name)
+                    self.warn(f"warning: {e} (converted anyway: --allow-nonfinite)")
+
+
+@dataclass
+class Run:
+    """What every `write_file` of one conversion shares."""
+
+    out: Path
+    fds: Fds
+    fsync: bool
+    progress: Progress
+    timers: Timers
+    hooks: Hooks
+    stop: threading.Event
+    values: SourceValues
+
+
+def write_file(f: OutFile, run: Run) -> tuple[str, int]:
+    """Write output file `f` under `<name>.partial`, then fsync and rename it; (sha256, bytes)."""
+    fds, timers, values = run.fds, run.timers, run.values
+    w = HashingWriter(run.out / f.name, fsync=run.fsync)
     try:
         w.write(f.header)
         main = {t.name for t in f.order if t.nbytes % 8 == 0}
         stash: dict[str, bytes | np.ndarray] = {}
         for u in f.units:
-            if stop.is_set():
+            if run.stop.is_set():
                 raise Cancelled(f.name)
             t0 = time.perf_counter()
             if u.is_copy:
                 s, o = u.src[0], u.outputs[0]
+                width = dtype_nbytes(s.dtype)
                 if o.name in main:
                     fd = fds.get(s.file)
-                    for pos in range(s.begin, s.end, COPY_CHUNK):
+                    for pos in range(s.begin, s.end, COPY_CHUNK):  # chunks start on element boundaries
                         n = min(COPY_CHUNK, s.end - pos)
                         t1 = time.perf_counter()
                         chunk = pread_exact(fd, pos, n, f"{s.file}: {s.name}")
+                        values.check(s, chunk, (pos - s.begin) // width, u.scale_of)
                         t2 = time.perf_counter()
                         w.write(chunk)
                         timers.add(read=t2 - t1, write=time.perf_counter() - t2)
                 else:
-                    stash[o.name] = bytes(pread_exact(fds.get(s.file), s.begin, s.end - s.begin, s.name))
+                    data = bytes(pread_exact(fds.get(s.file), s.begin, s.end - s.begin, f"{s.file}: {s.name}"))
+                    values.check(s, data, 0, u.scale_of)
+                    stash[o.name] = data
             else:
-                tens = {"weight": read_tensor(fds.get(u.src[0].file), u.src[0]), "scale": read_tensor(fds.get(u.src[1].file), u.src[1])}
+                wt, st = u.src
+                tens = {"weight": read_tensor(fds.get(wt.file), wt), "scale": read_tensor(fds.get(st.file), st)}
+                values.check(wt, tens["weight"])
+                values.check(st, tens["scale"], scale_of=wt.dtype)
                 t1 = time.perf_counter()
                 res = get_format(u.dst_fmt).convert(get_format(u.src_fmt), tens, u.down)
                 t2 = time.perf_counter()
@@ -128,9 +175,9 @@ def write_file(f: OutFile, out: Path, fds: Fds, fsync: bool, progress: Progress,
                         stash[o.name] = data.tobytes()
                 del tens, res
                 timers.add(read=t1 - t0, compute=t2 - t1, write=time.perf_counter() - t2)
-            progress.update(u.src_bytes, len(u.outputs))
-            if hooks.after_unit:
-                hooks.after_unit()
+            run.progress.update(u.src_bytes, len(u.outputs))
+            if run.hooks.after_unit:
+                run.hooks.after_unit()
         t0 = time.perf_counter()
         for t in f.order:
             if t.name not in main:
@@ -145,4 +192,4 @@ def write_file(f: OutFile, out: Path, fds: Fds, fsync: bool, progress: Progress,
         raise
 
 
-__all__ = ["Hooks", "Progress", "Timers", "Fds", "Cancelled", "write_file", "COPY_CHUNK"]
+__all__ = ["Hooks", "Progress", "Timers", "Fds", "Cancelled", "SourceValues", "Run", "write_file", "COPY_CHUNK"]

@@ -19,10 +19,22 @@ Dtype rule (the target dtype is what the model declared on `meta`):
 Converted checkpoints (`ascend-v4 quantize`): the reader reports which linears are stored in another tensor
 format (`CheckpointInfo.linear_formats`); before matching names, each such module is re-declared on meta with
 `module.set_format(format, down=...)` (`ascend_v4.model.layers.Linear`), so the copy stays strict by name.
+
+Value checks (`ascend_v4.quant.value_checks`), on each tensor's checkpoint bytes as it is copied:
+* UE8M0 scales (F8_E8M0) always: a NaN byte 0xFF, or a scale that overflows bfloat16 times the largest value
+  of the weight it scales (`<base>.scale` scales `<base>.weight`: F8_E4M3 -> 448, I8 = packed FP4 -> 6). They
+  are a small fraction of the bytes, already in memory, and a bad one turns a whole block into inf/NaN.
+* every float tensor (BF16, F32, F16, F64, FP8 e4m3 / e5m2) only with `check_weights=True`: NaN / inf, FP8
+  NaN bytes (about 3 GB/s per core, so a few seconds per 10 GB on top of the read).
+All bad tensors are collected and raised together after the copy as one `CheckpointError` whose problems
+read `<shard file>: <tensor>: element <i> [<row>, <col>] is nan (BF16)`.
+`scan_values` runs the same checks over a checkpoint directory without a model (expert-parallel runs,
+where the ranks load their own parts).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +47,9 @@ from torch import nn
 from ascend_v4.checkpoint.errors import CheckpointError
 from ascend_v4.checkpoint.reader import MTP_PREFIX, TORCH_DTYPES, ProgressBar, TensorEntry, read_checkpoint
 from ascend_v4.model.args import ModelArgs
+from ascend_v4.quant.ascend_v1 import is_shared_copy
 from ascend_v4.quant.recipes import is_down_proj
+from ascend_v4.quant.value_checks import SCALED_MAX, NonFiniteValueError, can_be_bad, check_chunk, check_tensor
 
 _FLOAT_TARGETS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # Checkpoint dtype -> model dtypes it may be loaded into (besides its own torch dtype).
@@ -45,6 +59,8 @@ ALLOWED_TARGETS: dict[str, tuple[torch.dtype, ...]] = {
     "I8": (torch.int8, torch.float4_e2m1fn_x2),
 }
 _VIEW_TARGETS = {("I8", torch.float4_e2m1fn_x2)}  # reinterpretations, not conversions
+BAD_VALUES = ("NaN / inf values or NaN / overflowing scales (corrupt checkpoint: re-download or re-convert the "
+              "files named)")
 
 
 @dataclass(frozen=True)
@@ -53,7 +69,7 @@ class LoadReport:
     bytes: int  # bytes read from the checkpoint
     seconds: float
     shards: int
-    skipped: int  # checkpoint tensors deliberately not loaded (MTP when excluded, `skip` filter)
+    skipped: int  # checkpoint tensors deliberately not loaded (MTP when excluded, `skip` filter, ascendV1 MTP copies)
 
 
 @dataclass(frozen=True)
@@ -90,7 +106,7 @@ def check_target(ent: TensorEntry, target: _Target) -> str | None:
 
 def load_checkpoint(model: nn.Module, ckpt_dir: str | Path, *, args: ModelArgs | None = None, progress: bool = False,
                     include_mtp: bool = True, device: torch.device | str = "cpu",
-                    skip: Callable[[str], bool] | None = None) -> LoadReport:
+                    skip: Callable[[str], bool] | None = None, check_weights: bool = False) -> LoadReport:
     """Fill a `meta`-built model from a checkpoint directory, shard by shard.
 
     Args:
@@ -103,13 +119,16 @@ def load_checkpoint(model: nn.Module, ckpt_dir: str | Path, *, args: ModelArgs |
         device: where the loaded tensors live.
         skip: checkpoint tensor names for which it returns True are not loaded (counted in `skipped`), e.g.
             the routed experts of other ranks under expert parallelism (the model does not declare them).
+        check_weights: also check every float tensor for NaN / inf (FP8: NaN bytes); UE8M0 scales are always
+            checked (module docstring).
 
     After all shards, a parameter or persistent buffer still on `meta` is an error ("missing from
     checkpoint"); then `model.post_load()` is called when the model defines it.
 
     Raises:
         CheckpointError: invalid checkpoint, a checkpoint tensor the model lacks, shape/dtype mismatch,
-            or a model tensor missing from the checkpoint.
+            or a model tensor missing from the checkpoint; a NaN / inf value or a NaN / overflowing scale
+            (after loading everything else, all such tensors listed).
     """
     t0 = time.monotonic()
     info = read_checkpoint(ckpt_dir, args=args, include_mtp=include_mtp)
@@ -128,6 +147,9 @@ def load_checkpoint(model: nn.Module, ckpt_dir: str | Path, *, args: ModelArgs |
             skipped += 1
             continue
         tgt = targets.get(name)
+        if tgt is None and is_shared_copy(name):  # msModelSlim's MTP copies of embed / head: the model shares them
+            skipped += 1
+            continue
         if tgt is None:
             problems.append(f"{ent.file}: {name}: the model has no parameter or buffer of this name")
             continue
@@ -146,6 +168,7 @@ def load_checkpoint(model: nn.Module, ckpt_dir: str | Path, *, args: ModelArgs |
     total = sum(e.nbytes for e in wanted.values())
     bar = ProgressBar(total, f"load {info.path.name}") if progress else None
     n_tensors = n_bytes = 0
+    bad_values: list[str] = []
     shards = [sh for sh in info.shards if any(n in wanted for n in sh.tensors)]
     with torch.no_grad():
         for i, sh in enumerate(shards):
@@ -154,6 +177,13 @@ def load_checkpoint(model: nn.Module, ckpt_dir: str | Path, *, args: ModelArgs |
                 for name in names:
                     tgt = targets[name]
                     src = f.get_tensor(name)
+                    ent = wanted[name]
+                    if can_be_bad(ent.dtype) and (check_weights or ent.dtype == "F8_E8M0"):
+                        try:
+                            check_tensor(ent.dtype, src, tensor=name, file=ent.file,
+                                         scale_of=scaled_dtype(name, info.tensors))
+                        except NonFiniteValueError as e:
+                            bad_values.append(str(e))
                     if (info.tensors[name].dtype, tgt.dtype) in _VIEW_TARGETS:
                         src = src.view(tgt.dtype)
                     t = src.to(device=device, dtype=tgt.dtype, copy=True)
@@ -168,6 +198,8 @@ def load_checkpoint(model: nn.Module, ckpt_dir: str | Path, *, args: ModelArgs |
                         bar.update(wanted[name].nbytes, f"shard {i + 1}/{len(shards)}  {n_tensors} tensors")
     if bar:
         bar.close()
+    if bad_values:
+        raise CheckpointError.from_problems(f"{where}: {BAD_VALUES}", bad_values)
 
     # Safety net (e.g. a parameter replaced under a name the model did not expose before loading).
     missing = [n for n, tgt in _targets(model).items() if _is_meta(tgt)]
@@ -179,6 +211,90 @@ def load_checkpoint(model: nn.Module, ckpt_dir: str | Path, *, args: ModelArgs |
     if callable(post):
         post()
     return LoadReport(n_tensors, n_bytes, time.monotonic() - t0, len(shards), skipped)
+
+
+def scaled_dtype(name: str, tensors: dict[str, TensorEntry]) -> str | None:
+    """For a scale tensor `<base>.scale`, the dtype of the weight `<base>.weight` it scales when the value checks
+    know its range (F8_E4M3, I8 = packed FP4); else None (the conservative bound)."""
+    if not name.endswith(".scale"):
+        return None
+    w = tensors.get(name[: -len("scale")] + "weight")
+    return w.dtype if w is not None and w.dtype in SCALED_MAX else None
+
+
+def verify_checkpoint_files(ckpt_dir: str | Path) -> None:
+    """Re-hash every file of an `ascend-v4 quantize` output against its manifest (`quant.manifest.verify_files`).
+
+    Raises:
+        CheckpointError: a file is missing, has another size or another sha256 (each named, expected vs found),
+            or the directory has no manifest (nothing to verify: official checkpoints carry no file hashes).
+    """
+    from ascend_v4.quant.manifest import MANIFEST_NAME, NoManifestError, verify_files
+
+    try:
+        problems = verify_files(ckpt_dir)
+    except NoManifestError as e:
+        raise CheckpointError(f"{e}; checkpoint verification needs a directory written by `ascend-v4 quantize` "
+                              f"(to check the values of any checkpoint, use the weight value checks: "
+                              f"--check-weights)") from None
+    if problems:
+        raise CheckpointError.from_problems(f"{ckpt_dir}: files differ from {MANIFEST_NAME} (corrupted or modified "
+                                            f"since `ascend-v4 quantize` wrote them)", problems)
+
+
+SCAN_CHUNK = 64 << 20
+
+
+def scan_values(ckpt_dir: str | Path, *, weights: bool = True, args: ModelArgs | None = None,
+                include_mtp: bool = True, skip: Callable[[str], bool] | None = None,
+                progress: bool = False) -> list[str]:
+    """The value checks of `load_checkpoint` over a checkpoint directory, without a model: every UE8M0 scale,
+    and with `weights` every float tensor, read with `pread` in 64 MiB chunks. Returns one problem line per bad
+    tensor (the first bad element of each), empty when all are good. The directory is validated first
+    (`read_checkpoint`, raising `CheckpointError`)."""
+    info = read_checkpoint(ckpt_dir, args=args, include_mtp=include_mtp)
+    skip_mtp = not include_mtp or info.args.n_mtp_layers == 0
+    todo = [e for sh in info.shards for e in sh.tensors.values()
+            if e.name in info.tensors and can_be_bad(e.dtype) and (weights or e.dtype == "F8_E8M0")
+            and not (skip_mtp and e.name.startswith(MTP_PREFIX)) and not (skip is not None and skip(e.name))]
+    bar = ProgressBar(sum(e.nbytes for e in todo), f"check {info.path.name}") if progress else None
+    buf = bytearray(SCAN_CHUNK)
+    view = memoryview(buf)
+    problems: list[str] = []
+    fds: dict[str, int] = {}
+    try:
+        for e in todo:
+            if e.file not in fds:
+                fds[e.file] = os.open(info.path / e.file, os.O_RDONLY)
+            width = TORCH_DTYPES[e.dtype].itemsize
+            scale_of = scaled_dtype(e.name, info.tensors)
+            pos = e.begin
+            while pos < e.end:
+                n = min(SCAN_CHUNK, e.end - pos)
+                got = 0
+                while got < n:
+                    k = os.preadv(fds[e.file], [view[got:n]], pos + got)
+                    if k <= 0:
+                        raise CheckpointError(f"{e.file}: {e.name}: file ended at offset {pos + got}, before the "
+                                              f"tensor's end {e.end} (truncated or modified?)")
+                    got += k
+                try:
+                    check_chunk(e.dtype, view[:n], tensor=e.name, file=e.file, first_element=(pos - e.begin) // width,
+                                shape=e.shape, scale_of=scale_of)
+                except NonFiniteValueError as err:
+                    problems.append(str(err))
+                    if bar:
+                        bar.update(e.end - pos, e.name)
+                    break
+                pos += n
+                if bar:
+                    bar.update(n, e.name)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+        if bar:
+            bar.close()
+    return problems
 
 
 def _apply_linear_formats(model: nn.Module, linear_formats: dict[str, str]) -> None:
@@ -199,4 +315,5 @@ def _is_meta(tgt: _Target) -> bool:
     return t is not None and t.is_meta
 
 
-__all__ = ["load_checkpoint", "LoadReport", "ALLOWED_TARGETS", "check_target"]
+__all__ = ["load_checkpoint", "LoadReport", "ALLOWED_TARGETS", "check_target", "scan_values", "scaled_dtype",
+           "verify_checkpoint_files", "BAD_VALUES"]

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ascend_v4.checkpoint.errors import CheckpointError
-from ascend_v4.checkpoint.spec import TensorSpec, expected_tensors, official_linears
+from ascend_v4.checkpoint.spec import TensorSpec, expected_tensors, mtp_copy_names, official_linears
 from ascend_v4.model.args import ModelArgs
 from ascend_v4.quant import manifest as quant_manifest
 from ascend_v4.quant.progress import ProgressBar
@@ -156,9 +156,11 @@ def read_checkpoint(path: str | Path, *, args: ModelArgs | None = None, include_
     official = expected_tensors(args)
     linear_formats = quant_manifest.linear_formats(root, official_linears(official)) \
         if quant_manifest.is_converted(root) else {}
-    if check_spec:
-        problems += validate_tensors(tensors, expected_tensors(args, linear_formats=linear_formats)
-                                     if linear_formats else official, ignore_mtp=not include_mtp
+    if check_spec:  # msModelSlim's MTP embedding / head copies (ascendV1): all or none
+        copies = quant_manifest.is_converted(root) and any(n in tensors for n in mtp_copy_names(args.n_mtp_layers))
+        problems += validate_tensors(tensors, expected_tensors(args, linear_formats=linear_formats,
+                                                               shared_copies=copies)
+                                     if linear_formats or copies else official, ignore_mtp=not include_mtp
                                      or args.n_mtp_layers == 0, index_name=index_name if has_index else SINGLE_NAME,
                                      already_reported=reported)
     if problems:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from ascend_v4.model.args import CSA, HCA, WINDOW, ModelArgs, ceil_div
 from ascend_v4.quant import get_format
+from ascend_v4.quant.ascend_v1 import mtp_copy_names
 from ascend_v4.quant.recipes import is_down_proj
 from ascend_v4.quant.st_io import dtype_nbytes, tensor_nbytes
 
@@ -119,10 +120,16 @@ def mtp_extra_tensors(args: ModelArgs, prefix: str) -> dict[str, TensorSpec]:
 
 
 def expected_tensors(args: ModelArgs, include_mtp: bool = True,
-                     linear_formats: Mapping[str, str] | None = None) -> dict[str, TensorSpec]:
+                     linear_formats: Mapping[str, str] | None = None,
+                     shared_copies: bool = False) -> dict[str, TensorSpec]:
     """Every tensor of the official checkpoint for `args`, in file order (top-level, layers, MTP); with
-    `linear_formats`, of a converted checkpoint storing those linears in those formats."""
+    `linear_formats`, of a converted checkpoint storing those linears in those formats; with `shared_copies`
+    (msModelSlim ascendV1 layout, `ascend_v4.quant.ascend_v1`), plus each MTP layer's copies of the main
+    embedding and head (`mtp.{i}.emb.tok_emb.weight`, `mtp.{i}.head.weight`: same shape and dtype), last."""
     out = _official_tensors(args, include_mtp)
+    if shared_copies and include_mtp:
+        for dst, src in mtp_copy_names(args.n_mtp_layers).items():
+            out[dst] = out[src]
     return apply_linear_formats(out, linear_formats) if linear_formats else out
 
 

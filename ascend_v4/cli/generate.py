@@ -25,6 +25,8 @@ class GenerateRequest:
     device: str = "cpu"
     quant_sim: bool = True
     dummy: bool = False
+    check_weights: bool = False
+    verify_checkpoint: bool = False
 
 
 def run_generate(req: GenerateRequest) -> dict:
@@ -37,7 +39,8 @@ def run_generate(req: GenerateRequest) -> dict:
     if req.chat and req.prompt is None:
         raise click.UsageError("--chat needs --prompt (a user message), not --prompt-ids")
     llm = LLM(req.model, device=req.device, dtype=req.dtype, quant_sim=req.quant_sim, dummy=req.dummy,
-              progress=sys.stderr.isatty())
+              progress=sys.stderr.isatty(), check_weights=req.check_weights,
+              verify_checkpoint=req.verify_checkpoint)
     sp = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
                         top_k=req.top_k, seed=req.seed)
     if req.chat:
@@ -49,6 +52,14 @@ def run_generate(req: GenerateRequest) -> dict:
             "text": out.text, "reasoning_content": out.reasoning_content,
             "tool_calls": [getattr(t, "__dict__", t) for t in out.tool_calls],
             "finish_reason": out.finish_reason, "metrics": res.metrics}
+
+
+# Shared with `ascend-v4 serve`.
+CHECK_WEIGHTS_HELP = ("While loading, check every float weight for NaN / inf (FP8: NaN bytes) and fail naming the "
+                      "file, tensor and element. UE8M0 scales are always checked (NaN byte, overflowing scale).")
+VERIFY_CHECKPOINT_HELP = ("Before loading, re-hash every file of an `ascend-v4 quantize` output against its "
+                          "ascend_v4_manifest.json and fail naming any file that differs. A directory without a "
+                          "manifest (official checkpoints, dummies) is an error: there is nothing to verify.")
 
 
 def _parse_ids(ctx, param, value: str | None) -> list[int] | None:
@@ -81,9 +92,11 @@ def _parse_ids(ctx, param, value: str | None) -> list[int] | None:
 @click.option("--no-quant-sim", is_flag=True,
               help="Skip the FP8/FP4 QAT numerics simulation (matches plain-precision implementations).")
 @click.option("--dummy", is_flag=True, help="With --model flash/pro: random weights of the real shapes.")
+@click.option("--check-weights", is_flag=True, help=CHECK_WEIGHTS_HELP)
+@click.option("--verify-checkpoint", is_flag=True, help=VERIFY_CHECKPOINT_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print ids, text and timings as JSON.")
 def generate(model, prompt, prompt_ids, chat, thinking, max_tokens, temperature, top_p, top_k, seed, dtype,
-             device, no_quant_sim, dummy, as_json):
+             device, no_quant_sim, dummy, check_weights, verify_checkpoint, as_json):
     """Generate a completion for one prompt.
 
     \b
@@ -97,7 +110,7 @@ def generate(model, prompt, prompt_ids, chat, thinking, max_tokens, temperature,
     from ascend_v4.model.args import ConfigError
 
     req = GenerateRequest(model, prompt, prompt_ids, chat, thinking, max_tokens, temperature, top_p, top_k,
-                          seed, dtype, device, not no_quant_sim, dummy)
+                          seed, dtype, device, not no_quant_sim, dummy, check_weights, verify_checkpoint)
     try:
         res = run_generate(req)
     except (CheckpointError, ConfigError, ValueError) as e:

@@ -37,6 +37,7 @@ class QuantizeRequest:
     fsync: bool = True
     progress: bool = False
     allow_nonfinite: bool = False
+    mindie: bool = False
 
 
 def _progress_factory():
@@ -71,7 +72,7 @@ def run_quantize(req: QuantizeRequest, log=None) -> dict:
     res = quantize(info, req.out, req.format, ep=req.ep, workers=req.workers, resume=req.resume, force=req.force,
                    fsync=req.fsync, read_baseline=req.read_baseline,
                    progress_factory=_progress_factory() if req.progress else None, log=say,
-                   allow_nonfinite=req.allow_nonfinite)
+                   allow_nonfinite=req.allow_nonfinite, mindie=req.mindie)
     out = {"result": res, "source": src_dir}
     if req.verify or req.verify_e2e:
         from ascend_v4.quant.verify import verify_conversion
@@ -154,8 +155,11 @@ def format_accuracy(rows: list[dict], n_tokens: int) -> str:
 @click.option("--allow-nonfinite", is_flag=True,
               help="Warn about NaN / inf source values (and FP8 NaN bytes, NaN or overflowing UE8M0 scales) and go "
                    "on; by default the first one stops the run, naming file, tensor and element.")
+@click.option("--mindie-config", is_flag=True,
+              help="w8a8 / w4a8: also write MindIE's config.json fields (quantize: w8a8_dynamic, and moe_quantize: "
+                   "w4a8_dynamic for w4a8). msModelSlim writes none for V4; vllm-ascend accepts either.")
 def quantize_cmd(model, out, fmt, ep, workers, resume, force, verify, verify_e2e, e2e_tokens, read_baseline,
-                 no_fsync, allow_nonfinite):
+                 no_fsync, allow_nonfinite, mindie_config):
     """Convert an official DeepSeek-V4 checkpoint for Ascend NPUs (or to BF16 / FP8 experts / re-sharded).
 
     Streams shard by shard with bounded memory, writes every file under a temporary name, records each
@@ -175,7 +179,8 @@ def quantize_cmd(model, out, fmt, ep, workers, resume, force, verify, verify_e2e
     from ascend_v4.quant.errors import QuantizeError
 
     req = QuantizeRequest(model, out, fmt, ep, workers or min(8, os.cpu_count() or 1), resume, force, verify,
-                          verify_e2e, e2e_tokens, read_baseline, not no_fsync, True, allow_nonfinite)
+                          verify_e2e, e2e_tokens, read_baseline, not no_fsync, True, allow_nonfinite,
+                          mindie_config)
     try:
         res = run_quantize(req, log=lambda s: click.echo(s, err=True))
     except (CheckpointError, ConfigError, QuantizeError) as e:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from ascend_v4.cli.generate import CHECK_WEIGHTS_HELP, VERIFY_CHECKPOINT_HELP
+
 
 def _echo(line: str) -> None:
     click.echo(line)
@@ -43,6 +45,8 @@ def _echo(line: str) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto (detect), cpu, cuda or npu.")
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True)
 @click.option("--dummy", is_flag=True, help="With --model flash/pro: random weights of the real shapes.")
+@click.option("--check-weights", is_flag=True, help=CHECK_WEIGHTS_HELP)
+@click.option("--verify-checkpoint", is_flag=True, help=VERIFY_CHECKPOINT_HELP)
 @click.option("--require-reasoning-passback", is_flag=True,
               help="Answer 400, as DeepSeek's API does, when an assistant tool-call turn in thinking mode comes "
                    "back without its reasoning_content.")
@@ -56,8 +60,9 @@ def _echo(line: str) -> None:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def serve(model, npus, host, port, api_key, served_model_names, max_num_seqs, max_queue, max_model_len,
-          max_num_batched_tokens, cache_gib, kv_cache_dtype, block_size, no_prefix_caching, device, dtype, dummy, require_reasoning_passback,
-          encoder_version, default_max_tokens, drain_timeout, access_log, log_level):
+          max_num_batched_tokens, cache_gib, kv_cache_dtype, block_size, no_prefix_caching, device, dtype, dummy,
+          check_weights, verify_checkpoint, require_reasoning_passback, encoder_version, default_max_tokens,
+          drain_timeout, access_log, log_level):
     """Serve a model over HTTP: OpenAI (/v1/chat/completions, /v1/completions, /v1/models) and Anthropic
     (/v1/messages, /v1/messages/count_tokens) APIs with DeepSeek's semantics, plus /health, /metrics,
     /tokenize and /detokenize.
@@ -84,7 +89,8 @@ def serve(model, npus, host, port, api_key, served_model_names, max_num_seqs, ma
                         max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
                         cache_gib=cache_gib, kv_cache_dtype=kv_cache_dtype, block_size=block_size,
                         enable_prefix_caching=not no_prefix_caching, device=device, dtype=dtype,
-                        dummy=dummy, require_reasoning_passback=require_reasoning_passback,
+                        dummy=dummy, check_weights=check_weights, verify_checkpoint=verify_checkpoint,
+                        require_reasoning_passback=require_reasoning_passback,
                         encoder_version=encoder_version, default_max_tokens=default_max_tokens,
                         drain_timeout_s=drain_timeout, access_log=access_log, log_level=log_level)
     try:

@@ -32,14 +32,16 @@ def expert_skip(experts: range | None) -> Callable[[str], bool] | None:
 
 
 def load_model(path: str | Path, opts: ModelOptions | None = None, *, device: str | torch.device = "cpu",
-               progress: bool = False, experts: range | None = None) -> Transformer:
+               progress: bool = False, experts: range | None = None, check_weights: bool = False) -> Transformer:
     """Read `<path>/config.json`, build the model without allocating weights, load every shard (mmap,
     one shard at a time, FP8/FP4 kept packed unless `opts.dequantize_weights`), move it to `device`.
 
     `experts`: build and load only these routed experts (global ids; expert parallelism), skipping the
-    other experts' tensors in the checkpoint."""
+    other experts' tensors in the checkpoint. `check_weights`: also check every float tensor for NaN / inf
+    (UE8M0 scales are always checked; `ascend_v4.checkpoint.loader`)."""
     args = ModelArgs.from_dir(path)
     with torch.device("meta"):
         model = Transformer(args, opts or ModelOptions(), experts=experts)
-    load_checkpoint(model, path, args=args, progress=progress, skip=expert_skip(experts))
+    load_checkpoint(model, path, args=args, progress=progress, skip=expert_skip(experts),
+                    check_weights=check_weights)
     return model.to(device).eval()

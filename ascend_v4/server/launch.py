@@ -49,6 +49,8 @@ class ServeOptions:
     device: str = "auto"
     dtype: str = "auto"
     dummy: bool = False
+    check_weights: bool = False  # check every float weight for NaN / inf while loading
+    verify_checkpoint: bool = False  # re-hash a quantize output against its manifest before loading
     require_reasoning_passback: bool = False
     encoder_version: str = "auto"
     default_max_tokens: int = 4096
@@ -134,7 +136,8 @@ def build_app(opts: ServeOptions):
         raise ServeError(str(e)) from None
     # npus > 1: expert parallelism; LLM starts the worker processes and returns rank 0's engine.
     llm = LLM(spec, device=device, dtype=opts.dtype, dummy=opts.dummy, progress=sys.stderr.isatty(),
-              npus=opts.npus, engine_config=cfg)
+              npus=opts.npus, engine_config=cfg, check_weights=opts.check_weights,
+              verify_checkpoint=opts.verify_checkpoint)
     engine = AsyncEngine(llm.engine if llm.engine is not None else Engine(llm.model, llm.tokenizer, cfg))
     encoder = encoder_version_of(llm.path) if opts.encoder_version == "auto" else opts.encoder_version
     names = served_names(opts, resolved.preset)

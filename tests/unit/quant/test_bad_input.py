@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from ascend_v4.checkpoint.reader import read_checkpoint
 from ascend_v4.cli.quantize import QuantizeRequest, run_quantize
 from ascend_v4.model.args import ConfigError
 from ascend_v4.quant import tool
-from ascend_v4.quant.errors import InsufficientDiskSpaceError, QuantizeError, SourceReadError, \
+from ascend_v4.quant.errors import InsufficientDiskSpaceError, NonFiniteSourceError, QuantizeError, SourceReadError, \
     UnsupportedConversionError
 from ascend_v4.quant.manifest import MANIFEST_NAME
 
@@ -129,3 +130,49 @@ def test_bad_options(tiny_src, converted, tmp_path):
         _run(converted("w8a8"), tmp_path / "b")
     with pytest.raises(QuantizeError, match="must differ"):
         _run(tiny_src, tiny_src)
+
+
+def _corrupt(tiny_src: Path, tiny_info, dst: Path, tensor: str, element: int, raw: bytes) -> Path:
+    """A clone of the tiny checkpoint whose `tensor` has `raw` written over element `element` (real bytes)."""
+    ent = tiny_info.tensors[tensor]
+    src = _clone(tiny_src, dst, copy=(ent.file,))
+    with open(src / ent.file, "r+b") as f:
+        f.seek(ent.begin + element * len(raw))
+        f.write(raw)
+    return src
+
+
+NONFINITE = [  # (tensor, element, bytes, dtype name in the message, value in the message)
+    ("layers.0.attn_norm.weight", 5, struct.pack("<H", 0x7FC0), "BF16", "nan"),  # a copied BF16 norm
+    ("layers.1.attn.attn_sink", 2, struct.pack("<f", float("inf")), "F32", "+inf"),  # a copied F32 tensor
+    ("layers.0.attn.wq_a.weight", 77, b"\x7f", "F8_E4M3", "nan"),  # an FP8 weight w8a8 converts
+    ("layers.0.attn.wq_a.scale", 0, b"\xff", "F8_E8M0", "nan"),  # its UE8M0 scale ([1, 1] in tiny)
+    ("layers.1.ffn.experts.3.w2.scale", 4, b"\xfe", "F8_E8M0", "overflow"),  # an FP4 expert's scale: 2^127 * 6
+]
+
+
+@pytest.mark.parametrize("tensor,element,raw,dtype,value", NONFINITE, ids=[n[0] for n in NONFINITE])
+@pytest.mark.parametrize("fmt", ["w8a8", "native"])
+def test_nonfinite_source_values_are_named(tensor, element, raw, dtype, value, fmt, tiny_src, tiny_info, tmp_path):
+    src = _corrupt(tiny_src, tiny_info, tmp_path / "src", tensor, element, raw)
+    out = tmp_path / "out"
+    with pytest.raises(NonFiniteSourceError) as ei:
+        _run(src, out, fmt)
+    msg = str(ei.value)
+    assert f"{tiny_info.tensors[tensor].file}: {tensor}: element {element}" in msg and dtype in msg
+    assert value in msg and "--allow-nonfinite" in msg
+    _nothing_complete(out)
+
+
+def test_nonfinite_from_the_cli_then_allowed(tiny_src, tiny_info, tmp_path):
+    tensor = "layers.0.attn_norm.weight"
+    src = _corrupt(tiny_src, tiny_info, tmp_path / "src", tensor, 3, struct.pack("<H", 0x7FC0))
+    cmd = ["ascend-v4", "quantize", "-m", str(src), "-o", str(tmp_path / "out"), "-f", "w8a8", "--read-baseline",
+           "off"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert f"{tensor}: element 3 is nan (BF16)" in r.stderr
+    r = subprocess.run(cmd + ["--resume", "--allow-nonfinite"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"warning: {tiny_info.tensors[tensor].file}: {tensor}: element 3" in r.stderr
+    assert (tmp_path / "out" / MANIFEST_NAME).is_file()

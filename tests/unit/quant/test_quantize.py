@@ -113,8 +113,8 @@ def test_ascend_v1_layout(fmt, converted, tiny_info):
     assert all(p.name.startswith("quant_model_weights-") for p in out.glob("*.safetensors"))
     desc = json.loads((out / "quant_model_description.json").read_text())
     wm = json.loads((out / "quant_model_weights.safetensors.index.json").read_text())["weight_map"]
-    assert desc["model_quant_type"] == ("W8A8_DYNAMIC" if fmt == "w8a8" else "W4A8_DYNAMIC")
-    assert desc["version"] == "1.0.0" and set(wm) <= set(desc) and len(desc) == len(wm) + 3
+    assert desc["model_quant_type"] == "W8A8_DYNAMIC"  # msModelSlim ranks W4A8_DYNAMIC nowhere (docs/quantize.md)
+    assert desc["version"] == "1.0.0" and set(wm) <= set(desc) and len(desc) == len(wm) + 5
     exp = "W8A8_DYNAMIC" if fmt == "w8a8" else "W4A8_DYNAMIC"
     assert desc["layers.1.ffn.experts.3.w2.weight"] == desc["layers.1.ffn.experts.3.w2.scale_bias" if fmt == "w4a8"
                                                             else "layers.1.ffn.experts.3.w2.weight_scale"] == exp
