@@ -69,6 +69,7 @@ class Unit:
     dst_fmt: str | None = None
     down: bool = False
     scale_of: str | None = None  # a copied UE8M0 scale: dtype of the weight it scales (value checks)
+    duplicate: bool = False  # a second copy of a tensor another unit of the plan copies too (values checked there)
 
     @property
     def is_copy(self) -> bool:
@@ -169,7 +170,7 @@ def make_plan(src: SourceCheckpoint, output_format: str, ep: int | None) -> Plan
     files: dict[tuple[int, int | None], OutFile] = {}
     units = plan_units(src, output_format)
     if style.ascend_v1:  # msModelSlim's MTP copies of the main embedding and head (byte copies)
-        units += [(Unit(dst, [ent], [OutTensor(dst, ent.dtype, tuple(ent.shape), ent.nbytes)]), ent)
+        units += [(Unit(dst, [ent], [OutTensor(dst, ent.dtype, tuple(ent.shape), ent.nbytes)], duplicate=True), ent)
                   for dst, name in ascend_v1.shared_copies(src.tensors, src.args.n_mtp_layers)
                   for ent in (src.tensors[name],)]
     for unit, primary in units:

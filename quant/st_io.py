@@ -47,6 +47,7 @@ ST_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}  # torch dtype -> safetensor
 # A header longer than this is certainly corrupt (the Flash shards' headers are ~200 KB).
 MAX_HEADER_BYTES = 100 << 20
 HASH_CHUNK = 16 << 20
+WRITEBACK_CHUNK = 32 << 20  # HashingWriter starts writeback every this many bytes (with fsync)
 
 
 def dtype_nbytes(dtype: str) -> int:
@@ -175,9 +176,12 @@ def parse_header(path: str | Path, problems: list[str]) -> ShardHeader:
     return done()
 
 
-def pread_exact(fd: int, offset: int, n: int, what: str) -> bytearray:
-    """Read exactly n bytes at offset; a short read (file truncated since validation) raises SourceReadError."""
-    buf = bytearray(n)
+def pread_exact(fd: int, offset: int, n: int, what: str, into: memoryview | None = None) -> bytearray | memoryview:
+    """Read exactly n bytes at offset; a short read (file truncated since validation) raises SourceReadError.
+
+    `into`: a buffer of at least n bytes to read into (its first n bytes are returned) instead of a fresh one:
+    streaming copies reuse one buffer per thread rather than allocating and zero-filling 64 MiB per chunk."""
+    buf = bytearray(n) if into is None else into[:n]
     view = memoryview(buf)
     got = 0
     while got < n:
@@ -221,18 +225,28 @@ def build_header(items: list[tuple[str, str, tuple[int, ...], int]], metadata: d
 
 
 class HashingWriter:
-    """Write a file under `<name>.partial`, hashing every byte; `commit()` fsyncs and renames it into place."""
+    """Write a file under `<name>.partial`, hashing every byte; `commit()` fsyncs and renames it into place.
+
+    With `fsync`, every `WRITEBACK_CHUNK` bytes written are handed to the kernel's writeback at once
+    (`posix_fadvise(DONTNEED)` starts it without waiting, and drops the pages once clean), so the final fsync
+    waits for the tail only instead of the whole file."""
 
     def __init__(self, path: Path, fsync: bool = True) -> None:
         self.path, self.tmp, self.fsync = path, path.with_name(path.name + ".partial"), fsync
         self.f = open(self.tmp, "wb")
         self.h = hashlib.sha256()
         self.n = 0
+        self._flushed = 0  # bytes already handed to writeback
 
     def write(self, data) -> None:
         mv = memoryview(data).cast("B")
         try:
             self.f.write(mv)
+            if self.fsync and self.n + len(mv) - self._flushed >= WRITEBACK_CHUNK:
+                self.f.flush()
+                os.posix_fadvise(self.f.fileno(), self._flushed, self.n + len(mv) - self._flushed,
+                                 os.POSIX_FADV_DONTNEED)
+                self._flushed = self.n + len(mv)
         except OSError as e:
             raise OSError(e.errno, e.strerror, str(self.tmp)) from None  # name the file (write() does not)
         self.h.update(mv)

@@ -61,17 +61,20 @@ def factor_tables(e: np.ndarray, row_value: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def gather(b: np.ndarray, tid: np.ndarray, tables: np.ndarray) -> np.ndarray:
-    """out[n, j, k] = tables[tid[n, j], b[n, j, k]]; tables [T, 256] of any dtype (a value pair per entry)."""
+    """out[n, j, k] = tables[tid[n, j], b[n, j, k]]; tables [T, 256] of any dtype (a value pair per entry).
+
+    The flat index `256 * tid + byte` is built one L2-sized chunk at a time with a single pass (the table base
+    of each run is computed once per run, then added to the bytes), then gathered with `take`."""
     o, nb, w = b.shape
     flat = np.ascontiguousarray(tables).reshape(-1)
     out = np.empty(b.shape, dtype=tables.dtype)
+    base = np.left_shift(tid, 8, dtype=np.intp)  # [o, nb]: start of each run's table
     rows = max(1, CHUNK_BYTES // (nb * w * 8))
     idx = np.empty((min(rows, o), nb, w), dtype=np.intp)
     for r in range(0, o, rows):
         n = min(rows, o - r)
         ix = idx[:n]
-        np.left_shift(tid[r:r + n, :, None], 8, out=ix)
-        np.bitwise_or(ix, b[r:r + n], out=ix)
+        np.add(b[r:r + n], base[r:r + n, :, None], out=ix)
         flat.take(ix, out=out[r:r + n], mode="clip")
     return out
 

@@ -128,3 +128,22 @@ def test_fp8_table_path_equals_dense_path():
     q, amax = quantize_dense(get_format("fp8_block").dequantize(src))
     assert torch.equal(fast["weight"], q)
     assert torch.equal(fast["weight_scale"], torch.from_numpy(amax / np.float32(127)).reshape(-1, 1))
+
+
+def test_fp8_to_bf16_table_path_equals_reference():
+    from ascend_v4.ops.reference.formats import dequant_fp8_block
+    from ascend_v4.quant.formats.bf16 import fp8_to_bf16
+
+    g = torch.Generator().manual_seed(8)
+    finite = torch.arange(256, dtype=torch.uint8)
+    finite = finite[(finite & 0x7F) != 0x7F]  # every non-NaN e4m3 byte
+    rows = 128 * 32
+    w = finite[torch.randint(0, len(finite), (rows, 256), generator=g)]
+    s = torch.arange(0, 256, 4, dtype=torch.uint8)[:rows // 128 * 2].view(-1, 2)  # scales 2^-127 .. 2^124, and NaN-free
+    for wt, st in [(w, s), (w, s.clamp(min=10)), (w[:200], s[:2].clamp(min=10))]:
+        wq, sq = wt.view(torch.float8_e4m3fn), st.view(torch.float8_e8m0fnu)
+        want = dequant_fp8_block(wq, sq, torch.bfloat16)
+        assert torch.equal(fp8_to_bf16(wq, sq).view(torch.int16), want.view(torch.int16))
+    w[3, 7] = 0x7F  # a NaN byte: the reference path (NaN bits of torch's bf16 cast depend on vector position)
+    out = fp8_to_bf16(w.view(torch.float8_e4m3fn), s.clamp(min=10).view(torch.float8_e8m0fnu))
+    assert out[3, 7].isnan() and not out[:3].isnan().any()
