@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 
 import click
@@ -39,7 +38,7 @@ def run_generate(req: GenerateRequest) -> dict:
     if req.chat and req.prompt is None:
         raise click.UsageError("--chat needs --prompt (a user message), not --prompt-ids")
     llm = LLM(req.model, device=req.device, dtype=req.dtype, quant_sim=req.quant_sim, dummy=req.dummy,
-              progress=sys.stderr.isatty(), check_weights=req.check_weights,
+              progress=True, check_weights=req.check_weights,
               verify_checkpoint=req.verify_checkpoint)
     sp = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
                         top_k=req.top_k, seed=req.seed)

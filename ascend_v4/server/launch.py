@@ -135,7 +135,7 @@ def build_app(opts: ServeOptions):
     except ValueError as e:
         raise ServeError(str(e)) from None
     # npus > 1: expert parallelism; LLM starts the worker processes and returns rank 0's engine.
-    llm = LLM(spec, device=device, dtype=opts.dtype, dummy=opts.dummy, progress=sys.stderr.isatty(),
+    llm = LLM(spec, device=device, dtype=opts.dtype, dummy=opts.dummy, progress=True,
               npus=opts.npus, engine_config=cfg, check_weights=opts.check_weights,
               verify_checkpoint=opts.verify_checkpoint)
     engine = AsyncEngine(llm.engine if llm.engine is not None else Engine(llm.model, llm.tokenizer, cfg))
