@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+from ascend_v4.quant.raw_read import evict, measure_raw_read  # the converter's own cold-read baseline
+
 WRITE_CHUNK = 16 << 20
 
 
@@ -76,40 +78,6 @@ def read_ranges(info) -> list[tuple[Path, int, int]]:
         s = spans.setdefault(t.file, [t.begin, t.end])
         s[0], s[1] = min(s[0], t.begin), max(s[1], t.end)
     return [(Path(info.path) / name, b, e) for name, (b, e) in sorted(spans.items())]
-
-
-# ---------------------------------------------------------------------------------------------- page cache
-def evict(paths: list[Path]) -> None:
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-try:  # the converter's own cold-read baseline (module may move while quant/tool.py is split up)
-    from ascend_v4.quant.tool import measure_raw_read
-except ImportError:  # pragma: no cover - same semantics as quant/tool.py's
-    def measure_raw_read(ranges, budget):
-        paths = sorted({p for p, _, _ in ranges})
-        evict(paths)
-        view = memoryview(bytearray(16 << 20))
-        n, t0 = 0, time.perf_counter()
-        for p, b, e in ranges:
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                pos = b
-                while pos < e:
-                    k = os.preadv(fd, [view[:min(len(view), e - pos)]], pos)
-                    if k <= 0:
-                        break
-                    pos, n = pos + k, n + k
-            finally:
-                os.close(fd)
-        dt = time.perf_counter() - t0
-        evict(paths)
-        return n, dt
 
 
 # ---------------------------------------------------------------------------------------------- the two sides
