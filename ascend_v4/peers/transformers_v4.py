@@ -58,12 +58,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from ascend_v4.quant.st_io import parse_header
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import DeepseekV4ForCausalLM
@@ -141,22 +142,18 @@ def _shard_files(ckpt_dir: Path) -> list[Path]:
     return files
 
 
-def _headers(ckpt_dir: Path) -> dict[str, dict]:
-    """{tensor name: {"dtype", "shape"}} from the safetensors headers only (no tensor data read)."""
-    out: dict[str, dict] = {}
-    for f in _shard_files(ckpt_dir):
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            hdr = json.loads(fh.read(n))
-        hdr.pop("__metadata__", None)
-        out.update(hdr)
-    return out
-
-
 def misaligned_fp8_weights(ckpt_dir: str | Path) -> list[str]:
-    """FP8 weights with a dim that is not a multiple of 128 (transformers' dequantiser gets those wrong)."""
-    return [k for k, h in _headers(Path(ckpt_dir)).items()
-            if h["dtype"] == "F8_E4M3" and any(d % FP8_BLOCK for d in h["shape"])]
+    """FP8 weights with a dim that is not a multiple of 128 (transformers' dequantiser gets those wrong); from the
+    safetensors headers only (`st_io.parse_header`, no tensor data read)."""
+    out: list[str] = []
+    for f in _shard_files(Path(ckpt_dir)):
+        problems: list[str] = []
+        for k, t in parse_header(f, problems).tensors.items():
+            if t.dtype == "F8_E4M3" and any(d % FP8_BLOCK for d in t.shape):
+                out.append(k)
+        if problems:
+            raise ValueError(f"{f}: " + "; ".join(problems[:3]))
+    return out
 
 
 def _read_all(ckpt_dir: Path) -> dict[str, torch.Tensor]:
