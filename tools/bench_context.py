@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     from ascend_v4.checkpoint.resolve import resolve_model
     from ascend_v4.model.cache import StepBatch, mark, new_seq_cache, rollback
     from ascend_v4.model.layers import ModelOptions
+    from ascend_v4.model import kv_layout
     from ascend_v4.model.load import load_model
 
     ckpt = resolve_model(a.model, progress=True).path
@@ -47,7 +48,6 @@ def main(argv=None) -> int:
     ids = torch.randint(3, args.vocab_size, (a.max_context + a.steps,), generator=g).tolist()
     cache = new_seq_cache(args, torch.float32, kv_format=a.kv_cache_dtype)
     cache.state_upto = 0  # as in the engine, where block-end state slots are prefix-cache entries, not per sequence
-    kv_esize = cache.pool.entry_bytes / args.head_dim  # bytes per latent element as stored
     main_layers = args.n_layers
     rows, done, ctx = [], 0, 1024
     t_prefill = 0.0
@@ -69,8 +69,9 @@ def main(argv=None) -> int:
             times.append(time.perf_counter() - t)
             rollback(cache, m)
         measured = cache.nbytes(range(main_layers))
-        formula = (args.window_bytes_per_seq(kv_esize) * main_layers // (main_layers + args.n_mtp_layers)
-                   + args.kv_bytes_per_token(kv_esize, esize) * ctx)
+        fmt = cache.pool.format  # the pool's own entry sizes (kv_layout: the memory model plan uses)
+        formula = (kv_layout.window_ring_bytes(args, fmt) * main_layers // (main_layers + args.n_mtp_layers)
+                   + kv_layout.kv_bytes_per_token(args, fmt) * ctx)
         plain = main_layers * ctx * args.head_dim * esize
         rows.append({"context": ctx, "decode_ms": 1e3 * statistics.median(times), "cache_bytes": measured,
                      "formula_bytes": formula, "plain_kv_bytes": plain, "prefill_tok_s": done / t_prefill})

@@ -18,61 +18,8 @@ DEFAULT_CONTEXT = 1 << 20  # 1M tokens = max_position_embeddings of Flash and Pr
 _KIND_LETTER = {WINDOW: "W", CSA: "C", HCA: "H"}
 
 
-# ------------------------------------------------------------------------------------ KV entry sizes
-def fp8_kv_entry_bytes(args: ModelArgs) -> int:
-    """Bytes of one window/compressed KV entry in vLLM's `fp8_ds_mla` layout (model-spec.md §10.2).
-
-    e4m3 "nope" dims + bf16 rope dims + one UE8M0 scale per 64 nope dims, padded to 8 bytes:
-    448 + 128 + (7 + 1 pad) = 584 for Flash and Pro.
-    """
-    scales = -(-args.nope_dim // 64)
-    return args.nope_dim + 2 * args.rope_head_dim + -(-scales // 8) * 8
-
-
-def fp4_index_entry_bytes(args: ModelArgs) -> int:
-    """Bytes of one MXFP4 indexer key: packed e2m1 + one UE8M0 per 32 dims (64 + 4 = 68 for 128 dims)."""
-    return args.index_head_dim // 2 + args.index_head_dim // 32
-
-
-def kv_formats(args: ModelArgs) -> dict[str, tuple[int, int]]:
-    """{format name: (bytes per KV entry, bytes per indexer entry)} for the two formats we report."""
-    return {
-        "bf16": (2 * args.head_dim, 2 * args.index_head_dim),  # BF16 KV + BF16 indexer (reference layout)
-        "fp8_fp4": (fp8_kv_entry_bytes(args), fp4_index_entry_bytes(args)),  # deployment layout
-    }
-
-
-def kv_bytes_per_token(args: ModelArgs, kv_entry: int, index_entry: int) -> float:
-    """Growing cache bytes per token of context over all main layers (window ring excluded).
-
-    A layer with ratio m stores one KV entry per m tokens; CSA layers (m = 4) also one indexer entry
-    per 4 tokens. Window-only layers add nothing per token.
-    """
-    total = 0.0
-    for i in range(args.n_layers):
-        r = args.ratio(i)
-        if r:
-            total += kv_entry / r
-        if args.kind(i) == CSA:
-            total += index_entry / r
-    return total
-
-
-def kv_bytes_at(args: ModelArgs, context: int, kv_entry: int, index_entry: int) -> int:
-    """Growing cache bytes of one sequence of `context` tokens (whole compressed entries only)."""
-    total = 0
-    for i in range(args.n_layers):
-        r = args.ratio(i)
-        if r:
-            total += (context // r) * kv_entry
-        if args.kind(i) == CSA:
-            total += (context // r) * index_entry
-    return total
-
-
-def window_ring_bytes(args: ModelArgs, kv_entry: int) -> int:
-    """Fixed sliding-window ring of one sequence: every main layer and MTP block keeps `window_size` entries."""
-    return (args.n_layers + args.n_mtp_layers) * args.window_size * kv_entry
+# The two cache formats `info` reports (their arithmetic: ascend_v4.model.kv_layout, shared with plan and the engine).
+INFO_FORMATS = {"bf16": "bf16", "fp8_fp4": "fp8"}  # info key -> kv_layout format
 
 
 def compact_schedule(kinds: list[str]) -> str:
@@ -126,21 +73,23 @@ def load_model_args(model: str) -> tuple[ModelArgs, str]:
 def model_info(args: ModelArgs, context: int = DEFAULT_CONTEXT, source: str = "") -> dict[str, Any]:
     """Everything `info` prints, as a JSON-ready dict (bytes are exact integers or floats)."""
     from ascend_v4.checkpoint.spec import checkpoint_nbytes
+    from ascend_v4.model import kv_layout
 
     if context < 1:
         raise ValueError(f"context must be at least 1 token, got {context}")
     kinds = args.layer_kinds
     counts = {k: kinds.count(k) for k in (WINDOW, CSA, HCA)}
     kv: dict[str, Any] = {}
-    for fmt, (kv_entry, index_entry) in kv_formats(args).items():
-        growing = kv_bytes_at(args, context, kv_entry, index_entry)
-        ring = window_ring_bytes(args, kv_entry)
-        kv[fmt] = {
-            "kv_entry_bytes": kv_entry,
-            "index_entry_bytes": index_entry,
-            "bytes_per_token": kv_bytes_per_token(args, kv_entry, index_entry),
+    formats = kv_layout.kv_formats(args)
+    for key, name in INFO_FORMATS.items():
+        f = formats[name]
+        ring = kv_layout.window_ring_bytes(args, f)
+        kv[key] = {
+            "kv_entry_bytes": f.main_entry,
+            "index_entry_bytes": f.index_entry,
+            "bytes_per_token": kv_layout.kv_bytes_per_token(args, f),
             "window_ring_bytes_per_seq": ring,
-            "bytes_at_context": growing + ring,
+            "bytes_at_context": kv_layout.kv_bytes_at(args, f, context) + ring,
         }
     mtp_kinds = [args.kind(args.n_layers + i) for i in range(args.n_mtp_layers)]
     return {

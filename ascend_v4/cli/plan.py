@@ -1,13 +1,15 @@
 """`ascend-v4 plan`: weights per card, KV bytes per token, how many sequences fit, roofline decode speed.
 
-Thin wrapper around `ascend_v4.quant.plan.make_plan` (the arithmetic and the hardware table live there).
-Without `--tp`, every TP size dividing --npus is evaluated and the smallest one that fits is detailed, so
-the output answers "does it fit, and with how much context" directly.
+Thin wrapper around `ascend_v4.runtime.planner.make_plan` (the arithmetic and the hardware table live there;
+its KV numbers are `ascend_v4.model.kv_layout`, the engine's own memory model). Without `--tp`, every TP size
+dividing --npus is evaluated and the smallest one that fits is detailed, so the output answers "does it fit,
+and with how much context" directly; `--json` adds the recommended layout and the commands that deploy it.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import click
@@ -34,15 +36,37 @@ def _inventory(model: str):
 
 @functools.lru_cache(maxsize=32)
 def _weights(model: str, fmt: str):
-    from ascend_v4.quant.plan import weight_split
+    from ascend_v4.runtime.planner import weight_split
 
     return weight_split(_inventory(model)[1], fmt)
+
+
+RUNTIME_TP = (1,)  # attention TP sizes the engine runs today (--npus N: experts split, attention replicated)
+
+
+def commands(r, model: str) -> dict:
+    """The commands that deploy the layout of PlanReport `r` (None where the runtime lacks it)."""
+    src = model
+    out: dict = {"quantize": None, "serve": None, "why_not": None}
+    if r.output_format != "native":
+        src = f"{model.rstrip('/')}-{r.output_format}"
+        out["quantize"] = f"ascend-v4 quantize --model {model} --out {src} --format {r.output_format} --ep {r.npus}"
+    if not r.fits:
+        out["why_not"] = r.verdict
+    elif r.tp not in RUNTIME_TP:
+        out["why_not"] = (f"needs attention tensor parallelism {r.tp}; the engine runs attention replicated "
+                          f"(TP 1) today")
+    else:
+        kv = " --kv-cache-dtype fp8" if r.kv.name.startswith("fp8") else ""
+        out["serve"] = (f"ascend-v4 serve --model {src} --npus {r.npus} --hardware {r.hardware_key}"
+                        f" --max-model-len {r.context}{kv}")
+    return out
 
 
 def run_plan(model: str, fmt: str, npus: int, hardware: str, *, context: int = 131072, batch: int = 1,
              tp: int | None = None, kv: str | None = None):
     """(chosen PlanReport, all evaluated PlanReports). `model`: flash / pro / any preset, or a checkpoint dir."""
-    from ascend_v4.quant.plan import make_plan
+    from ascend_v4.runtime.planner import make_plan
 
     args, specs, name = _inventory(model)
     ws = _weights(model, fmt)
@@ -66,7 +90,9 @@ def run_plan(model: str, fmt: str, npus: int, hardware: str, *, context: int = 1
 @click.option("--tp", type=click.IntRange(min=1), help="Attention tensor-parallel size (default: try all).")
 @click.option("--kv", type=click.Choice(["bf16", "bf16-int8idx", "fp8", "fp8-fp8idx"]),
               help="KV cache format (default per hardware: bf16-int8idx on 910b/910c, fp8 elsewhere).")
-def plan(model, fmt, npus, hardware, context, batch, tp, kv):
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object: every evaluated layout, the recommended one and the commands that deploy it.")
+def plan(model, fmt, npus, hardware, context, batch, tp, kv, as_json):
     """Will a DeepSeek-V4 deployment fit, with how much context, and how fast can it decode (roofline)?
 
     \b
@@ -81,15 +107,25 @@ def plan(model, fmt, npus, hardware, context, batch, tp, kv):
         chosen, reports = run_plan(model, fmt, npus, hardware, context=context, batch=batch, tp=tp, kv=kv)
     except (ConfigError, ValueError) as e:
         raise click.ClickException(str(e)) from e
+    cmds = commands(chosen, model)
+    if as_json:
+        click.echo(json.dumps({"recommended": chosen.as_dict() if chosen.fits else None, "commands": cmds,
+                               "layouts": [r.as_dict() for r in reports]}, indent=1))
+        return
     if len(reports) > 1:
         click.echo(f"{'TP':>3} {'weights/card GB':>16} {'free GB':>8} {'seqs@L/card':>12} {'max ctx @B':>11} "
-                   f"{'tok/s/card':>10}  fits")
+                   f"{'tok/s/card':>10}  verdict")
         for r in reports:
+            tok_s = f"{r.decode_tok_s_per_card:>10.1f}" if r.fits else f"{'-':>10}"
             click.echo(f"{r.tp:>3} {r.weights_per_card / 1e9:>16.2f} {r.free_per_card / 1e9:>8.2f} "
-                       f"{r.seqs_per_card:>12} {r.max_context_at_batch:>11,} {r.decode_tok_s_per_card:>10.1f}  "
-                       f"{'yes' if r.fits else 'no'}")
+                       f"{r.seqs_per_card:>12} {r.max_context_at_batch:>11,} {tok_s}  {r.verdict}")
         click.echo("")
     click.echo(chosen.table())
+    for k in ("quantize", "serve"):
+        if cmds[k]:
+            click.echo(f"  {k}: {cmds[k]}")
+    if cmds["why_not"]:
+        click.echo(f"  no serve command: {cmds['why_not']}")
 
 
 __all__ = ["plan", "run_plan"]

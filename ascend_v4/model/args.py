@@ -217,24 +217,7 @@ class ModelArgs:
     def is_hash_layer(self, layer_id: int) -> bool:
         return layer_id < self.n_hash_layers
 
-    # ---- KV bytes (model-spec.md §10) ------------------------------------------------------------
-    def kv_bytes_per_token(self, kv_bytes: int = 2, index_bytes: int = 2) -> float:
-        """Growing cache bytes per token of context, all main layers (window ring excluded).
-
-        `kv_bytes` / `index_bytes`: bytes per element of the main KV / indexer key (2 = bf16).
-        """
-        total = 0.0
-        for i in range(self.n_layers):
-            r = self.ratio(i)
-            if r:
-                total += self.head_dim * kv_bytes / r
-            if r == 4:
-                total += self.index_head_dim * index_bytes / r
-        return total
-
-    def window_bytes_per_seq(self, kv_bytes: int = 2) -> int:
-        """Fixed sliding-window ring bytes per sequence (main layers + MTP)."""
-        return (self.n_layers + self.n_mtp_layers) * self.window_size * self.head_dim * kv_bytes
+    # KV-cache bytes: ascend_v4.model.kv_layout (the one memory model of the pool, plan and info).
 
     def param_counts(self) -> dict[str, int]:
         """Logical parameter counts: total, routed experts, active per token (main model, MTP apart)."""

@@ -36,6 +36,7 @@ from typing import Protocol
 import torch
 
 from ascend_v4 import ops
+from ascend_v4.model.kv_layout import KVFormat, comp_block_bytes, runtime_format, state_slot_bytes
 
 WINDOW_KIND, COMP_KIND, STATE_KIND = "window", "comp", "state"
 KINDS = (WINDOW_KIND, COMP_KIND)  # allocated for every block of a sequence; state slots only on request
@@ -69,11 +70,9 @@ class CompressorState:
                                                            self.prev_score) if t is not None)
 
 
-def kv_entry_bytes(args, kv_format: str, dtype: torch.dtype) -> int:
-    """Bytes of one window row / compressed entry in the pool."""
-    if kv_format == "fp8":
-        return ops.kv_fp8_entry_bytes(args.head_dim, args.rope_head_dim)
-    return args.head_dim * torch.finfo(dtype).bits // 8
+def pool_format(args, kv_format: str, dtype: torch.dtype) -> KVFormat:
+    """What one window row / compressed entry and one indexer key of the pool take (`kv_layout`)."""
+    return runtime_format(args, kv_format, torch.finfo(dtype).bits // 8)
 
 
 def check_block_size(args, block_size: int) -> None:
@@ -108,7 +107,8 @@ class CachePool:
         self.kv_format = kv_format
         self.n_layers = args.n_layers + args.n_mtp_layers
         self.ratios = [args.ratio(i) for i in range(self.n_layers)]
-        self.entry_bytes = kv_entry_bytes(args, kv_format, dtype)
+        self.format = pool_format(args, kv_format, dtype)
+        self.entry_bytes = self.format.main_entry
         self.num = {WINDOW_KIND: 0, COMP_KIND: 0, STATE_KIND: 0}
         self.kv: list[torch.Tensor] = [self._kv_rows(0) for _ in self.ratios]
         self.ikeys: list[torch.Tensor | None] = [None] * self.n_layers
@@ -164,20 +164,12 @@ class CachePool:
         self.num = {WINDOW_KIND: num_window_blocks, COMP_KIND: num_comp_blocks, STATE_KIND: ns}
 
     def block_bytes(self, kind: str) -> int:
-        """Bytes one block of `kind` occupies across all layers."""
-        B, a = self.block_size, self.args
+        """Bytes one block of `kind` occupies across all layers (the memory model of `kv_layout`)."""
         if kind == WINDOW_KIND:
             return self.n_layers * self.window_block * self.entry_bytes
-        n = 0
-        for l, m in enumerate(self.ratios):
-            if kind == STATE_KIND:
-                n += 2 * 2 * 4 * (a.head_dim + a.index_head_dim) if m == 4 else 0  # (kv, score) x 4 rows, fp32
-                continue
-            if m:
-                n += (B // m) * self.entry_bytes
-            if m == 4:
-                n += (B // 4) * a.index_head_dim * torch.finfo(self.dtype).bits // 8
-        return n
+        if kind == STATE_KIND:
+            return state_slot_bytes(self.args)
+        return comp_block_bytes(self.args, self.format, self.block_size)
 
     def nbytes(self) -> int:
         return sum(self.block_bytes(k) * self.num[k] for k in (*KINDS, STATE_KIND))

@@ -35,10 +35,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ascend_v4.quant import get_format
-
-from . import recipes
-from .st_io import tensor_nbytes
+from ascend_v4.model import kv_layout
+from ascend_v4.model.kv_layout import KVFormat, kv_formats
+from ascend_v4.quant import get_format, recipes
+from ascend_v4.quant.st_io import tensor_nbytes
 
 GIB = 1 << 30
 RUNTIME_RESERVE = 2 * GIB  # framework/runtime context, allocator slack (estimate)
@@ -84,28 +84,6 @@ NOT_RUNNABLE_WHY = {
     "h100": "no W4A8 (int4 x int8) kernels assumed on Hopper",
     "h200": "no W4A8 (int4 x int8) kernels assumed on Hopper",
 }
-
-
-@dataclass(frozen=True)
-class KVFormat:
-    """Bytes of one main KV entry and of one indexer key."""
-
-    name: str
-    main_entry: int
-    index_entry: int
-    note: str
-
-
-def kv_formats(args: Any) -> dict[str, KVFormat]:
-    nope, rope, ih = args.head_dim - args.rope_head_dim, args.rope_head_dim, args.index_head_dim
-    fp8_main = nope + 2 * rope + nope // 64 + 1  # fp8_ds_mla: e4m3 nope + bf16 rope + UE8M0 per 64 + pad (584)
-    return {
-        "bf16": KVFormat("bf16", 2 * args.head_dim, 2 * ih, "BF16 KV, BF16 indexer keys"),
-        "bf16-int8idx": KVFormat("bf16-int8idx", 2 * args.head_dim, ih + 4,
-                                 "BF16 KV (A2/A3 sparse-attention kernels), int8 indexer keys + 4-B scale"),
-        "fp8": KVFormat("fp8", fp8_main, ih // 2 + ih // 32, "fp8_ds_mla KV, MXFP4 indexer keys (deployment)"),
-        "fp8-fp8idx": KVFormat("fp8-fp8idx", fp8_main, ih + 4, "fp8_ds_mla KV, FP8 indexer keys + fp32 scale"),
-    }
 
 
 class InventoryEntry(Protocol):
@@ -190,7 +168,37 @@ class PlanReport:
 
     @property
     def fits(self) -> bool:
-        return self.free_per_card > 0 and self.seqs_per_card >= self.batch
+        """Runnable on this hardware, and `batch` sequences of `context` tokens fit next to the weights."""
+        return self.runnable and self.free_per_card > 0 and self.seqs_per_card >= self.batch
+
+    @property
+    def hardware_key(self) -> str:
+        return next(k for k, h in HARDWARE.items() if h is self.hardware)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: the layout, the memory model's numbers (bytes) and the verdict."""
+        fits = self.fits
+        return {
+            "model": self.model, "format": self.output_format, "hardware": self.hardware_key,
+            "layout": {"npus": self.npus, "tp": self.tp, "dp": self.npus // self.tp, "ep": self.npus},
+            "context": self.context, "batch": self.batch, "runnable": self.runnable, "fits": fits,
+            "verdict": self.verdict,
+            "kv": {"format": self.kv.name, "main_entry_bytes": self.kv.main_entry,
+                   "index_entry_bytes": self.kv.index_entry, "bytes_per_token": self.kv_per_token,
+                   "bytes_per_token_by_kind": self.kv_per_token_by_kind, "fixed_bytes_per_seq": self.fixed_per_seq},
+            "bytes_per_card": {"hbm": self.hardware.hbm_bytes, "weights": self.weights_per_card,
+                               "reserve": self.reserve_per_card, "free_for_kv": self.free_per_card},
+            "weights": {"total": self.weights.total, "routed_experts": self.weights.routed_experts,
+                        "tp_split": self.weights.tp_split, "replicated": self.weights.replicated},
+            "seqs_per_card": self.seqs_per_card, "max_context_at_batch": self.max_context_at_batch,
+            "decode_tok_s_per_card": self.decode_tok_s_per_card if fits else None, "notes": self.notes,
+        }
+
+    @property
+    def verdict(self) -> str:
+        if not self.runnable:
+            return f"DOES NOT RUN: {self.runnable_note}"
+        return "FITS" if self.fits else "DOES NOT FIT"
 
     def table(self) -> str:
         g = 1e9
@@ -221,10 +229,10 @@ class PlanReport:
             f"{self.seqs_per_card * dp} in total",
             f"  longest context with {self.batch} sequence(s) per DP group: {self.max_context_at_batch:,} tokens",
             f"  roofline decode at batch {self.batch}, context {self.context:,}: "
-            f"step {self.decode_step_s * 1e3:.2f} ms "
-            f"({self.decode_bound}-bound), {self.decode_tok_s_per_card:.1f} tok/s per card (upper bound)",
-            f"  verdict: {'FITS' if self.fits else 'DOES NOT FIT'}"
-            + ("" if self.runnable else " (and this format cannot run on this hardware)"),
+            + (f"step {self.decode_step_s * 1e3:.2f} ms ({self.decode_bound}-bound), "
+               f"{self.decode_tok_s_per_card:.1f} tok/s per card (upper bound)" if self.fits
+               else "- (the layout does not fit / run)"),
+            f"  verdict: {self.verdict}",
         ]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -249,21 +257,19 @@ def make_plan(args: Any, specs: Mapping[str, InventoryEntry], output_format: str
     ws = weights if weights is not None else weight_split(specs, output_format)
     notes: list[str] = []
     E = args.n_routed_experts
-    if E % npus:
-        notes.append(f"{E} experts do not divide over {npus} cards: the busiest card holds {math.ceil(E / npus)}")
-    local_frac = math.ceil(E / npus) / E
+    if E % npus:  # expert parallelism places E / npus experts of every MoE layer on each card
+        good = [d for d in range(1, E + 1) if E % d == 0]
+        raise ValueError(f"--npus {npus} does not divide the {E} routed experts: expert parallelism places "
+                         f"E / npus experts on every card; use one of {', '.join(map(str, good))}")
+    local_frac = 1 / npus
     weights_card = ws.replicated + ws.tp_split / tp + ws.routed_experts * local_frac
 
-    # KV bytes by layer kind.
-    per_kind = {"csa": kvf.main_entry / 4 + kvf.index_entry / 4, "hca": kvf.main_entry / 128, "window": 0.0}
+    # KV bytes: the memory model the engine's pool uses (ascend_v4.model.kv_layout).
+    per_kind = kv_layout.bytes_per_token_by_kind(args, kvf)
     kinds = [args.kind(i) for i in range(args.n_layers)]
-    layers_by_kind = {k: kinds.count(k) for k in ("csa", "hca", "window")}
-    kv_tok = sum(per_kind[k] * n for k, n in layers_by_kind.items())
-    n_rings = args.n_layers + args.n_mtp_layers
-    f32 = 4
-    state = {"csa": 2 * (2 * 4) * (2 * args.head_dim) * f32 + 2 * (2 * 4) * (2 * args.index_head_dim) * f32,
-             "hca": 2 * 128 * args.head_dim * f32, "window": 0}
-    fixed = n_rings * args.window_size * kvf.main_entry + sum(state[k] * n for k, n in layers_by_kind.items())
+    layers_by_kind = {k: kinds.count(k) for k in per_kind}
+    kv_tok = kv_layout.kv_bytes_per_token(args, kvf)
+    fixed = kv_layout.fixed_bytes_per_seq(args, kvf)
 
     act = prefill_chunk * ACT_BYTES_PER_TOKEN_PER_DIM * args.dim
     reserve = RUNTIME_RESERVE + (COMM_RESERVE if npus > 1 else 0) + act

@@ -3,6 +3,8 @@ honest answer for Pro on 16 x 64 GB cards."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from click.testing import CliRunner
 
@@ -10,7 +12,7 @@ from ascend_v4.checkpoint.spec import expected_tensors
 from ascend_v4.cli import main
 from ascend_v4.cli.plan import run_plan
 from ascend_v4.model.args import ModelArgs
-from ascend_v4.quant.plan import HARDWARE, kv_formats, make_plan, weight_split
+from ascend_v4.runtime.planner import HARDWARE, kv_formats, make_plan, weight_split
 
 GIB = 1 << 30
 
@@ -70,7 +72,8 @@ def test_kv_bytes_per_token(models, name, kv, per_token):
     assert r.kv_per_token == per_token
     main, idx = {"bf16": (1024, 256), "bf16-int8idx": (1024, 132), "fp8": (584, 68)}[kv]
     assert (kv_formats(a)[kv].main_entry, kv_formats(a)[kv].index_entry) == (main, idx)
-    assert r.kv_per_token_by_kind == {"csa": main / 4 + idx / 4, "hca": main / 128, "window": 0.0}
+    want = {"csa": main / 4 + idx / 4, "hca": main / 128, "window": 0.0}
+    assert r.kv_per_token_by_kind == {k: want[k] for k in set(a.layer_kinds)}  # the kinds the model has
 
 
 def test_fixed_per_sequence_and_reserve(models):
@@ -143,3 +146,70 @@ def test_plan_cli():
     assert r.exit_code == 0 and "DOES NOT FIT" in r.output
     r = CliRunner().invoke(main, ["plan", "-m", "flash", "-f", "w8a8", "-n", "16", "-H", "910c", "--tp", "3"])
     assert r.exit_code != 0 and "must divide" in r.output
+
+
+def test_a_format_that_cannot_run_never_fits(models):
+    a, specs = models["flash"]
+    r = make_plan(a, specs, "native", "910b", 8, tp=1)
+    assert r.free_per_card > 0 and r.seqs_per_card >= 1  # the bytes would fit ...
+    assert not r.fits and r.verdict.startswith("DOES NOT RUN: A2 has no FP8/FP4 matmul")  # ... but it cannot run
+    assert "FITS" not in r.table() and "- (the layout does not fit / run)" in r.table()
+    assert r.as_dict()["decode_tok_s_per_card"] is None
+
+
+def test_npus_must_divide_the_experts():
+    r = CliRunner().invoke(main, ["plan", "-m", "flash", "-f", "w8a8", "-n", "3", "-H", "910b"])
+    assert r.exit_code != 0 and "--npus 3 does not divide the 256 routed experts" in r.output
+    assert "1, 2, 4, 8, 16, 32, 64, 128, 256" in r.output and "Traceback" not in r.output
+
+
+def test_rows_that_do_not_fit_show_no_speed():
+    r = CliRunner().invoke(main, ["plan", "-m", "pro", "-f", "w4a8", "-n", "16", "-H", "910c"])
+    rows = {int(line.split()[0]): line for line in r.output.splitlines() if line[:3].strip().isdigit()}
+    assert set(rows) == {1, 2, 4, 8, 16}
+    for tp in (1, 2, 4, 8):
+        assert rows[tp].split()[5] == "-" and rows[tp].endswith("DOES NOT FIT")
+    assert rows[16].split()[5] != "-" and rows[16].endswith("FITS")
+
+
+@pytest.mark.parametrize("model,fmt,npus,hw,tp", [
+    ("flash", "w8a8", 8, "910b", 1), ("flash", "w8a8", 16, "910c", 1), ("flash", "native", 4, "950", 1),
+    ("pro", "w4a8", 16, "910c", 16), ("pro", "w8a8", 16, "950", 1), ("pro", "w4a8", 32, "910b", 2)])
+def test_json_recommends_a_layout_and_the_commands(model, fmt, npus, hw, tp):
+    r = CliRunner().invoke(main, ["plan", "-m", model, "-f", fmt, "-n", str(npus), "-H", hw, "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    rec, cmds = d["recommended"], d["commands"]
+    assert rec["fits"] and rec["layout"] == {"npus": npus, "tp": tp, "dp": npus // tp, "ep": npus}
+    b = rec["bytes_per_card"]
+    assert b["weights"] + b["reserve"] + b["free_for_kv"] == b["hbm"]
+    assert rec["kv"]["bytes_per_token"] > 0 and len(d["layouts"]) == len([t for t in range(1, npus + 1)
+                                                                           if npus % t == 0])
+    assert (cmds["quantize"] is None) == (fmt == "native")
+    if tp == 1:  # a layout the engine runs: the exact serve command
+        assert cmds["serve"].startswith(f"ascend-v4 serve --model {model}") and f"--npus {npus}" in cmds["serve"]
+        assert f"--hardware {hw}" in cmds["serve"] and cmds["why_not"] is None
+    else:
+        assert cmds["serve"] is None and "attention tensor parallelism" in cmds["why_not"]
+
+
+def test_memory_model_is_the_engines():
+    """plan's KV numbers and the engine pool's block sizes come from the same functions (kv_layout)."""
+    import torch
+
+    from ascend_v4.model import kv_layout
+    from ascend_v4.model.cache import COMP_KIND, CachePool
+
+    a = ModelArgs.from_preset("tiny")
+    for kvfmt, dtype in (("auto", torch.bfloat16), ("fp8", torch.bfloat16), ("auto", torch.float32)):
+        pool = CachePool(a, 128, 0, 0, dtype, "cpu", kvfmt)
+        fmt = pool.format
+        per_token = sum(kv_layout.layer_bytes_per_token(a, fmt, l) for l in range(a.n_layers + a.n_mtp_layers))
+        assert pool.block_bytes(COMP_KIND) == 128 * per_token
+        pool.resize(1, 3, 2)  # real tensors: their bytes are what the model says
+        assert pool.nbytes() == sum(t.numel() * t.element_size() for t in
+                                    [*pool.kv, *[k for k in pool.ikeys if k is not None],
+                                     *[v for s in pool.state if s for v in s.values()]])
+    bf16 = kv_layout.runtime_format(a, "auto", 2)
+    plan_bf16 = kv_layout.kv_formats(a)["bf16"]
+    assert (bf16.main_entry, bf16.index_entry) == (plan_bf16.main_entry, plan_bf16.index_entry)
