@@ -41,6 +41,27 @@ def _unicode_to_byte() -> dict[str, int]:
     return table
 
 
+class UnencodableTextError(ValueError):
+    """Text the tokenizer cannot take: a Python str that is not valid Unicode text, i.e. one holding a lone
+    UTF-16 surrogate (U+D800..U+DFFF; JSON's `"\\ud800"` decodes to one). `offset` is the character index of
+    the first bad character; the server answers 400 naming the request field that holds it."""
+
+    def __init__(self, text: str, offset: int, reason: str):
+        char = text[offset] if 0 <= offset < len(text) else ""
+        what = f"U+{ord(char):04X}" if char else "?"
+        super().__init__(f"text contains {reason} ({what}) at character {offset}, which cannot be tokenized")
+        self.offset, self.reason = offset, reason
+
+
+def first_unencodable(text: str) -> int | None:
+    """Character index of the first char that cannot be encoded as UTF-8 (a lone surrogate), else None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
 class Tokenizer:
     """V4 tokenizer. Build it with `Tokenizer.default()`, `Tokenizer.from_dir()` or `Tokenizer.from_file()`."""
 
@@ -82,8 +103,15 @@ class Tokenizer:
 
     # ---- text <-> ids -----------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`. Never adds BOS; special-token strings in `text` become their ids."""
-        return self._tk.encode(text, add_special_tokens=False).ids
+        """Token ids of `text`. Never adds BOS; special-token strings in `text` become their ids.
+        Raises UnencodableTextError for a str holding a lone surrogate (the Rust tokenizer takes only valid
+        Unicode; it would raise a bare TypeError)."""
+        try:
+            return self._tk.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            if isinstance(text, str) and (at := first_unencodable(text)) is not None:
+                raise UnencodableTextError(text, at, "a lone UTF-16 surrogate") from None
+            raise
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`. With `skip_special_tokens`, tokens flagged special (BOS, EOS, pad, ...) are dropped;

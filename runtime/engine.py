@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -26,9 +27,12 @@ from ascend_v4.tokenizer import Tokenizer
 
 from .block_manager import BlockManager, PrefixCache
 from .config import EngineConfig
-from .sampling import Sampled, SamplingParams, sample
+from .sampling import Sampled, SamplingParams, sample, score_tokens
 from .scheduler import Scheduler
-from .sequence import Sequence
+from .sequence import Sequence, SeqStatus
+from .structured import GrammarCompiler, GrammarError, compute_masks, unpack_mask
+
+PROMPT_LOGPROB_ROWS = 256  # prompt positions per slice through the LM head when scoring a prompt
 
 
 class RequestError(ValueError):
@@ -49,6 +53,8 @@ class StepOutput:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
+    # SamplingParams.prompt_logprobs: every prompt position's entry (position 0: None), in the first output only
+    prompt_logprobs: list[Sampled | None] | None = None
 
 
 class Engine:
@@ -69,6 +75,12 @@ class Engine:
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "finished": 0, "aborted": 0,
                          "spec_proposed": 0, "spec_accepted": 0}
         self.device = device
+        # Structured outputs: grammar compiler (built on the first request with a grammar) and one thread
+        # that computes the step's token masks while the forward pass runs.
+        self._grammars: GrammarCompiler | None = None
+        self._mask_thread: ThreadPoolExecutor | None = None
+        self.mask_seconds = 0.0  # time spent computing grammar masks (tools/bench_structured.py)
+        self.mask_wait_seconds = 0.0  # of which the step waited for after its forward pass (not overlapped)
 
     @staticmethod
     def _make_pool(model: Transformer, cfg: EngineConfig, device) -> CachePool:
@@ -112,6 +124,13 @@ class Engine:
             raise RequestError(f"prompt has {len(prompt_ids)} tokens; the maximum context length is "
                                f"{self.max_model_len} (prompt plus at least one generated token)")
         seq = Sequence(request_id, list(prompt_ids), params, params.make_generator())
+        if params.grammar is not None:  # structured outputs: one matcher per sequence (n > 1: one each)
+            try:
+                seq.matcher = self.grammar_compiler().matcher(params.grammar)
+            except GrammarError as e:
+                raise RequestError(str(e)) from None
+        if params.prompt_logprobs is not None:
+            seq.prompt_logprobs = [None] * len(prompt_ids)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
         self.counters["prompt_tokens"] += len(prompt_ids)
@@ -137,6 +156,7 @@ class Engine:
         self.counters["steps"] += 1
         # Draft-carrying chunks may be rejected: remember the cache state to return to.
         marks = {id(c.seq): mark(c.seq.cache) for c in chunks if c.draft is not None}
+        masks = self._start_masks(chunks)  # structured outputs: grammar masks, computed beside the forward
         batch = StepBatch.build([(c.seq.cache, c.tokens) for c in chunks], self.device)
         x = self.model(batch)
         batch.commit()
@@ -146,16 +166,23 @@ class Engine:
                 if seq.registered_blocks < len(seq.block_hashes):
                     seq.registered_blocks = self.prefix.register(seq.prompt_ids, seq.block_hashes, seq.cache,
                                                                  seq.registered_blocks)
-        need = [(c, s) for c, s in zip(chunks, batch.seqs) if c.needs_logits]
+        for c, s in zip(chunks, batch.seqs):
+            if c.seq.prompt_logprobs is not None:
+                self._score_prompt(c.seq, x, s)
+        # max_tokens == 0 (scoring only): nothing is sampled; the request ends once its prompt is in.
+        need = [(c, s) for c, s in zip(chunks, batch.seqs) if c.needs_logits and c.seq.params.max_tokens > 0]
         # Rows with logits: the last known token's row, and with a draft also the draft's row after it.
         rows = [r for c, s in need for r in ([s.offset + s.n - 2, s.offset + s.n - 1] if c.draft is not None
                                              else [s.offset + s.n - 1])]
         logits = self.model.logits(x[torch.tensor(rows, device=x.device)]) if need else None
+        allowed = self._finish_masks(masks)  # {id(seq): (bool [V], draft row's bool [V] | None), on the device}
         sampled, k = [], 0
         for c, _ in need:  # y0 from the real position; y1 from the draft's, used only if y0 == draft
-            sampled.append(self._sample(c.seq, logits[k]))
+            a = allowed.get(id(c.seq))
+            sampled.append(self._sample(c.seq, logits[k], allowed=None if a is None else a[0]))
             if c.draft is not None:
-                sampled.append(self._sample(c.seq, logits[k + 1], extra=[c.draft]))
+                sampled.append(self._sample(c.seq, logits[k + 1], extra=[c.draft],
+                                            allowed=None if a is None else a[1]))
             k += 2 if c.draft is not None else 1
         if self.token_sync is not None:
             sampled = self.token_sync(sampled)
@@ -166,6 +193,10 @@ class Engine:
             if not c.needs_logits:
                 seq.num_computed += len(c.tokens)
                 kept.append((c, s))
+                continue
+            if seq.params.max_tokens == 0:
+                seq.num_computed += len(c.tokens)
+                outs.append(self._finish(seq, "length"))
                 continue
             got = sampled[k:k + (2 if c.draft is not None else 1)]
             k += len(got)
@@ -211,29 +242,92 @@ class Engine:
         if self.token_sync is not None:  # every rank must verify the same drafts
             drafts = [d.token for d in self.token_sync([Sampled(t) for t in drafts])]
         for (seq, _), d in zip(draft_rows, drafts):
-            seq.draft = d
+            # structured outputs: a draft the grammar forbids cannot be accepted; do not verify it
+            seq.draft = d if seq.matcher is None or seq.matcher.allows(d) else None
+
+    def _score_prompt(self, seq: Sequence, x: torch.Tensor, s: SeqSlice) -> None:
+        """Prompt log-probs of the positions this step's chunk predicts: row `offset + i` (position start + i)
+        predicts the prompt token at start + i + 1. Positions already scored (before a preemption) are skipped;
+        rows go through the head in slices so a long chunk never holds [chunk, vocab] logits at once."""
+        lps, n_prompt = seq.prompt_logprobs, len(seq.prompt_ids)
+        pos = [p for p in range(s.start, min(s.start + s.n, n_prompt - 1)) if lps[p + 1] is None]
+        for i in range(0, len(pos), PROMPT_LOGPROB_ROWS):
+            part = pos[i:i + PROMPT_LOGPROB_ROWS]
+            rows = torch.tensor([s.offset + p - s.start for p in part], device=x.device)
+            scored = score_tokens(self.model.logits(x[rows]), [seq.prompt_ids[p + 1] for p in part],
+                                  seq.params.prompt_logprobs)
+            for p, sc in zip(part, scored):
+                lps[p + 1] = sc
+
+    def _finish(self, seq: Sequence, reason: str) -> StepOutput:
+        self.scheduler.finish(seq, reason)
+        self.seqs.pop(seq.request_id, None)
+        self.counters["finished"] += 1
+        return self._output(seq, [], "", [])
 
     def _stops(self, seq: Sequence) -> set[int]:
         p = seq.params
         return set(p.stop_token_ids) | (set() if p.ignore_eos else {self.model.args.eos_token_id})
 
-    def _sample(self, seq: Sequence, logits: torch.Tensor, extra: list[int] = ()) -> Sampled:
+    def _sample(self, seq: Sequence, logits: torch.Tensor, extra: list[int] = (),
+                allowed: torch.Tensor | None = None) -> Sampled:
         p = seq.params
         out = seq.output_ids + list(extra)
         banned = sorted(self._stops(seq)) if len(out) < p.min_tokens else None
-        return sample(logits, p, seq.generator, prompt=seq.prompt_ids, output=out, banned=banned)
+        return sample(logits, p, seq.generator, prompt=seq.prompt_ids, output=out, banned=banned, allowed=allowed)
+
+    # -- structured outputs (runtime/structured.py) --------------------------------------------------
+    def grammar_compiler(self) -> GrammarCompiler:
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.model.args.vocab_size,
+                                             self.model.args.eos_token_id)
+        return self._grammars
+
+    def _start_masks(self, chunks) -> tuple[list, Future | None] | None:
+        """Grammar masks of this step's sampled rows (with a draft: also the row after it), on a thread:
+        llguidance releases the GIL, so this overlaps the forward pass."""
+        rows = [(c.seq, c.draft) for c in chunks
+                if c.needs_logits and c.seq.matcher is not None and c.seq.params.max_tokens > 0]
+        if not rows:
+            return None
+        if self._mask_thread is None:
+            self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
+
+        def run() -> torch.Tensor:
+            t0 = time.perf_counter()
+            try:
+                return compute_masks(self.grammar_compiler(), [(seq.matcher, d) for seq, d in rows])
+            finally:
+                self.mask_seconds += time.perf_counter() - t0
+        return rows, self._mask_thread.submit(run)
+
+    def _finish_masks(self, masks) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+        if masks is None:
+            return {}
+        rows, fut = masks
+        t0 = time.perf_counter()
+        done = fut.result()
+        self.mask_wait_seconds += time.perf_counter() - t0
+        idx, where = [], {}  # unpack only the rows used: the next token's, and the draft's when there is one
+        for i, (seq, d) in enumerate(rows):
+            where[id(seq)] = (len(idx), len(idx) + 1 if d is not None else None)
+            idx += [2 * i] if d is None else [2 * i, 2 * i + 1]
+        bits = unpack_mask(done[idx], self.model.args.vocab_size, self.device)
+        return {k: (bits[r0], None if r1 is None else bits[r1]) for k, (r0, r1) in where.items()}
 
     def _advance(self, seq: Sequence, got: list[Sampled]) -> StepOutput:
         """Append the step's accepted tokens (1, or 2 with an accepted draft) and apply stop conditions."""
         p, args = seq.params, self.model.args
         stops = self._stops(seq)
         if seq.detok is None:
-            seq.detok = self.tokenizer.incremental_decoder()
+            seq.detok = self.tokenizer.incremental_decoder(skip_special_tokens=p.skip_special_tokens)
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
         reason, taken = None, []
         for s in got:
             seq.output_ids.append(s.token)
+            if seq.matcher is not None:  # structured outputs: advance the grammar on accepted tokens only
+                seq.matcher.accept(s.token)
             taken.append(s)
             self.counters["generation_tokens"] += 1
             if s.token in stops:
@@ -264,8 +358,12 @@ class Engine:
 
     @staticmethod
     def _output(seq: Sequence, toks, text, lps) -> StepOutput:
+        plp = None
+        if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent and seq.status is not SeqStatus.WAITING \
+                and not seq.in_prefill and seq.finish_reason != "abort":
+            plp, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
         return StepOutput(seq.request_id, toks, text, seq.finished, seq.finish_reason, seq.stop_reason, lps,
-                          len(seq.prompt_ids), seq.cached_prompt_tokens, len(seq.output_ids))
+                          len(seq.prompt_ids), seq.cached_prompt_tokens, len(seq.output_ids), plp)
 
     # -- observability -------------------------------------------------------------------------------
     def stats(self) -> dict:

@@ -33,6 +33,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from ascend_v4.model import kv_layout
@@ -239,7 +240,7 @@ class PlanReport:
 
 
 def make_plan(args: Any, specs: Mapping[str, InventoryEntry], output_format: str, hardware: str, npus: int, *,
-              tp: int = 1, context: int = 131072, batch: int = 1, kv: str | None = None,
+              tp: int = 1, context: int = 131072, batch: int = 1, kv: str | KVFormat | None = None,
               prefill_chunk: int = DEFAULT_PREFILL_CHUNK, model: str | None = None,
               weights: WeightSplit | None = None) -> PlanReport:
     """The deployment estimate (module docstring). `specs`: the official inventory of `args`, MTP included;
@@ -253,7 +254,7 @@ def make_plan(args: Any, specs: Mapping[str, InventoryEntry], output_format: str
     if batch < 1 or context < 1:
         raise ValueError("batch and context must be >= 1")
     hw = HARDWARE[hardware]
-    kvf = kv_formats(args)[kv or hw.default_kv]
+    kvf = kv if isinstance(kv, KVFormat) else kv_formats(args)[kv or hw.default_kv]
     ws = weights if weights is not None else weight_split(specs, output_format)
     notes: list[str] = []
     E = args.n_routed_experts
@@ -322,5 +323,46 @@ def make_plan(args: Any, specs: Mapping[str, InventoryEntry], output_format: str
                       "memory" if t_mem >= t_cmp else "compute", notes)
 
 
-__all__ = ["make_plan", "PlanReport", "HARDWARE", "Hardware", "kv_formats", "KVFormat", "weight_split",
+class DeploymentError(ValueError):
+    """A layout the planner says cannot work on the named hardware (refused before anything is loaded)."""
+
+
+def checkpoint_format(path: Any) -> str:
+    """The `ascend-v4 quantize` format a checkpoint directory holds (`native` for an official one)."""
+    from ascend_v4.quant import manifest
+
+    m = manifest.read_manifest(path)
+    if m is not None:
+        return m["format"]
+    desc = manifest.read_json(Path(path) / recipes.DESCRIPTION_NAME)
+    if isinstance(desc, dict):  # an msModelSlim ascendV1 directory: int4 experts if any tensor is W4A8
+        return recipes.W4A8 if "W4A8_DYNAMIC" in desc.values() else recipes.W8A8
+    return recipes.NATIVE
+
+
+def check_deployment(args: Any, output_format: str, hardware: str, npus: int, *, context: int, kv: KVFormat,
+                     model: str) -> PlanReport:
+    """The engine's layout for `npus` cards today (routed experts split, attention replicated: TP 1, one sequence
+    of `context` tokens, the engine's own KV format) checked with the same memory model the pool uses.
+
+    Raises:
+        DeploymentError: naming the verdict and the numbers (weights, reserve, free bytes per card).
+    """
+    from ascend_v4.checkpoint.spec import expected_tensors
+
+    r = make_plan(args, expected_tensors(args), output_format, hardware, npus, tp=1, context=context, kv=kv,
+                  model=model)
+    if not r.fits:
+        g = 1e9
+        raise DeploymentError(
+            f"{model} as {output_format} on {npus} x {hardware} (EP {npus}, attention replicated): {r.verdict}. "
+            f"Per card: weights {r.weights_per_card / g:.1f} GB + reserve {r.reserve_per_card / g:.1f} GB of "
+            f"{r.hardware.hbm_bytes / g:.1f} GB leaves {r.free_per_card / g:.2f} GB; one {context:,}-token sequence "
+            f"needs {(context * r.kv_per_token + r.fixed_per_seq) / g:.2f} GB of KV cache ({r.kv.name}). "
+            f"`ascend-v4 plan --model {model} --format {output_format} --npus {npus} --hardware {hardware}` lists "
+            f"the layouts that fit. Nothing was loaded.")
+    return r
+
+
+__all__ = ["make_plan", "check_deployment", "checkpoint_format", "DeploymentError", "PlanReport", "HARDWARE", "Hardware", "kv_formats", "KVFormat", "weight_split",
            "WeightSplit", "RUNTIME_RESERVE", "COMM_RESERVE", "ACT_BYTES_PER_TOKEN_PER_DIM"]

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .structured import GrammarSpec, apply_mask
+
 
 @dataclass
 class SamplingParams:
@@ -31,6 +33,14 @@ class SamplingParams:
         ignore_eos: keep generating past EOS (benchmarks).
         min_tokens: EOS / stop tokens are suppressed until this many tokens were generated.
         logprobs: None, or the number of top alternatives to return with each token's log-probability.
+        skip_special_tokens: leave tokens the tokenizer flags special (BOS / EOS / pad, V4's
+            `<｜place▁holder▁no▁N｜>`) out of the text; V4's structural tokens (`</think>`, `｜DSML｜`, roles)
+            are not flagged special and always stay. False here (offline API: text == decode(ids)); the HTTP
+            server passes its request field, default true as in vLLM.
+        prompt_logprobs: None, or the number of top alternatives to return with the log-probability of every
+            prompt token after the first (computed from the prefill's own hidden states; such a request does not
+            read the prefix cache, so a cached prefix is recomputed). With `max_tokens=0` the request only scores
+            its prompt (evaluation harnesses' log-likelihood).
     """
 
     max_tokens: int = 16
@@ -47,13 +57,19 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None
+    skip_special_tokens: bool = False
+    prompt_logprobs: int | None = None
+    # Structured outputs: the output must match this grammar; the engine masks disallowed tokens before
+    # sampling (runtime/structured.py).
+    grammar: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ValueError(f"SamplingParams.{msg}")
 
-        need(self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")
+        need(self.max_tokens >= 1 or (self.max_tokens == 0 and self.prompt_logprobs is not None),
+             f"max_tokens must be >= 1 (or 0 with prompt_logprobs: score the prompt only), got {self.max_tokens}")
         need(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         need(self.top_k >= -1, f"top_k must be -1, 0 or positive, got {self.top_k}")
@@ -63,6 +79,8 @@ class SamplingParams:
         need(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         need(0 <= self.min_tokens <= self.max_tokens, f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
         need(self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}")
+        need(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+             f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
         need(all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings")
 
     @property
@@ -83,6 +101,22 @@ class Sampled:
     token: int
     logprob: float | None = None  # log-probability of `token` under the model (raw logits)
     top: list[tuple[int, float]] | None = None  # top alternatives (id, logprob), best first
+    rank: int | None = None  # 1 + how many tokens are more likely (prompt log-probs, as vLLM reports them)
+
+
+def score_tokens(logits: torch.Tensor, targets: list[int], k: int) -> list[Sampled]:
+    """Log-probability (and rank, and the top `k` alternatives) of each target token under its row of logits
+    [n, V]: the prompt log-probs of n positions."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    tgt = torch.tensor(targets, device=lp.device, dtype=torch.long)
+    own = lp.gather(1, tgt[:, None])  # [n, 1]
+    ranks = (lp > own).sum(-1) + 1
+    tops = torch.topk(lp, k, dim=-1) if k > 0 else None
+    out = []
+    for j, t in enumerate(targets):
+        top = list(zip(tops.indices[j].tolist(), tops.values[j].tolist())) if tops is not None else None
+        out.append(Sampled(t, float(own[j, 0]), top, int(ranks[j])))
+    return out
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: list[int],
@@ -102,14 +136,20 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: list[i
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator, *, prompt: list[int] | None = None,
-           output: list[int] | None = None, banned: list[int] | None = None) -> Sampled:
+           output: list[int] | None = None, banned: list[int] | None = None,
+           allowed: torch.Tensor | None = None) -> Sampled:
     """Pick the next token from fp32 logits [V] of one sequence. `banned`: ids that must not be picked
-    (EOS / stop tokens before min_tokens)."""
+    (EOS / stop tokens before min_tokens). `allowed`: bool [V] grammar mask (structured outputs); it wins
+    over `banned` when the grammar allows nothing else (e.g. only EOS once a JSON value is complete)."""
     raw = logits.float()
     x = apply_penalties(raw, params, prompt or [], output or [])
+    if allowed is not None:
+        y = apply_mask(x, allowed)
+        x = y if bool(torch.isfinite(y).any()) else x  # an empty mask (grammar engine error): leave it free
     if banned:
-        x = x.clone()
-        x[banned] = float("-inf")
+        y = x.clone()
+        y[banned] = float("-inf")
+        x = y if allowed is None or bool(torch.isfinite(y).any()) else x
     if params.greedy:
         tok = int(torch.argmax(x))
     else:

@@ -118,7 +118,9 @@ class Scheduler:
             B = self.cfg.block_size
             if not seq.block_hashes:
                 seq.block_hashes = chain_hashes(seq.prompt_ids, B, PrefixCache.boundary(len(seq.prompt_ids), B) // B)
-            hit, cache = self.prefix.lookup(seq.prompt_ids, seq.block_hashes, self.pool)
+            # Prompt log-probs need the prefix's hidden states: recompute it (its blocks are still registered).
+            hit, cache = (0, None) if seq.params.prompt_logprobs is not None else \
+                self.prefix.lookup(seq.prompt_ids, seq.block_hashes, self.pool)
             if cache is not None:
                 cache.state_upto = len(seq.block_hashes)  # prompt blocks a later request may resume after
                 seq.cache, seq.num_computed = cache, hit

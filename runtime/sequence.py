@@ -43,6 +43,10 @@ class Sequence:
     emitted_chars: int = 0
     detok: object | None = None  # tokenizer.IncrementalDecoder, created on the first token
     logprobs: list[Sampled] = field(default_factory=list)
+    matcher: object | None = None  # structured outputs: runtime.structured.SeqMatcher (params.grammar)
+    # params.prompt_logprobs: one entry per prompt position (the first stays None), filled as prefill runs
+    prompt_logprobs: list[Sampled | None] | None = None
+    prompt_logprobs_sent: bool = False
 
     @property
     def all_ids(self) -> list[int]:

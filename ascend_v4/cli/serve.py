@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from ascend_v4.cli.generate import CHECK_WEIGHTS_HELP, VERIFY_CHECKPOINT_HELP
@@ -45,11 +47,17 @@ def _echo(line: str) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto (detect), cpu, cuda or npu.")
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True)
 @click.option("--dummy", is_flag=True, help="With --model flash/pro: random weights of the real shapes.")
+@click.option("--hardware", type=click.Choice(["910b", "910c", "950", "h100", "h200"]), default=None,
+              help="The card the --npus run on: before loading anything, refuse a layout that does not fit its memory "
+                   "(weights per card + reserve + one --max-model-len sequence of KV cache; `ascend-v4 plan`).")
 @click.option("--check-weights", is_flag=True, help=CHECK_WEIGHTS_HELP)
 @click.option("--verify-checkpoint", is_flag=True, help=VERIFY_CHECKPOINT_HELP)
 @click.option("--require-reasoning-passback", is_flag=True,
               help="Answer 400, as DeepSeek's API does, when an assistant tool-call turn in thinking mode comes "
                    "back without its reasoning_content.")
+@click.option("--honor-sampling-in-thinking", is_flag=True,
+              help="Apply temperature, top_p, presence_penalty and frequency_penalty in thinking mode too. Default: "
+                   "as DeepSeek's API, they are accepted but ignored there (temperature 1.0, top_p 1.0 are used).")
 @click.option("--encoder-version", type=click.Choice(["auto", "april", "0731"]), default="auto", show_default=True,
               help="Chat encoder's effort-preamble ladder; auto = 0731 for checkpoints with DSpark heads.")
 @click.option("--default-max-tokens", default=4096, show_default=True, type=click.IntRange(min=1),
@@ -61,8 +69,8 @@ def _echo(line: str) -> None:
               show_default=True)
 def serve(model, npus, host, port, api_key, served_model_names, max_num_seqs, max_queue, max_model_len,
           max_num_batched_tokens, cache_gib, kv_cache_dtype, block_size, no_prefix_caching, device, dtype, dummy,
-          check_weights, verify_checkpoint, require_reasoning_passback, encoder_version, default_max_tokens,
-          drain_timeout, access_log, log_level):
+          hardware, check_weights, verify_checkpoint, require_reasoning_passback, honor_sampling_in_thinking, encoder_version,
+          default_max_tokens, drain_timeout, access_log, log_level):
     """Serve a model over HTTP: OpenAI (/v1/chat/completions, /v1/completions, /v1/models) and Anthropic
     (/v1/messages, /v1/messages/count_tokens) APIs with DeepSeek's semantics, plus /health, /metrics,
     /tokenize and /detokenize.
@@ -80,7 +88,7 @@ def serve(model, npus, host, port, api_key, served_model_names, max_num_seqs, ma
     except ImportError as e:
         raise click.ClickException(f"the server needs the `server` extra: pip install 'ascend-v4[server]' ({e})") \
             from None
-    from ascend_v4.server.launch import ServeError, ServeOptions, serve as run_serve
+    from ascend_v4.server.launch import ServeError, ServeOptions, exit_process, serve as run_serve
     from ascend_v4.checkpoint.errors import CheckpointError
     from ascend_v4.model.args import ConfigError
 
@@ -89,11 +97,17 @@ def serve(model, npus, host, port, api_key, served_model_names, max_num_seqs, ma
                         max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
                         cache_gib=cache_gib, kv_cache_dtype=kv_cache_dtype, block_size=block_size,
                         enable_prefix_caching=not no_prefix_caching, device=device, dtype=dtype,
-                        dummy=dummy, check_weights=check_weights, verify_checkpoint=verify_checkpoint,
+                        dummy=dummy, hardware=hardware, check_weights=check_weights, verify_checkpoint=verify_checkpoint,
                         require_reasoning_passback=require_reasoning_passback,
+                        honor_sampling_in_thinking=honor_sampling_in_thinking,
                         encoder_version=encoder_version, default_max_tokens=default_max_tokens,
                         drain_timeout_s=drain_timeout, access_log=access_log, log_level=log_level)
     try:
         run_serve(opts, echo=_echo)
     except (ServeError, CheckpointError, ConfigError, ValueError) as e:
         raise click.ClickException(str(e)) from e
+    # Stopped cleanly (Ctrl-C / SIGTERM): leave without the slow interpreter teardown, so the exit stays
+    # within --drain-timeout + 1 s. Only in a real `ascend-v4 serve` process: not where stdout is swapped
+    # (click's CliRunner, pytest's capture), which means serve() was called inside another program.
+    if sys.stdout is sys.__stdout__:
+        exit_process(0)

@@ -7,12 +7,18 @@ Anthropic blocks (thinking with a signature, text, tool_use) and the standard st
     message_start, ping, (content_block_start, content_block_delta+, content_block_stop)*, message_delta,
     message_stop      (or an `error` event if the engine fails mid-stream)
 
+Blocks, streamed or not: thinking (if there is reasoning), text (if there is text), tool_use, in that order.
+No empty text block is ever sent, as on Anthropic's API (which refuses empty text blocks in requests, so a
+client passing such a reply back would loop on 400s there): a reply cut during thinking is only the thinking
+block, and an empty reply has `content: []` (streamed: no content_block events), as Anthropic's does.
+
 Usage: `input_tokens` excludes cache reads (Anthropic's convention); `cache_read_input_tokens` carries the
 prefix-cache hits.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import uuid
@@ -35,9 +41,10 @@ from .protocol import (
     AnthropicResponse,
     AnthropicUsage,
 )
-from .render import ChatPrompt, make_params, render_chat, resolve_thinking
+from .render import ChatPrompt, make_params, render_chat, resolve_thinking, thinking_overrides
 from .serving import ServerState, engine_error, new_id
 from .sse import SSEResponse, sse_event
+from .structured import chat_grammar
 
 
 def _state(request: Request) -> ServerState:
@@ -118,11 +125,16 @@ def to_openai_messages(req: AnthropicCountTokensRequest) -> list[dict]:
     return out
 
 
+def is_client_tool(t) -> bool:
+    """A client tool (rendered for the model); server tools (`web_search_...`, ...) are skipped."""
+    return t.type in (None, "custom")
+
+
 def to_openai_tools(req: AnthropicCountTokensRequest) -> tuple[list[dict] | None, Any]:
     """Client tools in OpenAI form (server tools are skipped) and tool_choice mapped (serving-notes §4.3)."""
     tools = [{"type": "function", "function": {"name": t.name, "description": t.description or "",
                                                "parameters": t.input_schema or {"type": "object"}}}
-             for t in req.tools or [] if t.type in (None, "custom")] or None
+             for t in req.tools or [] if is_client_tool(t)] or None
     tc = req.tool_choice
     if tc is None or tc.type == "auto":
         choice: Any = None
@@ -143,9 +155,10 @@ def render_anthropic(st: ServerState, req: AnthropicCountTokensRequest) -> ChatP
                                 effort=req.output_config.effort if req.output_config else None,
                                 template_kwargs=None, forced=forced)
     tools, choice = to_openai_tools(req)
+    paths = [f"tools[{i}].input_schema" for i, t in enumerate(req.tools or []) if is_client_tool(t)]
     return render_chat(st.tokenizer, to_openai_messages(req), thinking=thinking, tools=tools, tool_choice=choice,
                        encoder_version=st.config.encoder_version,
-                       require_passback=st.config.require_reasoning_passback)
+                       require_passback=st.config.require_reasoning_passback, tool_schema_paths=paths)
 
 
 def _tool_input(call: ToolCall) -> dict:
@@ -169,7 +182,7 @@ def message_response(rid: str, model: str, t: OutputTracker, prompt_len: int) ->
     if t.reasoning_content:
         content.append({"type": "thinking", "thinking": t.reasoning_content,
                         "signature": signature(t.reasoning_content)})
-    if t.content or not t.tool_calls:
+    if t.content:
         content.append({"type": "text", "text": t.content})
     for c in t.tool_calls:
         content.append({"type": "tool_use", "id": c.id, "name": c.name, "input": _tool_input(c)})
@@ -229,10 +242,7 @@ class BlockStream:
         return ev
 
     def finish(self) -> list[tuple[str, dict]]:
-        ev = self.close()
-        if self.index < 0:  # no block at all: one empty text block, as the non-streaming answer has
-            ev = self._start("text", {"type": "text", "text": ""}) + self.close()
-        return ev
+        return self.close()  # no block at all: none is invented (content [], as the non-streamed reply)
 
 
 async def message_stream(gen: AsyncIterator[tuple[int, StepOutput]], t: OutputTracker, *, rid: str, model: str,
@@ -267,11 +277,22 @@ def build_router() -> APIRouter:
         st = _state(request)
         prompt = render_anthropic(st, req)
         st.check_prompt(prompt.ids, "messages")
-        params = make_params(max_tokens=st.max_tokens_for(req.max_tokens, len(prompt.ids)),
-                             temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                             stop=list(req.stop_sequences or []))
-        ticket = st.admit(1)
         rid = new_id("msg_")
+        dropped = thinking_overrides(prompt.thinking, honor=st.config.honor_sampling_in_thinking, request_id=rid,
+                                     temperature=req.temperature, top_p=req.top_p)
+        params = make_params(max_tokens=st.max_tokens_for(req.max_tokens, len(prompt.ids)),
+                             temperature=None if "temperature" in dropped else req.temperature,
+                             top_p=None if "top_p" in dropped else req.top_p, top_k=req.top_k,
+                             stop=list(req.stop_sequences or []))
+        # Structured outputs: tool_choice any / tool -> a DSML tool call whose input follows the tool's schema.
+        tools, choice = to_openai_tools(req)
+        grammar = chat_grammar(response_format=None, tools=tools if prompt.tools_enabled else None, tool_choice=choice,
+                               forced_prefix=prompt.forced_prefix, thinking=prompt.thinking.enabled,
+                               think_end_id=st.think_end_id,
+                               parallel_tool_calls=not (req.tool_choice and req.tool_choice.disable_parallel_tool_use))
+        if grammar is not None:
+            params = dataclasses.replace(params, grammar=grammar)
+        ticket = st.admit(1)
         t = OutputTracker(chat=True, thinking=prompt.thinking.enabled, tools_enabled=prompt.tools_enabled,
                           forced_prefix=prompt.forced_prefix, think_end_id=st.think_end_id, make_id=tool_use_id)
         gen = st.generate(ticket, [(prompt.ids, params)], rid)

@@ -13,8 +13,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import error_response
 
-# Paths that need the key when one is set; /health, /metrics and the OpenAPI docs stay open.
-PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+# Paths that need the key when one is set, matched by whole path segments (`/tokenize` covers `/tokenize` and
+# `/tokenize/...`, not `/tokenizer_info`); /health, /metrics, /version, /tokenizer_info and the OpenAPI docs
+# stay open.
+PROTECTED_PATHS = ("/v1", "/tokenize", "/detokenize")
+
+
+def is_protected(path: str) -> bool:
+    """Whether `path` needs the API key (when one is set)."""
+    return any(path == p or path.startswith(p + "/") for p in PROTECTED_PATHS)
 
 
 def presented_keys(headers: Headers) -> list[str]:
@@ -36,7 +43,7 @@ class APIKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (self.key is None or scope["type"] != "http" or scope.get("method") == "OPTIONS"
-                or not scope["path"].startswith(PROTECTED_PREFIXES)):
+                or not is_protected(scope["path"])):
             await self.app(scope, receive, send)
             return
         keys = presented_keys(Headers(scope=scope))

@@ -7,10 +7,15 @@ OpenAI's `{"error": {"message", "type", "param", "code"}}` or, under `/v1/messag
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ascend_v4.tokenizer import first_unencodable
 
 from .protocol import AnthropicError, AnthropicErrorBody, OpenAIError, OpenAIErrorBody
 
@@ -42,8 +47,17 @@ def is_anthropic_path(path: str) -> bool:
     return path.startswith("/v1/messages")
 
 
+def _printable(text: str | None) -> str | None:
+    """`text` as valid Unicode: a lone surrogate echoed from the request (e.g. in a model name) would make the
+    UTF-8 response body fail to encode (a 500); it is written as its escape (`\\ud800`) instead."""
+    if text is None or first_unencodable(text) is None:
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_payload(status: int, message: str, *, anthropic: bool, param: str | None = None,
                   code: str | None = None) -> dict:
+    message, param = _printable(message), _printable(param)
     oa_type, an_type = _TYPES.get(status, ("internal_server_error" if status >= 500 else "invalid_request_error",
                                            "api_error" if status >= 500 else "invalid_request_error"))
     if anthropic:
@@ -86,6 +100,50 @@ async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     return error_response(exc.status_code, str(exc.detail), path=request.url.path,
                           headers=getattr(exc, "headers", None))
+
+
+def _key_path(path: str, key: str) -> str:
+    if key.isidentifier():
+        return f"{path}.{key}" if path else key
+    return f"{path}[{json.dumps(key)}]"
+
+
+def find_unencodable(value: Any, path: str = "") -> tuple[str, str, int, str] | None:
+    """Where the first string of a request body that the tokenizer cannot take (a lone UTF-16 surrogate) is,
+    in document order, dict keys included: (field path like `messages[0].content`, "text" or "a key",
+    character index, the char)."""
+    if isinstance(value, str):
+        at = first_unencodable(value)
+        return None if at is None else (path, "text", at, value[at])
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(k, str) and (at := first_unencodable(k)) is not None:
+                return path or "body", "a key", at, k[at]
+            found = find_unencodable(v, _key_path(path, str(k)))
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = find_unencodable(v, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
+async def unencodable_text_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Text the tokenizer cannot take (`UnencodableTextError`, raised at its single choke point,
+    `Tokenizer.encode`) -> 400 naming the request field that holds it (found in the request's JSON body)."""
+    try:
+        body = await request.json()  # FastAPI already read and parsed it: cached on the request
+    except Exception:  # noqa: BLE001 - no JSON body: answer without a field
+        body = None
+    found = find_unencodable(body)
+    if found is None:
+        return error_response(400, f"request: {exc}", path=request.url.path)
+    where, what, at, char = found
+    return error_response(400, f"{where}: {what} contains a lone UTF-16 surrogate (U+{ord(char):04X}) at character "
+                               f"{at}; text must be valid Unicode (the tokenizer cannot take it)",
+                          path=request.url.path, param=where)
 
 
 async def unhandled_error_handler(request: Request, exc: Exception) -> JSONResponse:

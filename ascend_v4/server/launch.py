@@ -3,13 +3,20 @@
 The socket is bound before the model loads, so a busy port fails at once; `--port 0` picks a free port and
 the startup line prints the real URL. Ctrl-C (SIGINT) or SIGTERM: uvicorn stops accepting, waits up to
 `drain_timeout_s` for in-flight requests (streams included) to finish, then the app's shutdown stops the
-engine. A second Ctrl-C exits at once.
+engine. A second Ctrl-C ends the open requests at once (as the drain timeout does), a third forces the exit.
+
+At the drain timeout the server ends what is still open itself (`ServerState.stop_requests`): streams get
+their API's terminal error events, non-streaming requests a 503, and their engine requests are aborted, so
+every connection closes cleanly. uvicorn's own `timeout_graceful_shutdown` (which cancels the request tasks,
+truncating bodies and logging CancelledError tracebacks) is only a backstop `SHUTDOWN_GRACE_S` later.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import os
 import socket
 import sys
 import threading
@@ -20,6 +27,8 @@ from dataclasses import dataclass, field
 log = logging.getLogger("ascend_v4.server")
 
 DEFAULT_MODEL = "tiny"
+# After the drain timeout, time for open requests to send their terminal events before uvicorn cancels them.
+SHUTDOWN_GRACE_S = 0.5
 # Served names of the real presets (serving-notes §1.1); others serve the --model text itself.
 PRESET_NAMES = {"flash": "deepseek-v4-flash", "pro": "deepseek-v4-pro"}
 
@@ -49,9 +58,11 @@ class ServeOptions:
     device: str = "auto"
     dtype: str = "auto"
     dummy: bool = False
+    hardware: str | None = None  # check the layout against this card's memory before loading (runtime.planner)
     check_weights: bool = False  # check every float weight for NaN / inf while loading
     verify_checkpoint: bool = False  # re-hash a quantize output against its manifest before loading
     require_reasoning_passback: bool = False
+    honor_sampling_in_thinking: bool = False
     encoder_version: str = "auto"
     default_max_tokens: int = 4096
     drain_timeout_s: float = 30.0
@@ -64,6 +75,30 @@ def check_options(opts: ServeOptions) -> None:
         raise ServeError(f"--npus must be >= 1, got {opts.npus}")
     if opts.encoder_version not in ("auto", "april", "0731"):
         raise ServeError(f"--encoder-version must be auto, april or 0731, got {opts.encoder_version!r}")
+
+
+def check_layout(spec: str, opts: ServeOptions) -> None:
+    """Refuse, before anything is loaded or written, a deployment the planner says does not fit `opts.hardware`
+    (the same memory model the engine's cache uses; ascend_v4.runtime.planner.check_deployment)."""
+    from pathlib import Path
+
+    from ascend_v4.model import kv_layout
+    from ascend_v4.model.args import ModelArgs, preset_names
+    from ascend_v4.runtime.planner import DeploymentError, check_deployment, checkpoint_format
+
+    if Path(spec).is_dir():
+        args, fmt = ModelArgs.from_dir(spec), checkpoint_format(spec)
+    elif spec in preset_names():
+        args, fmt = ModelArgs.from_preset(spec), "native"  # official weights or their dummy
+    else:
+        raise ServeError(f"--hardware: cannot size {spec!r} before loading it: give a checkpoint directory or a preset")
+    context = opts.max_model_len or min(args.max_seq_len, 131072)
+    act = 4 if opts.dtype == "fp32" else 2  # the pool stores activations in the model dtype (bf16 on a device)
+    try:
+        check_deployment(args, fmt, opts.hardware, opts.npus, context=context, model=spec,
+                         kv=kv_layout.runtime_format(args, opts.kv_cache_dtype, act))
+    except DeploymentError as e:
+        raise ServeError(str(e)) from None
 
 
 def served_names(opts: ServeOptions, preset: str | None) -> list[str]:
@@ -112,6 +147,19 @@ def serve_in_thread(app) -> Iterator[str]:
         sock.close()
 
 
+def exit_process(code: int = 0) -> None:
+    """End the process now, after the atexit handlers (logging, worker processes) and a flush of stdout /
+    stderr, but without the interpreter's module teardown: with torch loaded that alone takes 0.7-1.5 s,
+    which would push a Ctrl-C exit past `--drain-timeout` + 1 s. For the `serve` command's process only."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 def build_app(opts: ServeOptions):
     """Load the model, start the engine, and return (app, description of what is served)."""
     from ascend_v4.api import LLM
@@ -125,6 +173,8 @@ def build_app(opts: ServeOptions):
     from .serving import ServerConfig, encoder_version_of
 
     spec = opts.model or DEFAULT_MODEL
+    if opts.hardware:  # before resolving: `--model pro --dummy` would write a full-size dummy first
+        check_layout(spec, opts)
     device = detect_platform().device if opts.device == "auto" else opts.device
     resolved = resolve_model(spec, dummy=opts.dummy)
     try:
@@ -143,6 +193,7 @@ def build_app(opts: ServeOptions):
     names = served_names(opts, resolved.preset)
     config = ServerConfig(model_names=names, api_key=opts.api_key,
                           require_reasoning_passback=opts.require_reasoning_passback, encoder_version=encoder,
+                          honor_sampling_in_thinking=opts.honor_sampling_in_thinking,
                           default_max_tokens=opts.default_max_tokens, model_root=str(llm.path))
     dummy_note = ", dummy checkpoint: random weights, gibberish output" if resolved.is_dummy else ""
     what = (f"model {names[0]} ({llm.path}{dummy_note}; device {device} x {opts.npus}, max_model_len "
@@ -178,13 +229,37 @@ def serve(opts: ServeOptions, echo: Callable[[str], None] = print) -> None:
                     sys.stdout.flush()
 
         async def shutdown(self, sockets=None) -> None:
-            n = app.state.server.engine.in_flight
-            echo(f"ascend-v4 serve: shutting down; draining {n} in-flight request(s) "
-                 f"(up to {opts.drain_timeout_s:g} s, Ctrl-C again to exit now)")
-            await super().shutdown(sockets=sockets)
+            state = app.state.server
+            echo(f"ascend-v4 serve: shutting down; draining {state.engine.in_flight} in-flight request(s) "
+                 f"(up to {opts.drain_timeout_s:g} s, Ctrl-C again to end them now)")
+            loop = asyncio.get_running_loop()
+
+            def stop_open_requests(why: str) -> None:
+                if not state.stopping.is_set() and (state.engine.in_flight or state.admitted):
+                    echo(f"ascend-v4 serve: {why}; ending {state.admitted} open request(s)")
+                state.stop_requests()
+
+            timer = loop.call_later(opts.drain_timeout_s, stop_open_requests, "drain timeout reached")
+            self._stop_now = (loop, lambda: (timer.cancel(), stop_open_requests("Ctrl-C again")))
+            try:
+                await super().shutdown(sockets=sockets)
+            finally:
+                timer.cancel()
+
+        def handle_exit(self, sig, frame) -> None:
+            stop_now = getattr(self, "_stop_now", None)
+            first_stop = stop_now is not None and not app.state.server.stopping.is_set()
+            super().handle_exit(sig, frame)
+            if self.force_exit and first_stop:
+                # Second Ctrl-C while draining: end the open requests now (terminal events, as at the drain
+                # timeout) and still stop in order, which takes moments; uvicorn's force exit would skip the
+                # app's shutdown and log tracebacks. A further Ctrl-C forces.
+                self.force_exit = False
+                with contextlib.suppress(RuntimeError):  # loop already closed
+                    stop_now[0].call_soon_threadsafe(stop_now[1])
 
     config = uvicorn.Config(app, log_level=opts.log_level.lower(), access_log=opts.access_log,
-                            timeout_graceful_shutdown=opts.drain_timeout_s, timeout_keep_alive=5)
+                            timeout_graceful_shutdown=opts.drain_timeout_s + SHUTDOWN_GRACE_S, timeout_keep_alive=5)
     try:
         _Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, after the graceful shutdown

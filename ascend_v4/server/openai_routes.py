@@ -7,6 +7,7 @@ functions (`chat_chunks`, `chat_response`, ...) are plain and unit-tested with c
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 
@@ -15,10 +16,10 @@ from fastapi.responses import JSONResponse, Response
 
 from ascend_v4.runtime.async_engine import EngineDeadError, QueueFullError
 from ascend_v4.runtime.engine import RequestError, StepOutput
-from ascend_v4.runtime.sampling import Sampled
 
 from .errors import APIError, error_payload
-from .outputs import Delta, OutputTracker, token_text
+from .logprobs import chat_logprobs, choice_logprobs, completion_logprobs, vllm_prompt_logprobs
+from .outputs import Delta, OutputTracker
 from .protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -26,9 +27,7 @@ from .protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatMessageOut,
-    ChoiceLogprobs,
     CompletionChoice,
-    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     CompletionTokensDetails,
@@ -36,17 +35,23 @@ from .protocol import (
     DeltaMessage,
     DeltaToolCall,
     FunctionCallOut,
-    LogprobEntry,
     ModelCard,
     ModelList,
     PromptTokensDetails,
     ToolCallOut,
-    TopLogprob,
     Usage,
 )
-from .render import openai_messages, openai_params, render_chat, resolve_thinking, response_format_section
+from .render import (
+    openai_messages,
+    openai_params,
+    render_chat,
+    resolve_thinking,
+    response_format_section,
+    thinking_overrides,
+)
 from .serving import ServerState, engine_error, new_id, run_unless_disconnected
 from .sse import SSEResponse, sse_data
+from .structured import chat_grammar
 
 MAX_CHOICES = 64  # prompts x n of one completions request
 STREAM_ERRORS = (EngineDeadError, RequestError, QueueFullError)
@@ -70,17 +75,6 @@ def usage_of(trackers: list[OutputTracker]) -> Usage:
                  prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
                  completion_tokens_details=CompletionTokensDetails(
                      reasoning_tokens=sum(t.reasoning_tokens for t in trackers)))
-
-
-def chat_logprobs(tokenizer, sampled: list[Sampled]) -> ChoiceLogprobs:
-    def top(tok: int, lp: float) -> TopLogprob:
-        return TopLogprob(token=token_text(tokenizer, tok), logprob=lp, bytes=list(tokenizer.token_bytes(tok)))
-
-    return ChoiceLogprobs(content=[
-        LogprobEntry(token=token_text(tokenizer, s.token), logprob=s.logprob if s.logprob is not None else 0.0,
-                     bytes=list(tokenizer.token_bytes(s.token)),
-                     top_logprobs=[top(t, lp) for t, lp in (s.top or [])])
-        for s in sampled])
 
 
 def _tool_calls_out(t: OutputTracker) -> list[ToolCallOut] | None:
@@ -154,6 +148,19 @@ async def chat_stream(gen: AsyncIterator[tuple[int, StepOutput]], trackers: list
     yield sse_data("[DONE]")
 
 
+def check_capacity(st: ServerState, n: int, prompts: int = 1) -> None:
+    """400 for a request needing more engine slots (prompts x n) than the server has in total
+    (max_num_seqs + max_queue): it can never be admitted, and a 429 would make clients retry forever."""
+    slots = n * prompts
+    if slots <= st.capacity:
+        return
+    param = "n" if n > 1 or prompts == 1 else "prompt"
+    what = f"n={n}" if prompts == 1 else f"{prompts} prompts x n={n}"
+    raise APIError(400, f"{param}: {what} needs {slots} engine slots, more than this server's capacity of "
+                        f"{st.capacity} (max_num_seqs + max_queue); such a request can never be admitted",
+                   param=param)
+
+
 async def _collect(gen: AsyncIterator[tuple[int, StepOutput]], trackers: list[OutputTracker]) -> bool:
     async for i, out in gen:
         trackers[i].feed(out)
@@ -204,9 +211,22 @@ def build_router() -> APIRouter:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         lp = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = st.max_tokens_for(req.max_completion_tokens or req.max_tokens, len(prompt.ids))
-        params = [openai_params(req, max_tokens=max_tokens, logprobs=lp, n_index=i) for i in range(req.n)]
-        ticket = st.admit(req.n)
         rid, created = new_id("chatcmpl-"), int(time.time())
+        dropped = thinking_overrides(thinking, honor=st.config.honor_sampling_in_thinking, request_id=rid,
+                                     temperature=req.temperature, top_p=req.top_p,
+                                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty)
+        params = [dataclasses.replace(openai_params(req, max_tokens=max_tokens, logprobs=lp, n_index=i,
+                                                    dropped=dropped),
+                                      prompt_logprobs=req.prompt_logprobs) for i in range(req.n)]
+        # Structured outputs (response_format / forced or strict tool calls): one grammar, a matcher per choice.
+        grammar = chat_grammar(response_format=req.response_format, tools=tools if prompt.tools_enabled else None,
+                               tool_choice=req.tool_choice, forced_prefix=prompt.forced_prefix,
+                               thinking=thinking.enabled, think_end_id=st.think_end_id,
+                               parallel_tool_calls=req.parallel_tool_calls)
+        if grammar is not None:
+            params = [dataclasses.replace(p, grammar=grammar) for p in params]
+        check_capacity(st, req.n)
+        ticket = st.admit(req.n)
         trackers = [OutputTracker(chat=True, thinking=thinking.enabled, tools_enabled=prompt.tools_enabled,
                                   forced_prefix=prompt.forced_prefix, think_end_id=st.think_end_id)
                     for _ in range(req.n)]
@@ -222,8 +242,10 @@ def build_router() -> APIRouter:
                 return Response(status_code=499)  # client closed the request; nobody reads this
         finally:
             ticket.release()
-        return JSONResponse(chat_response(rid, created, req.model, trackers, st.tokenizer, req.logprobs)
-                            .model_dump())
+        resp = chat_response(rid, created, req.model, trackers, st.tokenizer, req.logprobs)
+        if req.prompt_logprobs is not None:  # vLLM: one list for the request (every choice shares the prompt)
+            resp.prompt_logprobs = vllm_prompt_logprobs(st.tokenizer, trackers[0].prompt_logprobs)
+        return JSONResponse(resp.model_dump())
 
     @router.post("/v1/completions", response_model=CompletionResponse)
     async def completions(req: CompletionRequest, request: Request) -> Response:
@@ -233,17 +255,25 @@ def build_router() -> APIRouter:
             raise APIError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of is not supported (only best_of == n)", param="best_of")
+        # echo + logprobs: the prompt's tokens get log-probs too (lm-eval's log-likelihood requests)
+        plp = req.prompt_logprobs
         if req.echo and req.logprobs is not None:
-            raise APIError(400, "echo with logprobs is not supported (no prompt logprobs)", param="echo")
+            plp = max(plp or 0, req.logprobs)
+        if req.max_tokens == 0 and plp is None:
+            raise APIError(400, "max_tokens 0 scores the prompt only: it needs echo with logprobs, or prompt_logprobs",
+                           param="max_tokens")
         prompts = _completion_prompts(st, req.prompt)
         if len(prompts) * req.n > MAX_CHOICES:
             raise APIError(400, f"at most {MAX_CHOICES} choices per request (prompts x n)", param="prompt")
+        check_capacity(st, req.n, len(prompts))
         jobs, trackers = [], []
         for k, (_, ids) in enumerate(prompts):
             st.check_prompt(ids, "prompt" if len(prompts) == 1 else f"prompt[{k}]")
             max_tokens = st.max_tokens_for(req.max_tokens, len(ids))
             for j in range(req.n):
-                jobs.append((ids, openai_params(req, max_tokens=max_tokens, logprobs=req.logprobs, n_index=j)))
+                params = openai_params(req, max_tokens=max_tokens, logprobs=req.logprobs, n_index=j)
+                jobs.append((ids, dataclasses.replace(params, prompt_logprobs=plp,
+                                                      max_tokens=0 if req.max_tokens == 0 else max_tokens)))
                 trackers.append(OutputTracker(chat=False, prompt_index=k))
         ticket = st.admit(len(jobs))
         rid, created = new_id("cmpl-"), int(time.time())
@@ -253,7 +283,9 @@ def build_router() -> APIRouter:
             so = req.stream_options
             body = completion_stream(gen, trackers, echoes, rid=rid, created=created, model=req.model,
                                      tokenizer=st.tokenizer, logprobs=req.logprobs is not None,
-                                     include_usage=bool(so and so.include_usage))
+                                     include_usage=bool(so and so.include_usage),
+                                     prompt_logprobs=req.prompt_logprobs is not None,
+                                     echo_ids=[prompts[k // req.n][1] for k in range(len(jobs))] if req.echo else None)
             return SSEResponse(body, on_close=ticket.release)
         try:
             if not await _run_to_end(request, gen, trackers):
@@ -262,8 +294,11 @@ def build_router() -> APIRouter:
             ticket.release()
         choices = [CompletionChoice(index=i, text=echoes[i] + t.text, finish_reason=t.finish_reason,
                                     stop_reason=t.stop_reason,
-                                    logprobs=completion_logprobs(st.tokenizer, t.logprobs, 0)
-                                    if req.logprobs is not None else None)
+                                    logprobs=choice_logprobs(st.tokenizer, t, prompts[i // req.n][1]
+                                                              if req.echo else None)
+                                    if req.logprobs is not None else None,
+                                    prompt_logprobs=vllm_prompt_logprobs(st.tokenizer, t.prompt_logprobs)
+                                    if req.prompt_logprobs is not None else None)
                    for i, t in enumerate(trackers)]
         return JSONResponse(CompletionResponse(id=rid, created=created, model=req.model, choices=choices,
                                                usage=usage_of(trackers)).model_dump())
@@ -292,37 +327,37 @@ def _completion_prompts(st: ServerState, prompt) -> list[tuple[str, list[int]]]:
     return out
 
 
-def completion_logprobs(tokenizer, sampled: list[Sampled], offset: int) -> CompletionLogprobs:
-    lp = CompletionLogprobs()
-    for s in sampled:
-        tok = token_text(tokenizer, s.token)
-        lp.tokens.append(tok)
-        lp.token_logprobs.append(s.logprob)
-        lp.top_logprobs.append({token_text(tokenizer, t): v for t, v in s.top} if s.top else None)
-        lp.text_offset.append(offset)
-        offset += len(tok)
-    return lp
-
-
 async def completion_stream(gen, trackers: list[OutputTracker], echoes: list[str], *, rid: str, created: int,
-                            model: str, tokenizer, logprobs: bool, include_usage: bool) -> AsyncIterator[str]:
+                            model: str, tokenizer, logprobs: bool, include_usage: bool, prompt_logprobs: bool = False,
+                            echo_ids: list[list[int]] | None = None) -> AsyncIterator[str]:
+    """SSE chunks of a completions request. An echoed prompt is sent first; with logprobs it waits for the
+    choice's first engine output, which carries the prompt's log-probs (`echo_ids`: each choice's prompt ids)."""
     offsets = [len(e) for e in echoes]
+    wait_echo = [bool(e) and logprobs and echo_ids is not None for e in echoes]
+
+    def chunk(i: int, text: str, **kw) -> str:
+        return sse_data(_dump(CompletionResponse(id=rid, created=created, model=model, choices=[
+            CompletionChoice(index=i, text=text, **kw)])))
+
     try:
         for i, e in enumerate(echoes):
-            if e:
-                yield sse_data(_dump(CompletionResponse(id=rid, created=created, model=model, choices=[
-                    CompletionChoice(index=i, text=e)])))
+            if e and not wait_echo[i]:
+                yield chunk(i, e)
         async for i, out in gen:
-            d = trackers[i].feed(out)
-            if not (d.text or d.finished or (logprobs and d.logprobs)):
+            t = trackers[i]
+            d = t.feed(out)
+            if wait_echo[i] and t.prompt_logprobs is not None:
+                wait_echo[i] = False
+                lp = completion_logprobs(tokenizer, t.prompt_logprobs, 0, echo_ids[i])
+                offsets[i] = lp.text_offset[-1] + len(lp.tokens[-1]) if lp.tokens else 0
+                yield chunk(i, echoes[i], logprobs=lp)
+            plp = vllm_prompt_logprobs(tokenizer, out.prompt_logprobs) if prompt_logprobs else None
+            if not (d.text or d.finished or (logprobs and d.logprobs) or plp):
                 continue
             lp = completion_logprobs(tokenizer, d.logprobs, offsets[i]) if logprobs else None
             offsets[i] += len(d.text)
-            t = trackers[i]
-            yield sse_data(_dump(CompletionResponse(id=rid, created=created, model=model, choices=[
-                CompletionChoice(index=i, text=d.text, logprobs=lp,
-                                 finish_reason=t.finish_reason if d.finished else None,
-                                 stop_reason=t.stop_reason if d.finished else None)])))
+            yield chunk(i, d.text, logprobs=lp, finish_reason=t.finish_reason if d.finished else None,
+                        stop_reason=t.stop_reason if d.finished else None, prompt_logprobs=plp)
         if include_usage:
             yield sse_data(_dump(CompletionResponse(id=rid, created=created, model=model, choices=[],
                                                     usage=usage_of(trackers))))

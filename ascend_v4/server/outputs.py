@@ -59,6 +59,7 @@ class OutputTracker:
         self.text = ""
         self.token_ids: list[int] = []
         self.logprobs: list[Sampled] = []
+        self.prompt_logprobs: list[Sampled | None] | None = None  # SamplingParams.prompt_logprobs, once prefilled
         self.reasoning_tokens = 0
         self.num_tool_calls = 0
         self.prompt_tokens = 0
@@ -72,6 +73,8 @@ class OutputTracker:
         d = Delta(logprobs=list(out.logprobs))
         self.token_ids += out.new_token_ids
         self.logprobs += out.logprobs
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         for t in out.new_token_ids:
             if self._counting_reasoning:
                 self.reasoning_tokens += 1  # the </think> delimiter counts as reasoning

@@ -8,9 +8,11 @@ Responses are built from these models and dumped to JSON by the routes (no respo
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from ascend_v4.tokenizer import first_unencodable
 
 # DeepSeek's documented output cap for V4 (serving-notes §1.1); the context length bounds it further.
 MAX_OUTPUT_TOKENS = 393_216
@@ -20,6 +22,17 @@ MAX_LOGPROBS = 20
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # torch generators take 64-bit seeds; negatives wrap
 
 EffortName = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+
+
+def _unicode_text(value: str) -> str:
+    if first_unencodable(value) is not None:
+        raise ValueError("must be valid Unicode text (it holds a lone UTF-16 surrogate)")
+    return value
+
+
+# A requested model name: echoed in responses, so it must be encodable (other text fields are checked where the
+# tokenizer takes them: a 400 naming the field, see errors.unencodable_text_handler).
+ModelName = Annotated[str, AfterValidator(_unicode_text)]
 
 
 class _Request(BaseModel):
@@ -114,10 +127,18 @@ class SamplingFields(_Request):
     min_tokens: int = Field(0, ge=0, le=MAX_OUTPUT_TOKENS)
     ignore_eos: bool = False  # keep generating past EOS: fixed output lengths for benchmarks
     stop_token_ids: list[int] | None = Field(None, max_length=64)
+    # vLLM's detokenization switches. skip_special_tokens: leave tokens the tokenizer flags special out of the
+    # text (V4: BOS / EOS / pad and `<｜place▁holder▁no▁N｜>`; `</think>`, `｜DSML｜` and role tokens are not
+    # flagged and always reach the parser). spaces_between_special_tokens: accepted; V4's byte-level decoder
+    # never puts spaces between tokens, so both values give the same text (as in vLLM's fast-tokenizer path).
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    # vLLM: log-probs of every prompt token (with this many alternatives), computed during prefill
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 class ChatCompletionRequest(SamplingFields):
-    model: str
+    model: ModelName
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, le=MAX_OUTPUT_TOKENS)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_OUTPUT_TOKENS)
@@ -134,9 +155,10 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    model: str
+    model: ModelName
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1, le=MAX_OUTPUT_TOKENS)
+    # 0: score the prompt only (with echo + logprobs: evaluation harnesses' log-likelihood requests)
+    max_tokens: int | None = Field(16, ge=0, le=MAX_OUTPUT_TOKENS)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
@@ -144,6 +166,17 @@ class CompletionRequest(SamplingFields):
 
 
 # ============================================================================================ OpenAI responses
+class PromptLogprob(_Out):
+    """vLLM's per-token entry of `prompt_logprobs` (keyed by token id)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]  # one per prompt token; the first is None
+
+
 class PromptTokensDetails(_Out):
     cached_tokens: int = 0
 
@@ -213,6 +246,7 @@ class ChatCompletionResponse(_Out):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM extension (request field prompt_logprobs)
 
 
 class DeltaFunction(_Out):
@@ -264,6 +298,7 @@ class CompletionChoice(_Out):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(_Out):
@@ -326,7 +361,7 @@ class OutputConfig(_Request):
 
 
 class AnthropicCountTokensRequest(_Request):
-    model: str
+    model: ModelName
     messages: list[AnthropicMessage] = Field(min_length=1)
     system: str | list[dict[str, Any]] | None = None
     tools: list[AnthropicTool] | None = None
@@ -384,7 +419,7 @@ class TokenizeRequest(_Request):
     """Either `prompt` (raw text; BOS prepended when add_special_tokens) or `messages` (rendered exactly as
     /v1/chat/completions would render them, with the same thinking fields)."""
 
-    model: str | None = None
+    model: ModelName | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
@@ -401,7 +436,7 @@ class TokenizeResponse(_Out):
 
 
 class DetokenizeRequest(_Request):
-    model: str | None = None
+    model: ModelName | None = None
     tokens: list[int] = Field(max_length=1_048_576)
 
 

@@ -11,13 +11,23 @@ DeepSeek semantics (serving-notes §1.2, §2):
 * `tool_choice` `required` or a named tool is rejected in thinking mode; in chat mode it is honoured by
   forcing the start of the DSML block (the prompt ends with it, the parser is fed it first);
 * `--require-reasoning-passback`: an assistant turn with tool calls in the current exchange must carry its
-  `reasoning_content` back, else 400 (DeepSeek's rule; off by default because many clients cannot).
+  `reasoning_content` back, else 400 (DeepSeek's rule; off by default because many clients cannot);
+* in thinking mode temperature / top_p / presence and frequency penalties are accepted but not applied
+  (`thinking_overrides`), unless the server runs with `--honor-sampling-in-thinking`;
+* tool parameter schemas must be valid JSON Schemas (`check_tool_schema`, 400 naming the tool).
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any
+
+from jsonschema import Draft202012Validator, SchemaError
+from jsonschema.validators import validator_for
 
 from ascend_v4.chat.encoding import INVOKE_OPEN, TOOL_CALLS_OPEN, encode_messages
 from ascend_v4.runtime.sampling import SamplingParams
@@ -29,6 +39,10 @@ EFFORT_MAP: dict[str, str | None] = {
     "none": None, "minimal": "low", "low": "low", "medium": "high", "high": "high", "xhigh": "max", "max": "max",
 }
 DEFAULT_EFFORT = "high"
+# Sampling fields that thinking mode fixes (DeepSeek: accepted, no effect), with the values used instead.
+THINKING_FIXED_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -139,10 +153,56 @@ def tool_choice_prefix(choice: Any, tool_names: list[str], thinking: Thinking) -
     return head + name + '">\n'
 
 
+def _schema_problem(dumped: str) -> str | None:
+    """What is wrong with a JSON Schema (given as canonical JSON text), checked against its metaschema (the
+    draft its `$schema` names, else 2020-12); None if valid."""
+    schema = json.loads(dumped)
+    default = Draft202012Validator
+    with warnings.catch_warnings():  # an unknown `$schema` URI: checked as 2020-12 (jsonschema warns)
+        warnings.simplefilter("ignore")
+        cls = validator_for(schema, default=default) if isinstance(schema.get("$schema"), str) else default
+    try:
+        cls.check_schema(schema)
+    except SchemaError as e:
+        return e.message + (f" (at {e.json_path})" if e.path else "")
+    except RecursionError:
+        return "nested too deeply"
+    except Exception as e:  # noqa: BLE001 - jsonschema / referencing failing on odd input: still the client's
+        return f"cannot be checked ({type(e).__name__}: {e})"
+    return None
+
+
+# Agents send the same tools every turn and jsonschema takes milliseconds per large schema: results are cached,
+# keyed by the schema's canonical text (schemas up to 64 KiB, so the cache stays below ~64 MiB).
+_schema_problem_cached = functools.lru_cache(maxsize=1024)(_schema_problem)
+_CACHED_SCHEMA_CHARS = 1 << 16
+
+
+def check_tool_schema(schema: Any, where: str) -> None:
+    """400 naming `where` (e.g. `tools[2].function.parameters`) unless `schema` is a valid JSON Schema."""
+    if schema is None:
+        return
+    if not isinstance(schema, dict):
+        raise APIError(400, f"{where}: must be a JSON Schema object", param=where)
+    try:
+        dumped = json.dumps(schema, sort_keys=True)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise APIError(400, f"{where}: not a valid JSON Schema: {e}", param=where) from None
+    problem = (_schema_problem_cached if len(dumped) <= _CACHED_SCHEMA_CHARS else _schema_problem)(dumped)
+    if problem is not None:
+        raise APIError(400, f"{where}: not a valid JSON Schema: {problem}", param=where)
+
+
 def render_chat(tokenizer, messages: list[dict], *, thinking: Thinking, tools: list[dict] | None,
                 tool_choice: Any = None, response_format: Any = None, encoder_version: str,
-                require_passback: bool = False) -> ChatPrompt:
-    """Render and tokenize a chat request (raises APIError 400 for anything the encoder refuses)."""
+                require_passback: bool = False, tool_schema_paths: list[str] | None = None) -> ChatPrompt:
+    """Render and tokenize a chat request (raises APIError 400 for anything the encoder refuses).
+
+    Tool parameter schemas are meta-validated (400 naming the tool: `tool_schema_paths[k]`, by default
+    `tools[k].function.parameters`; the Anthropic route passes `tools[i].input_schema`)."""
+    for k, t in enumerate(tools or []):
+        where = tool_schema_paths[k] if tool_schema_paths else f"tools[{k}].function.parameters"
+        check_tool_schema((t.get("function") or {}).get("parameters"), where)
     if thinking.enabled and require_passback:
         check_passback(messages)
     names = [t["function"]["name"] for t in tools or []]
@@ -160,7 +220,8 @@ def render_chat(tokenizer, messages: list[dict], *, thinking: Thinking, tools: l
 
 def response_format_section(fmt: Any) -> Any:
     """What the encoder's response-format section carries: the JSON schema of `json_schema`, or for
-    `json_object` a schema that only says "an object". Prompt-level only: no constrained decoding."""
+    `json_object` a schema that only says "an object". The output is also grammar-constrained: see
+    server/structured.py."""
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":
@@ -185,7 +246,8 @@ def make_params(*, max_tokens: int, temperature: float | None = None, top_p: flo
                 presence_penalty: float | None = None, frequency_penalty: float | None = None,
                 repetition_penalty: float | None = None, stop: list[str] | None = None,
                 stop_token_ids: list[int] | None = None, ignore_eos: bool = False, min_tokens: int = 0,
-                logprobs: int | None = None, n_index: int = 0) -> SamplingParams:
+                logprobs: int | None = None, n_index: int = 0,
+                skip_special_tokens: bool = True) -> SamplingParams:
     """SamplingParams with API defaults (temperature 1, top_p 1: V4's recommendation); choice `n_index`
     of a seeded request gets seed + n_index."""
     if seed is not None:
@@ -207,17 +269,45 @@ def make_params(*, max_tokens: int, temperature: float | None = None, top_p: flo
             ignore_eos=ignore_eos,
             min_tokens=min(min_tokens, max_tokens),
             logprobs=logprobs,
+            skip_special_tokens=skip_special_tokens,
         )
     except ValueError as e:
         raise APIError(400, str(e).removeprefix("SamplingParams.")) from None
 
 
-def openai_params(req: Any, *, max_tokens: int, logprobs: int | None, n_index: int = 0) -> SamplingParams:
-    """SamplingParams from the fields shared by OpenAI chat and completions requests (`SamplingFields`)."""
+def thinking_overrides(thinking: Thinking, *, honor: bool, request_id: str, **given: float | None) -> set[str]:
+    """The sampling fields this request's values are dropped for (their defaults apply instead).
+
+    DeepSeek's documented behaviour (serving-notes §1.2): in thinking mode `temperature`, `top_p`,
+    `presence_penalty` and `frequency_penalty` are accepted (and range-checked) but have no effect; V4's
+    recommended temperature 1.0 / top_p 1.0 and no penalties are used. A server started with
+    `--honor-sampling-in-thinking` applies the client's values. `given`: the request's values of those fields
+    (others are ignored here); one INFO line per request lists the values dropped that differ from the default.
+    """
+    if not thinking.enabled or honor:
+        return set()
+    dropped = {k: v for k, v in given.items()
+               if k in THINKING_FIXED_SAMPLING and v is not None and v != THINKING_FIXED_SAMPLING[k]}
+    if dropped:
+        log.info("%s: thinking mode ignores %s (DeepSeek's behaviour: temperature 1.0, top_p 1.0, no penalties; "
+                 "serve --honor-sampling-in-thinking to apply them)", request_id,
+                 ", ".join(f"{k}={v:g}" for k, v in dropped.items()))
+    return set(THINKING_FIXED_SAMPLING)
+
+
+def openai_params(req: Any, *, max_tokens: int, logprobs: int | None, n_index: int = 0,
+                  dropped: set[str] | frozenset[str] = frozenset()) -> SamplingParams:
+    """SamplingParams from the fields shared by OpenAI chat and completions requests (`SamplingFields`).
+    `dropped`: fields whose request values are not applied (`thinking_overrides`)."""
     if req.logit_bias:
         raise APIError(400, "logit_bias is not supported", param="logit_bias")
-    return make_params(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                       min_p=req.min_p, seed=req.seed, presence_penalty=req.presence_penalty,
-                       frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+
+    def value(name: str) -> Any:
+        return None if name in dropped else getattr(req, name)
+
+    return make_params(max_tokens=max_tokens, temperature=value("temperature"), top_p=value("top_p"),
+                       top_k=req.top_k, min_p=req.min_p, seed=req.seed, presence_penalty=value("presence_penalty"),
+                       frequency_penalty=value("frequency_penalty"), repetition_penalty=req.repetition_penalty,
                        stop=stop_list(req.stop), stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
-                       min_tokens=req.min_tokens, logprobs=logprobs, n_index=n_index)
+                       min_tokens=req.min_tokens, logprobs=logprobs, n_index=n_index,
+                       skip_special_tokens=getattr(req, "skip_special_tokens", True))

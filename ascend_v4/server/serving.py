@@ -4,11 +4,18 @@ requests with per-request metrics.
 Admission is counted here, synchronously in the route before anything is awaited, so concurrent requests
 cannot overshoot `max_num_seqs + max_queue` (AsyncEngine's own check happens later, at the first await).
 A request with `n` choices takes n slots. Full -> 429 with Retry-After; engine dead or shutting down -> 503.
+
+Shutdown: when the drain timeout of a graceful shutdown runs out, `ServerState.stop_requests()` sets the
+state's `stopping` event. Open SSE responses (sse.SSEResponse) then end with their API's terminal error
+events and non-streaming requests answer 503, so every connection closes before uvicorn would cancel its
+task. Code reaches the event of the current request through `current_stopping()` (set per request by
+`StopScopeMiddleware`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import time
 import uuid
@@ -27,6 +34,29 @@ from .metrics import ServerMetrics
 # Model-name aliases of DeepSeek's API that fix the thinking mode (serving-notes §1.1, §2).
 THINKING_ALIASES = {"deepseek-chat": False, "deepseek-reasoner": True}
 THINK_END = "</think>"
+SHUTDOWN_MESSAGE = "the server is shutting down and ended this request before it finished; retry it later or elsewhere"
+
+# The `stopping` event of the ServerState serving the current request (StopScopeMiddleware sets it).
+_STOPPING: contextvars.ContextVar[asyncio.Event | None] = contextvars.ContextVar("ascend_v4_stopping", default=None)
+
+
+def current_stopping() -> asyncio.Event | None:
+    """The shutdown event of the server handling the current request (None outside a request)."""
+    return _STOPPING.get()
+
+
+class StopScopeMiddleware:
+    """Plain ASGI middleware that makes `state.stopping` visible to the request's code (`current_stopping`)."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send) -> None:
+        token = _STOPPING.set(self.state.stopping)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _STOPPING.reset(token)
 
 
 @dataclass
@@ -37,6 +67,7 @@ class ServerConfig:
         model_names: served names; the first is reported in responses and /v1/models.
         api_key: required as `Authorization: Bearer` or `x-api-key` on /v1/*, /tokenize, /detokenize.
         require_reasoning_passback: DeepSeek's 400 for tool-call turns without reasoning_content.
+        honor_sampling_in_thinking: apply temperature / top_p / penalties in thinking mode (DeepSeek ignores them).
         encoder_version: "april" or "0731" effort-preamble ladder of the chat encoder.
         default_max_tokens: output budget when a chat request gives none (bounded by the context).
         retry_after_s: Retry-After value of 429 answers.
@@ -46,6 +77,7 @@ class ServerConfig:
     model_names: list[str] = field(default_factory=lambda: ["ascend-v4"])
     api_key: str | None = None
     require_reasoning_passback: bool = False
+    honor_sampling_in_thinking: bool = False
     encoder_version: str = ENCODER_APRIL
     default_max_tokens: int = 4096
     retry_after_s: int = 1
@@ -95,6 +127,12 @@ class ServerState:
         ids = self.tokenizer.encode(THINK_END)
         self.think_end_id = ids[0] if len(ids) == 1 else None
         self.metrics = ServerMetrics(engine.stats, engine.health)
+        # Set when the drain timeout runs out: open streams end with an error event, new requests get 503.
+        self.stopping = asyncio.Event()
+
+    def stop_requests(self) -> None:
+        """End every open request now (drain timeout reached); call on the server's event loop."""
+        self.stopping.set()
 
     # -- names -------------------------------------------------------------------------------------------
     @property
@@ -118,6 +156,8 @@ class ServerState:
 
     # -- admission ---------------------------------------------------------------------------------------
     def admit(self, n: int = 1) -> Ticket:
+        if self.stopping.is_set():
+            raise APIError(503, SHUTDOWN_MESSAGE)
         try:
             self.engine.check_ready()
         except EngineDeadError as e:
@@ -204,6 +244,8 @@ class ServerState:
             reason = "error"
             raise
         finally:
+            if reason == "disconnect" and self.stopping.is_set():
+                reason = "abort"  # ended by the server's shutdown, not by the client
             self.metrics.observe_request(reason, arrival, first, time.monotonic(), n)
 
 
@@ -217,18 +259,25 @@ async def wait_disconnect(receive) -> None:
 
 async def run_unless_disconnected(receive, coro):
     """Await `coro` (a whole non-streaming generation); if the client disconnects first, cancel it (which
-    aborts the engine requests) and return None."""
+    aborts the engine requests) and return None. If the server's drain timeout runs out first, cancel it
+    and raise APIError(503)."""
     task = asyncio.ensure_future(coro)
-    watch = asyncio.ensure_future(wait_disconnect(receive))
+    watches = [asyncio.ensure_future(wait_disconnect(receive))]
+    stopping = current_stopping()
+    if stopping is not None:
+        watches.append(asyncio.ensure_future(stopping.wait()))
     try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, *watches}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        watch.cancel()
-        await asyncio.gather(watch, return_exceptions=True)
+        for w in watches:
+            w.cancel()
+        await asyncio.gather(*watches, return_exceptions=True)
     if task.cancelled():
+        if stopping is not None and stopping.is_set():
+            raise APIError(503, SHUTDOWN_MESSAGE)
         return None
     return task.result()
 

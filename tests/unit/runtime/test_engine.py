@@ -9,28 +9,13 @@ import asyncio
 import pytest
 import torch
 
-from ascend_v4.checkpoint.dummy import ensure_dummy_checkpoint
 from ascend_v4.model.cache import StepBatch, new_seq_cache
-from ascend_v4.model.layers import ModelOptions
-from ascend_v4.model.load import load_model
 from ascend_v4.runtime.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from ascend_v4.runtime.config import EngineConfig
 from ascend_v4.runtime.engine import Engine, RequestError
 from ascend_v4.runtime.sampling import SamplingParams, apply_penalties, sample
-from ascend_v4.tokenizer import Tokenizer
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model(ensure_dummy_checkpoint("tiny"),
-                      ModelOptions(dtype=torch.float32, quant_sim=False, dequantize_weights=True))
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.default()
 
 
 def prompts(*lens, seed=0):

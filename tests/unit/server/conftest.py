@@ -115,3 +115,19 @@ def scripted(tokenizer):
 def live():
     """serve_in_thread as a fixture: `with live(app) as url: ...`."""
     return serve_in_thread
+
+
+SERVED_MODEL, SERVED_KEY = "deepseek-v4-flash", "sk-test"  # what `served` apps serve, and their API key
+
+
+@pytest.fixture
+def served(scripted, live):
+    """start(script=None, config=None, **engine_kw) -> (engine, context manager yielding the server URL); the app
+    serves SERVED_MODEL behind SERVED_KEY unless `config` says otherwise."""
+    from ascend_v4.server.app import create_app
+    from ascend_v4.server.serving import ServerConfig
+
+    def start(script=None, config=None, **kw):
+        eng = scripted(script, **kw)
+        return eng, live(create_app(eng, config or ServerConfig(model_names=[SERVED_MODEL], api_key=SERVED_KEY)))
+    return start

@@ -13,7 +13,6 @@ openai = pytest.importorskip("openai")
 anthropic = pytest.importorskip("anthropic")
 httpx2 = pytest.importorskip("httpx2")
 
-from ascend_v4.server.app import create_app  # noqa: E402
 from ascend_v4.server.serving import ServerConfig  # noqa: E402
 
 MODEL = "deepseek-v4-flash"
@@ -34,16 +33,6 @@ def oa(url, **kw):
 
 def an(url):
     return anthropic.Anthropic(base_url=url, api_key="sk-test", max_retries=0, timeout=30)
-
-
-@pytest.fixture
-def served(scripted, live):
-    """start(script, config=None, **engine_kw) -> (engine, context manager yielding the server URL)."""
-    def start(script=None, config=None, **kw):
-        eng = scripted(script, **kw)
-        app = create_app(eng, config or ServerConfig(model_names=[MODEL], api_key="sk-test"))
-        return eng, live(app)
-    return start
 
 
 def test_tool_calls_batch_and_streaming_openai(served):
