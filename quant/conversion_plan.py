@@ -20,6 +20,7 @@ from .errors import UnsupportedConversionError
 from .formats.base import TensorLayout
 from .formats.int4_channel import CLIP_GRID
 from .st_io import build_header, order_for_writing
+from .value_checks import scaled_dtype
 
 CONVERTER_VERSION = 2  # 2: ascendV1 outputs carry msModelSlim's MTP copies and description header
 FLOAT = "FLOAT"
@@ -150,9 +151,8 @@ def plan_units(src: SourceCheckpoint, output_format: str) -> list[tuple[Unit, So
                                        down), w))
                     done.update((w.name, s.name))
                     continue
-            w = tensors.get(f"{base}.weight") if leaf == "scale" else None
             units.append((Unit(name, [ent], [OutTensor(name, ent.dtype, tuple(ent.shape), ent.end - ent.begin)],
-                               scale_of=w.dtype if w is not None else None), ent))
+                               scale_of=scaled_dtype(name, tensors)), ent))
             done.add(name)
     return units
 

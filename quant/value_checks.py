@@ -86,6 +86,16 @@ _BLOCK_BYTES = 1 << 20  # SWAR block: fits in L2 together with its temporary
 _TOP = {1: 0x80, 2: 0x8000, 4: 0x8000_0000, 8: 0x8000_0000_0000_0000}
 
 
+def scaled_dtype(name: str, dtypes) -> str | None:
+    """For a UE8M0 scale `<base>.scale`, the safetensors dtype of the weight `<base>.weight` it scales (the
+    `scale_of` / `scaled` argument of the checks) when its range is known (F8_E4M3, I8 = packed FP4); else None
+    (the conservative bound). `dtypes`: {tensor name: entry with a `.dtype`} of the checkpoint."""
+    if not name.endswith(".scale"):
+        return None
+    w = dtypes.get(name[: -len("scale")] + "weight")
+    return w.dtype if w is not None and w.dtype in SCALED_MAX else None
+
+
 def e8m0_limit(scaled: str | None = None) -> int:
     """First UE8M0 byte that is bad when the scale multiplies `scaled` (see the module docstring): the
     smallest b with 2^(b-127) * max|scaled| > max bfloat16; 255 (NaN) at most. A `scaled` not in `SCALED_MAX`
@@ -354,7 +364,7 @@ class TensorValueChecker:
                              f"a whole number of {self.dtype} elements")
 
 
-__all__ = ["can_be_bad", "find_bad", "check_chunk", "check_tensor", "TensorValueChecker", "NonFiniteValueError",
+__all__ = ["scaled_dtype", "can_be_bad", "find_bad", "check_chunk", "check_tensor", "TensorValueChecker", "NonFiniteValueError",
            "e8m0_limit", "describe", "SCALED_MAX", "CONSERVATIVE_SCALED_MAX", "NEVER_BAD"]
 
 

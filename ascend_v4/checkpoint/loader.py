@@ -49,7 +49,9 @@ from ascend_v4.checkpoint.reader import MTP_PREFIX, TORCH_DTYPES, ProgressBar, T
 from ascend_v4.model.args import ModelArgs
 from ascend_v4.quant.ascend_v1 import is_shared_copy
 from ascend_v4.quant.recipes import is_down_proj
-from ascend_v4.quant.value_checks import SCALED_MAX, NonFiniteValueError, can_be_bad, check_chunk, check_tensor
+from ascend_v4.quant.errors import SourceReadError
+from ascend_v4.quant.st_io import pread_exact
+from ascend_v4.quant.value_checks import NonFiniteValueError, can_be_bad, check_chunk, check_tensor, scaled_dtype
 
 _FLOAT_TARGETS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # Checkpoint dtype -> model dtypes it may be loaded into (besides its own torch dtype).
@@ -213,15 +215,6 @@ def load_checkpoint(model: nn.Module, ckpt_dir: str | Path, *, args: ModelArgs |
     return LoadReport(n_tensors, n_bytes, time.monotonic() - t0, len(shards), skipped)
 
 
-def scaled_dtype(name: str, tensors: dict[str, TensorEntry]) -> str | None:
-    """For a scale tensor `<base>.scale`, the dtype of the weight `<base>.weight` it scales when the value checks
-    know its range (F8_E4M3, I8 = packed FP4); else None (the conservative bound)."""
-    if not name.endswith(".scale"):
-        return None
-    w = tensors.get(name[: -len("scale")] + "weight")
-    return w.dtype if w is not None and w.dtype in SCALED_MAX else None
-
-
 def verify_checkpoint_files(ckpt_dir: str | Path) -> None:
     """Re-hash every file of an `ascend-v4 quantize` output against its manifest (`quant.manifest.verify_files`).
 
@@ -258,8 +251,7 @@ def scan_values(ckpt_dir: str | Path, *, weights: bool = True, args: ModelArgs |
             if e.name in info.tensors and can_be_bad(e.dtype) and (weights or e.dtype == "F8_E8M0")
             and not (skip_mtp and e.name.startswith(MTP_PREFIX)) and not (skip is not None and skip(e.name))]
     bar = ProgressBar(sum(e.nbytes for e in todo), f"check {info.path.name}") if progress else None
-    buf = bytearray(SCAN_CHUNK)
-    view = memoryview(buf)
+    view = memoryview(bytearray(SCAN_CHUNK))
     problems: list[str] = []
     fds: dict[str, int] = {}
     try:
@@ -271,15 +263,12 @@ def scan_values(ckpt_dir: str | Path, *, weights: bool = True, args: ModelArgs |
             pos = e.begin
             while pos < e.end:
                 n = min(SCAN_CHUNK, e.end - pos)
-                got = 0
-                while got < n:
-                    k = os.preadv(fds[e.file], [view[got:n]], pos + got)
-                    if k <= 0:
-                        raise CheckpointError(f"{e.file}: {e.name}: file ended at offset {pos + got}, before the "
-                                              f"tensor's end {e.end} (truncated or modified?)")
-                    got += k
                 try:
-                    check_chunk(e.dtype, view[:n], tensor=e.name, file=e.file, first_element=(pos - e.begin) // width,
+                    chunk = pread_exact(fds[e.file], pos, n, f"{e.file}: {e.name}", into=view)
+                except SourceReadError as err:  # truncated or modified since read_checkpoint validated it
+                    raise CheckpointError(str(err)) from None
+                try:
+                    check_chunk(e.dtype, chunk, tensor=e.name, file=e.file, first_element=(pos - e.begin) // width,
                                 shape=e.shape, scale_of=scale_of)
                 except NonFiniteValueError as err:
                     problems.append(str(err))
@@ -315,5 +304,5 @@ def _is_meta(tgt: _Target) -> bool:
     return t is not None and t.is_meta
 
 
-__all__ = ["load_checkpoint", "LoadReport", "ALLOWED_TARGETS", "check_target", "scan_values", "scaled_dtype",
+__all__ = ["load_checkpoint", "LoadReport", "ALLOWED_TARGETS", "check_target", "scan_values",
            "verify_checkpoint_files", "BAD_VALUES"]
