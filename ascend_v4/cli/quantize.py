@@ -60,6 +60,8 @@ def run_quantize(req: QuantizeRequest, log=None) -> dict:
     from ascend_v4.quant.tool import quantize
 
     say = log or (lambda s: None)
+    if req.mindie and req.format not in ("w8a8", "w4a8"):
+        raise QuantizeError(f"--mindie-config writes MindIE's fields for w8a8 / w4a8 outputs, not {req.format}")
     src_dir = resolve_model(req.model).path
     info = read_checkpoint(src_dir)
     if info.conversion is not None or info.linear_formats:

@@ -294,3 +294,10 @@ def test_cli_mindie_config(tiny_src, tmp_path):
     assert r.returncode == 0, r.stderr
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantize"] == "w8a8_dynamic" and cfg["moe_quantize"] == "w4a8_dynamic"  # copy_config_files.py rule
+
+
+def test_cli_mindie_config_needs_an_ascend_v1_format(tiny_src, tmp_path):
+    r = subprocess.run(["ascend-v4", "quantize", "-m", str(tiny_src), "-o", str(tmp_path / "out"), "-f", "bf16",
+                        "--mindie-config"], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "--mindie-config" in r.stderr and "bf16" in r.stderr and not (tmp_path / "out").exists()
