@@ -24,6 +24,7 @@ from ascend_v4.model.args import ModelArgs
 from ascend_v4.model.layers import ModelOptions
 from ascend_v4.model.load import load_model
 from ascend_v4.runtime.generate import generate_ids
+from ascend_v4.runtime.layout import choose_layout
 from ascend_v4.runtime.sampling import SamplingParams
 from ascend_v4.tokenizer import Tokenizer
 
@@ -66,9 +67,11 @@ class LLM:
         dequantize_weights: expand FP8/FP4 weights at load; None = automatic (on CPU for models whose
             dense weights fit in 8 GiB).
         dummy: for `flash` / `pro`, run a dummy checkpoint of the real shapes instead of real weights.
-        npus: devices (ranks) to run on with expert parallelism: N - 1 worker processes are started, each
-            rank holds n_routed_experts / N routed experts (docs/expert_parallel.md). Multi-node: set
+        npus: devices (ranks) to run on: N - 1 worker processes are started, each rank holds
+            n_routed_experts / N routed experts (docs/parallel.md). Multi-node: set
             MASTER_ADDR / MASTER_PORT / LOCAL_WORLD_SIZE. Call `shutdown()` when done (exit also stops them).
+        tp: attention tensor-parallel size (heads, output groups and vocab split over TP ranks; `runtime.layout`
+            says which sizes run). None: the largest the engine runs for this model. `self.layout` says which.
         check_weights: check every float weight for NaN / inf while loading (UE8M0 scales are always checked);
             with `npus > 1`, one pass over the whole checkpoint before the ranks load.
         verify_checkpoint: before loading, re-hash every file of an `ascend-v4 quantize` output against its
@@ -80,8 +83,8 @@ class LLM:
 
     def __init__(self, model: str | Path = "tiny", *, device: str = "cpu", dtype: str = "auto",
                  quant_sim: bool = True, dequantize_weights: bool | None = None, dummy: bool = False,
-                 progress: bool = False, npus: int = 1, engine_config=None, check_weights: bool = False,
-                 verify_checkpoint: bool = False):
+                 progress: bool = False, npus: int = 1, tp: int | None = None, engine_config=None,
+                 check_weights: bool = False, verify_checkpoint: bool = False):
         if dtype == "auto":
             dtype = "fp32" if torch.device(device).type == "cpu" else "bf16"
         if dtype not in _DTYPES:
@@ -91,6 +94,7 @@ class LLM:
         if verify_checkpoint:
             verify_checkpoint_files(self.path)
         self.args = ModelArgs.from_dir(self.path)
+        self.layout = choose_layout(self.args, npus, tp)
         tdtype = _DTYPES[dtype]
         if dequantize_weights is None:
             dense = self.args.param_counts()["total"] * torch.finfo(tdtype).bits // 8
@@ -111,7 +115,8 @@ class LLM:
             self.engine = DistEngine(self.path, self.options,
                                      engine_config or EngineConfig(max_num_batched_tokens=8192,
                                                                    enable_prefix_caching=False),
-                                     ParallelConfig.from_env(npus), device_type=torch.device(device).type,
+                                     ParallelConfig.from_env(npus, tp=self.layout.tp),
+                                     device_type=torch.device(device).type,
                                      tokenizer_dir=str(self.path) if tok_file.is_file() else None,
                                      tokenizer=self.tokenizer)
             self.model = self.engine.model  # rank 0's share of the routed experts
@@ -125,6 +130,14 @@ class LLM:
         """Stop the worker processes of an `npus > 1` run (no-op otherwise)."""
         if self.engine is not None:
             self.engine.shutdown()
+
+    def rank_info(self) -> list[dict]:
+        """Per rank: what it holds (routed expert ids, TP place, resident weight bytes by placement, pid)."""
+        if self.engine is not None:
+            return self.engine.rank_info()
+        from ascend_v4.runtime.worker import rank_info
+
+        return [rank_info(self.model, 0)]
 
     # ------------------------------------------------------------------------------------------ generate
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],

@@ -150,7 +150,7 @@ class DistEngine:
             tokenizer = tokenizer or load_tokenizer(spec)
             self._wait_ready()
             self.ctx = init_process_groups(self.store, 0, p.world_size, 0, device_type=device_type,
-                                           timeout_s=p.timeout_s)
+                                           timeout_s=p.timeout_s, tp=p.tp)
             self._owns_pg.append(True)
             self.engine: Engine = make_engine(model, tokenizer, spec, self.ctx)
         except BaseException:

@@ -26,6 +26,8 @@ import torch.distributed as dist
 
 from ascend_v4.platform import COMM_BACKENDS
 
+from .layout import check_engine_tp
+
 DEFAULT_TIMEOUT_S = 120.0  # any collective; bound on detecting a dead or hung rank
 DEFAULT_INIT_TIMEOUT_S = 900.0  # start-up: connecting, loading weights on every rank
 _PG_PREFIX = "pg"  # process-group keys in the shared store, apart from the handshake keys
@@ -37,6 +39,9 @@ class ParallelConfig:
 
     Attributes:
         world_size: ranks in total (`--npus N`); each owns `n_routed_experts / world_size` routed experts.
+        tp: attention tensor-parallel size (`--tp T`): ranks r with the same r // T form one TP group, each
+            holding 1/T of the query heads, output groups and vocab (ascend_v4/model/tp.py); the sizes the
+            engine runs: `layout.engine_tps`.
         nproc_per_node: ranks started on this node, rank 0 included (default: all of them; a multi-node run
             sets it, or LOCAL_WORLD_SIZE, and starts the other nodes' ranks with `python -m
             ascend_v4.runtime.worker`).
@@ -51,6 +56,7 @@ class ParallelConfig:
     """
 
     world_size: int = 1
+    tp: int = 1
     nproc_per_node: int | None = None
     master_addr: str = "127.0.0.1"
     master_port: int = 0
@@ -62,6 +68,7 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         if self.world_size < 1:
             raise ValueError(f"ParallelConfig.world_size must be >= 1, got {self.world_size}")
+        check_engine_tp(None, self.world_size, self.tp)
         if self.nproc_per_node is not None and not 1 <= self.nproc_per_node <= self.world_size:
             raise ValueError(f"ParallelConfig.nproc_per_node must be in [1, world_size={self.world_size}], "
                              f"got {self.nproc_per_node}")
@@ -107,6 +114,8 @@ class ParallelContext:
         backend: torch.distributed backend of `group` (hccl, nccl, gloo).
         device: this rank's torch device ("cpu", "cuda:1", "npu:3").
         group: process group for tensors (expert dispatch / combine).
+        tp_group / tp_rank / tp_size: this rank's attention tensor-parallel group (ranks r // tp_size equal) and
+            its place in it; tp_group is None when tp_size is 1.
         cpu_group: Gloo process group for Python objects (commands, sampled tokens); `group` itself on CPU.
         timeout_s: the collectives' timeout.
     """
@@ -119,6 +128,9 @@ class ParallelContext:
     group: Any
     cpu_group: Any
     timeout_s: float
+    tp_group: Any = None
+    tp_rank: int = 0
+    tp_size: int = 1
 
     @property
     def is_driver(self) -> bool:
@@ -136,8 +148,9 @@ def create_store(rank: int, world_size: int, addr: str, port: int, timeout_s: fl
 
 
 def init_process_groups(store: dist.Store, rank: int, world_size: int, local_rank: int, *, device_type: str,
-                        timeout_s: float) -> ParallelContext:
-    """Join the default process group on `store` with the platform's backend for `device_type`.
+                        timeout_s: float, tp: int = 1) -> ParallelContext:
+    """Join the default process group on `store` with the platform's backend for `device_type`, and create the
+    attention TP groups of `tp` consecutive ranks (every rank creates every group, as torch requires).
 
     Raises:
         RuntimeError: this process already has a default process group.
@@ -154,7 +167,14 @@ def init_process_groups(store: dist.Store, rank: int, world_size: int, local_ran
                             timeout=timeout)
     group = dist.group.WORLD
     cpu_group = group if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
-    return ParallelContext(rank, world_size, local_rank, backend, device, group, cpu_group, timeout_s)
+    tp_group = None
+    if tp > 1:
+        for first in range(0, world_size, tp):
+            g = group if tp == world_size else dist.new_group(list(range(first, first + tp)), timeout=timeout)
+            if first <= rank < first + tp:
+                tp_group = g
+    return ParallelContext(rank, world_size, local_rank, backend, device, group, cpu_group, timeout_s,
+                           tp_group, rank % tp, tp)
 
 
 def destroy_process_groups() -> None:

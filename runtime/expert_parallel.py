@@ -20,7 +20,7 @@ same order: EP outputs are bit-identical to one device (given deterministic kern
 
 Gloo's `all_to_all_single` rejects fp8 (model-spec §16), so one-byte float payloads travel as uint8 views.
 On an HCCL group `attach_expert_parallel` uses the fused MC2 ops instead where they apply
-(runtime/expert_parallel_mc2.py; docs/expert_parallel.md).
+(runtime/expert_parallel_mc2.py; docs/parallel.md).
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ included) converted with the same recipes as `ascend-v4 quantize`, so weight byt
 writes (scales, offsets and int4 `scale_bias` included).
 
 Layout: `npus` cards; attention data-parallel groups of `tp` cards (DP = npus / tp); routed experts
-expert-parallel over all cards (EP = npus, each card E / npus experts of every MoE layer). Tensor-parallel
-split (official `convert.py` rules, model-spec.md §9.4): `embed`, `head`, `wq_b` (main and indexer), `wo_a`,
-`wo_b`, `attn_sink`, indexer `weights_proj`; everything else replicated on every card.
+expert-parallel over all cards (EP = npus, each card E / npus experts of every MoE layer). What a TP rank holds a
+slice of is `ascend_v4.model.tp` (embed, head, wq_b, wo_a, wo_b, attn_sink; the indexer stays whole) and what
+each tensor costs once loaded is `ascend_v4.model.placement`: the rules the runtime loads and measures by.
 
 KV cache (model-spec.md §10): growing bytes per token = sum over layers of main-entry bytes / ratio (CSA 4,
 HCA 128) + indexer-entry bytes / 4 (CSA); fixed per sequence = sliding-window ring (main + MTP layers x window x
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any, Protocol
 
 from ascend_v4.model import kv_layout
 from ascend_v4.model.kv_layout import KVFormat, kv_formats
+from ascend_v4.model.placement import ROUTED, TP, placement, resident_nbytes
 from ascend_v4.quant import get_format, recipes
 from ascend_v4.quant.st_io import tensor_nbytes
 
@@ -46,6 +46,7 @@ RUNTIME_RESERVE = 2 * GIB  # framework/runtime context, allocator slack (estimat
 COMM_RESERVE = 1 * GIB  # HCCL/NCCL buffers of the EP / TP communicators (ascend-notes §11: 0.5-2.5 GB each)
 ACT_BYTES_PER_TOKEN_PER_DIM = 64  # live activation bytes per prefill token, in units of `dim` (estimate)
 DEFAULT_PREFILL_CHUNK = 8192
+ACT_BYTES = 2  # BF16 activations on the device (the dtype of dense weights expanded at load)
 
 
 @dataclass(frozen=True)
@@ -93,18 +94,16 @@ class InventoryEntry(Protocol):
     kind: str
 
 
-_TP_SPLIT = re.compile(r"^(embed|head)\.|\.attn\.(wq_b|wo_a|wo_b)\.|\.attn\.indexer\.(wq_b|weights_proj)\.|"
-                       r"\.attn_sink$")
-
-
 @dataclass
 class WeightSplit:
-    """Bytes of the converted checkpoint by how they are placed."""
+    """Bytes of the converted checkpoint once loaded (`model.placement.resident_nbytes`), by how they are placed,
+    and `stored`: the same tensors' bytes in the files."""
 
     replicated: int = 0
     tp_split: int = 0
     routed_experts: int = 0  # all experts of all MoE layers (incl. MTP)
     params: int = 0
+    stored: int = 0
 
     @property
     def total(self) -> int:
@@ -117,7 +116,8 @@ def _linear_bytes(fmt: str, o: int, i: int, down: bool) -> int:
 
 
 def weight_split(specs: Mapping[str, InventoryEntry], output_format: str) -> WeightSplit:
-    """Place every tensor of the official inventory, converted to `output_format`."""
+    """Place every tensor of the official inventory, converted to `output_format`, at the bytes it takes once
+    loaded (`ascend_v4.model.placement`: the same rules a running rank's `resident_bytes` measures)."""
     ws = WeightSplit()
     for name, s in specs.items():
         base, _, leaf = name.rpartition(".")
@@ -125,15 +125,19 @@ def weight_split(specs: Mapping[str, InventoryEntry], output_format: str) -> Wei
             o, i = s.shape[0], s.shape[1] * (2 if s.kind == "fp4" else 1)
             fmt = recipes.target_format(output_format, base) or ("fp8_block" if s.kind == "fp8" else "fp4_mx")
             b = _linear_bytes(fmt, o, i, recipes.is_down_proj(base))
-            ws.params += o * i
+            numel = o * i
         elif s.kind == "scale" and f"{base}.weight" in specs:
             continue  # counted with its weight
         else:
             b = tensor_nbytes(s.shape, s.dtype)
-            ws.params += math.prod(s.shape)
-        if ".ffn.experts." in name:
+            numel = math.prod(s.shape)
+        ws.params += numel
+        ws.stored += b
+        b = resident_nbytes(name, numel, b, ACT_BYTES)
+        where = placement(name)
+        if where == ROUTED:
             ws.routed_experts += b
-        elif _TP_SPLIT.search(name):
+        elif where == TP:
             ws.tp_split += b
         else:
             ws.replicated += b
@@ -189,7 +193,7 @@ class PlanReport:
                    "bytes_per_token_by_kind": self.kv_per_token_by_kind, "fixed_bytes_per_seq": self.fixed_per_seq},
             "bytes_per_card": {"hbm": self.hardware.hbm_bytes, "weights": self.weights_per_card,
                                "reserve": self.reserve_per_card, "free_for_kv": self.free_per_card},
-            "weights": {"total": self.weights.total, "routed_experts": self.weights.routed_experts,
+            "weights": {"total": self.weights.total, "stored": self.weights.stored, "routed_experts": self.weights.routed_experts,
                         "tp_split": self.weights.tp_split, "replicated": self.weights.replicated},
             "seqs_per_card": self.seqs_per_card, "max_context_at_batch": self.max_context_at_batch,
             "decode_tok_s_per_card": self.decode_tok_s_per_card if fits else None, "notes": self.notes,
@@ -211,7 +215,8 @@ class PlanReport:
             f"TFLOPS bf16, {h.lowp_flops / 1e12:.0f} TOPS low-precision - {h.source}",
             f"  runnable here: {'yes' if self.runnable else 'NO'}"
             + (f" - {self.runnable_note}" if self.runnable_note else ""),
-            f"  weights: total {self.weights.total / g:.1f} GB ({self.weights.params / 1e9:.1f}B params): "
+            f"  weights: total {self.weights.total / g:.1f} GB loaded ({self.weights.stored / g:.1f} GB in the files, "
+            f"{self.weights.params / 1e9:.1f}B params): "
             f"routed experts {self.weights.routed_experts / g:.1f} GB, TP-split {self.weights.tp_split / g:.1f} GB, "
             f"replicated {self.weights.replicated / g:.1f} GB",
             f"  weights per card: {self.weights_per_card / g:.2f} GB",
@@ -341,21 +346,22 @@ def checkpoint_format(path: Any) -> str:
 
 
 def check_deployment(args: Any, output_format: str, hardware: str, npus: int, *, context: int, kv: KVFormat,
-                     model: str) -> PlanReport:
-    """The engine's layout for `npus` cards today (routed experts split, attention replicated: TP 1, one sequence
-    of `context` tokens, the engine's own KV format) checked with the same memory model the pool uses.
+                     model: str, tp: int = 1) -> PlanReport:
+    """The engine's layout for `npus` cards (routed experts split, attention TP `tp`: 1 = replicated; one
+    sequence of `context` tokens, the engine's own KV format) checked with the same memory model the pool uses.
 
     Raises:
         DeploymentError: naming the verdict and the numbers (weights, reserve, free bytes per card).
     """
     from ascend_v4.checkpoint.spec import expected_tensors
 
-    r = make_plan(args, expected_tensors(args), output_format, hardware, npus, tp=1, context=context, kv=kv,
+    r = make_plan(args, expected_tensors(args), output_format, hardware, npus, tp=tp, context=context, kv=kv,
                   model=model)
     if not r.fits:
         g = 1e9
+        attn = "attention replicated" if tp == 1 else f"attention TP {tp}"
         raise DeploymentError(
-            f"{model} as {output_format} on {npus} x {hardware} (EP {npus}, attention replicated): {r.verdict}. "
+            f"{model} as {output_format} on {npus} x {hardware} (EP {npus}, {attn}): {r.verdict}. "
             f"Per card: weights {r.weights_per_card / g:.1f} GB + reserve {r.reserve_per_card / g:.1f} GB of "
             f"{r.hardware.hbm_bytes / g:.1f} GB leaves {r.free_per_card / g:.2f} GB; one {context:,}-token sequence "
             f"needs {(context * r.kv_per_token + r.fixed_per_seq) / g:.2f} GB of KV cache ({r.kv.name}). "

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from ascend_v4.model.args import ModelArgs
 from ascend_v4.model.layers import ModelOptions
 from ascend_v4.model.load import load_model
+from ascend_v4.model.tp import TPShard
 from ascend_v4.model.transformer import Transformer
 from ascend_v4.tokenizer import Tokenizer
 
@@ -41,6 +42,7 @@ from .distributed import (SPEC_KEY, ParallelConfig, ParallelContext, broadcast_o
                           destroy_process_groups, get_object, init_process_groups, rank_device, ready_key)
 from .engine import Engine
 from .expert_parallel import ExpertPlacement, attach_expert_parallel
+from .tensor_parallel import attach_tensor_parallel, resident_bytes
 from .sampling import Sampled
 
 # collective errors caused by another rank (dead peer, timeout): reported in one line
@@ -62,11 +64,13 @@ class RankSpec:
 
 
 def build_rank_model(spec: RankSpec, rank: int, local_rank: int) -> Transformer:
-    """This rank's model: attention and dense parts whole, routed experts `placement.experts_of(rank)` only."""
+    """This rank's model: routed experts `placement.experts_of(rank)` only; with attention TP its slice of the
+    TP-split tensors (model/tp.py), the rest whole. Reads only those bytes of the checkpoint."""
     args = ModelArgs.from_dir(spec.model_path)
     placement = ExpertPlacement(args.n_routed_experts, spec.parallel.world_size)
+    tp = spec.parallel.tp
     return load_model(spec.model_path, spec.options, device=rank_device(spec.device_type, local_rank),
-                      experts=placement.experts_of(rank))
+                      experts=placement.experts_of(rank), tp=TPShard(rank % tp, tp))
 
 
 def load_tokenizer(spec: RankSpec) -> Tokenizer:
@@ -74,8 +78,10 @@ def load_tokenizer(spec: RankSpec) -> Tokenizer:
 
 
 def make_engine(model: Transformer, tokenizer: Tokenizer, spec: RankSpec, ctx: ParallelContext) -> Engine:
-    """Inject expert parallelism and build the rank's Engine with rank 0's sampled tokens as the truth."""
+    """Inject expert (and attention tensor) parallelism and build the rank's Engine with rank 0's sampled tokens
+    as the truth."""
     attach_expert_parallel(model, ctx, ExpertPlacement(model.args.n_routed_experts, ctx.world_size))
+    attach_tensor_parallel(model, ctx)
 
     def token_sync(sampled: list[Sampled]) -> list[Sampled]:
         return broadcast_object(ctx, sampled if ctx.is_driver else None)
@@ -84,11 +90,13 @@ def make_engine(model: Transformer, tokenizer: Tokenizer, spec: RankSpec, ctx: P
 
 
 def rank_info(model: Transformer, rank: int) -> dict:
-    """What this rank holds: routed expert ids (first MoE), parameter and element counts."""
+    """What this rank holds: routed expert ids (first MoE), TP place, parameter counts and resident weight
+    bytes (all, and by placement: routed experts, TP-split attention / vocab tensors, replicated)."""
     moe = next(m for m in model.modules() if hasattr(m, "expert_ids"))
     return {"rank": rank, "pid": os.getpid(), "experts": list(moe.expert_ids),
+            "tp_rank": model.tp.rank, "tp_size": model.tp.size,
             "params": sum(p.numel() for p in model.parameters()),
-            "tensors": sum(1 for _ in model.named_parameters())}
+            "tensors": sum(1 for _ in model.named_parameters()), **resident_bytes(model)}
 
 
 def apply_commands(engine: Engine, cmds: list[tuple]) -> None:
@@ -128,7 +136,7 @@ def run_worker(rank: int, world_size: int, local_rank: int, master_addr: str, ma
         raise
     store.set(ready_key(rank), "ok")
     ctx = init_process_groups(store, rank, world_size, local_rank, device_type=spec.device_type,
-                              timeout_s=spec.parallel.timeout_s)
+                              timeout_s=spec.parallel.timeout_s, tp=spec.parallel.tp)
     engine = make_engine(model, tokenizer, spec, ctx)
     while True:
         msg = broadcast_object(ctx)

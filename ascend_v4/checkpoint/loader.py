@@ -37,7 +37,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -47,6 +47,7 @@ from torch import nn
 from ascend_v4.checkpoint.errors import CheckpointError
 from ascend_v4.checkpoint.reader import MTP_PREFIX, TORCH_DTYPES, ProgressBar, TensorEntry, read_checkpoint
 from ascend_v4.model.args import ModelArgs
+from ascend_v4.model.tp import TPShard, slice_dim
 from ascend_v4.quant.ascend_v1 import is_shared_copy
 from ascend_v4.quant.recipes import is_down_proj
 from ascend_v4.quant.errors import SourceReadError
@@ -108,7 +109,8 @@ def check_target(ent: TensorEntry, target: _Target) -> str | None:
 
 def load_checkpoint(model: nn.Module, ckpt_dir: str | Path, *, args: ModelArgs | None = None, progress: bool = False,
                     include_mtp: bool = True, device: torch.device | str = "cpu",
-                    skip: Callable[[str], bool] | None = None, check_weights: bool = False) -> LoadReport:
+                    skip: Callable[[str], bool] | None = None, check_weights: bool = False,
+                    tp: TPShard = TPShard()) -> LoadReport:
     """Fill a `meta`-built model from a checkpoint directory, shard by shard.
 
     Args:
@@ -123,6 +125,8 @@ def load_checkpoint(model: nn.Module, ckpt_dir: str | Path, *, args: ModelArgs |
             the routed experts of other ranks under expert parallelism (the model does not declare them).
         check_weights: also check every float tensor for NaN / inf (FP8: NaN bytes); UE8M0 scales are always
             checked (module docstring).
+        tp: this rank's place in an attention TP group: the tensors `model.tp.is_tp_split` names are read as
+            this rank's slice (only those bytes are read), the shape the model declares telling the size.
 
     After all shards, a parameter or persistent buffer still on `meta` is an error ("missing from
     checkpoint"); then `model.post_load()` is called when the model defines it.
@@ -143,6 +147,7 @@ def load_checkpoint(model: nn.Module, ckpt_dir: str | Path, *, args: ModelArgs |
     problems: list[str] = []
     wanted: dict[str, TensorEntry] = {}
     bad: set[str] = set()
+    sliced: dict[str, tuple[slice, ...]] = {}  # TP: this rank's part of the tensor
     skipped = 0
     for name, ent in info.tensors.items():
         if (skip_mtp and name.startswith(MTP_PREFIX)) or (skip is not None and skip(name)):
@@ -155,11 +160,21 @@ def load_checkpoint(model: nn.Module, ckpt_dir: str | Path, *, args: ModelArgs |
         if tgt is None:
             problems.append(f"{ent.file}: {name}: the model has no parameter or buffer of this name")
             continue
-        if (p := check_target(ent, tgt)) is not None:
+        try:
+            dim = slice_dim(name, ent.shape, tgt.shape, tp.size)
+        except ValueError as e:
+            problems.append(f"{ent.file}: {name}: {e} (attention tensor parallelism {tp.size})")
+            bad.add(name)
+            continue
+        if (p := check_target(ent if dim is None else replace(ent, shape=tgt.shape), tgt)) is not None:
             problems.append(p)
             bad.add(name)
             continue
         wanted[name] = ent
+        if dim is not None:
+            n = tgt.shape[dim]
+            sliced[name] = tuple(slice(tp.rank * n, (tp.rank + 1) * n) if d == dim else slice(None)
+                                 for d in range(len(tgt.shape)))
     for name, tgt in targets.items():
         if name not in wanted and name not in bad and _is_meta(tgt):
             why = " (MTP tensors are not loaded: include_mtp=False or no MTP)" if name in info.tensors else ""
@@ -167,7 +182,8 @@ def load_checkpoint(model: nn.Module, ckpt_dir: str | Path, *, args: ModelArgs |
     if problems:
         raise CheckpointError.from_problems(f"{where} (loading into {type(model).__name__})", problems)
 
-    total = sum(e.nbytes for e in wanted.values())
+    nbytes = {n: e.nbytes // (tp.size if n in sliced else 1) for n, e in wanted.items()}
+    total = sum(nbytes.values())
     bar = ProgressBar(total, f"load {info.path.name}") if progress else None
     n_tensors = n_bytes = 0
     bad_values: list[str] = []
@@ -178,7 +194,7 @@ def load_checkpoint(model: nn.Module, ckpt_dir: str | Path, *, args: ModelArgs |
             with safe_open(str(sh.path), framework="pt") as f:
                 for name in names:
                     tgt = targets[name]
-                    src = f.get_tensor(name)
+                    src = f.get_slice(name)[sliced[name]] if name in sliced else f.get_tensor(name)
                     ent = wanted[name]
                     if can_be_bad(ent.dtype) and (check_weights or ent.dtype == "F8_E8M0"):
                         try:
@@ -195,9 +211,9 @@ def load_checkpoint(model: nn.Module, ckpt_dir: str | Path, *, args: ModelArgs |
                     else:
                         tgt.module._buffers[tgt.leaf] = t
                     n_tensors += 1
-                    n_bytes += wanted[name].nbytes
+                    n_bytes += nbytes[name]
                     if bar:
-                        bar.update(wanted[name].nbytes, f"shard {i + 1}/{len(shards)}  {n_tensors} tensors")
+                        bar.update(nbytes[name], f"shard {i + 1}/{len(shards)}  {n_tensors} tensors")
     if bar:
         bar.close()
     if bad_values:

@@ -26,6 +26,8 @@ class GenerateRequest:
     dummy: bool = False
     check_weights: bool = False
     verify_checkpoint: bool = False
+    npus: int = 1
+    tp: int | None = None
 
 
 def run_generate(req: GenerateRequest) -> dict:
@@ -39,21 +41,35 @@ def run_generate(req: GenerateRequest) -> dict:
         raise click.UsageError("--chat needs --prompt (a user message), not --prompt-ids")
     llm = LLM(req.model, device=req.device, dtype=req.dtype, quant_sim=req.quant_sim, dummy=req.dummy,
               progress=True, check_weights=req.check_weights,
-              verify_checkpoint=req.verify_checkpoint)
-    sp = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                        top_k=req.top_k, seed=req.seed)
-    if req.chat:
-        res = llm.chat([{"role": "user", "content": req.prompt}], sp, thinking=req.thinking)[0]
-    else:
-        res = llm.generate([req.prompt if req.prompt is not None else req.prompt_ids], sp)[0]
+              verify_checkpoint=req.verify_checkpoint, npus=req.npus, tp=req.tp)
+    try:
+        if req.npus > 1:
+            click.echo(f"[generate] layout: {llm.layout.describe()}", err=True)
+        sp = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+                            top_k=req.top_k, seed=req.seed)
+        if req.chat:
+            res = llm.chat([{"role": "user", "content": req.prompt}], sp, thinking=req.thinking)[0]
+        else:
+            res = llm.generate([req.prompt if req.prompt is not None else req.prompt_ids], sp)[0]
+        ranks = llm.rank_info()
+    finally:
+        llm.shutdown()
     out = res.outputs[0]
+    keep = ("rank", "tp_rank", "experts", "weight_bytes", "routed_bytes", "tp_bytes", "replicated_bytes")
     return {"model": str(llm.path), "prompt_token_ids": res.prompt_token_ids, "token_ids": out.token_ids,
             "text": out.text, "reasoning_content": out.reasoning_content,
             "tool_calls": [getattr(t, "__dict__", t) for t in out.tool_calls],
-            "finish_reason": out.finish_reason, "metrics": res.metrics}
+            "finish_reason": out.finish_reason, "metrics": res.metrics, "layout": llm.layout.as_dict(),
+            "ranks": [{k: r[k] for k in keep} for r in ranks]}
 
 
 # Shared with `ascend-v4 serve`.
+NPUS_HELP = ("Devices (ranks): N - 1 worker processes are started; the routed experts are split over all N "
+             "(expert parallelism). Multi-node: MASTER_ADDR / MASTER_PORT / LOCAL_WORLD_SIZE.")
+TP_HELP = ("Attention tensor parallelism: the query heads, output groups and vocab are split over T ranks (the "
+           "KV cache, indexer and compressors stay whole). The engine runs T = 1 (attention replicated) or "
+           "T = --npus. Default: the planner's choice (serve --hardware), else the largest T the model divides "
+           "into; the layout is printed at start.")
 CHECK_WEIGHTS_HELP = ("While loading, check every float weight for NaN / inf (FP8: NaN bytes) and fail naming the "
                       "file, tensor and element. UE8M0 scales are always checked (NaN byte, overflowing scale).")
 VERIFY_CHECKPOINT_HELP = ("Before loading, re-hash every file of an `ascend-v4 quantize` output against its "
@@ -93,9 +109,12 @@ def _parse_ids(ctx, param, value: str | None) -> list[int] | None:
 @click.option("--dummy", is_flag=True, help="With --model flash/pro: random weights of the real shapes.")
 @click.option("--check-weights", is_flag=True, help=CHECK_WEIGHTS_HELP)
 @click.option("--verify-checkpoint", is_flag=True, help=VERIFY_CHECKPOINT_HELP)
-@click.option("--json", "as_json", is_flag=True, help="Print ids, text and timings as JSON.")
+@click.option("--npus", default=1, show_default=True, type=click.IntRange(min=1), help=NPUS_HELP)
+@click.option("--tp", type=click.IntRange(min=1), default=None, help=TP_HELP)
+@click.option("--json", "as_json", is_flag=True,
+              help="Print ids, text, timings, the parallel layout and each rank's resident weight bytes as JSON.")
 def generate(model, prompt, prompt_ids, chat, thinking, max_tokens, temperature, top_p, top_k, seed, dtype,
-             device, no_quant_sim, dummy, check_weights, verify_checkpoint, as_json):
+             device, no_quant_sim, dummy, check_weights, verify_checkpoint, npus, tp, as_json):
     """Generate a completion for one prompt.
 
     \b
@@ -103,13 +122,14 @@ def generate(model, prompt, prompt_ids, chat, thinking, max_tokens, temperature,
       ascend-v4 generate --prompt "The capital of France is" --max-tokens 16
       ascend-v4 generate --model tiny --chat --thinking high --prompt "Why is the sky blue?"
       ascend-v4 generate --model /data/DeepSeek-V4-Flash --prompt-ids 0,1234,5678 --json
+      ascend-v4 generate --model tiny --npus 2 --tp 2 --prompt "Hello" --json
     Dummy checkpoints have random weights: their text is gibberish by design.
     """
     from ascend_v4.checkpoint.errors import CheckpointError
     from ascend_v4.model.args import ConfigError
 
     req = GenerateRequest(model, prompt, prompt_ids, chat, thinking, max_tokens, temperature, top_p, top_k,
-                          seed, dtype, device, not no_quant_sim, dummy, check_weights, verify_checkpoint)
+                          seed, dtype, device, not no_quant_sim, dummy, check_weights, verify_checkpoint, npus, tp)
     try:
         res = run_generate(req)
     except (CheckpointError, ConfigError, ValueError) as e:

@@ -41,11 +41,11 @@ def _weights(model: str, fmt: str):
     return weight_split(_inventory(model)[1], fmt)
 
 
-RUNTIME_TP = (1,)  # attention TP sizes the engine runs today (--npus N: experts split, attention replicated)
-
-
 def commands(r, model: str) -> dict:
     """The commands that deploy the layout of PlanReport `r` (None where the runtime lacks it)."""
+    from ascend_v4.runtime.layout import engine_tps
+
+    args = _inventory(model)[0]
     src = model
     out: dict = {"quantize": None, "serve": None, "why_not": None}
     if r.output_format != "native":
@@ -53,12 +53,14 @@ def commands(r, model: str) -> dict:
         out["quantize"] = f"ascend-v4 quantize --model {model} --out {src} --format {r.output_format} --ep {r.npus}"
     if not r.fits:
         out["why_not"] = r.verdict
-    elif r.tp not in RUNTIME_TP:
-        out["why_not"] = (f"needs attention tensor parallelism {r.tp}; the engine runs attention replicated "
-                          f"(TP 1) today")
+    elif r.tp not in engine_tps(r.npus, args):
+        runs = engine_tps(r.npus, args)
+        out["why_not"] = (f"needs {r.npus // r.tp} attention data-parallel groups of TP {r.tp}; the engine runs "
+                          f"attention TP {' or '.join(map(str, runs))} on {r.npus} cards for this model today")
     else:
         kv = " --kv-cache-dtype fp8" if r.kv.name.startswith("fp8") else ""
-        out["serve"] = (f"ascend-v4 serve --model {src} --npus {r.npus} --hardware {r.hardware_key}"
+        tp = f" --tp {r.tp}" if r.npus > 1 else ""
+        out["serve"] = (f"ascend-v4 serve --model {src} --npus {r.npus}{tp} --hardware {r.hardware_key}"
                         f" --max-model-len {r.context}{kv}")
     return out
 
@@ -66,6 +68,7 @@ def commands(r, model: str) -> dict:
 def run_plan(model: str, fmt: str, npus: int, hardware: str, *, context: int = 131072, batch: int = 1,
              tp: int | None = None, kv: str | None = None):
     """(chosen PlanReport, all evaluated PlanReports). `model`: flash / pro / any preset, or a checkpoint dir."""
+    from ascend_v4.runtime.layout import engine_tps
     from ascend_v4.runtime.planner import make_plan
 
     args, specs, name = _inventory(model)
@@ -73,7 +76,10 @@ def run_plan(model: str, fmt: str, npus: int, hardware: str, *, context: int = 1
     tps = [tp] if tp else _divisors(npus)
     reports = [make_plan(args, specs, fmt, hardware, npus, tp=t, context=context, batch=batch, kv=kv, model=name,
                          weights=ws) for t in tps]
-    fitting = [r for r in reports if r.fits]
+    # Recommended: a fitting layout the engine runs (largest TP first, as `serve` picks without --tp: its TP 1 is
+    # attention replicated, not DP), else the smallest fitting TP (needs DP), else the one closest to fitting.
+    runs = {t: i for i, t in enumerate(engine_tps(npus, args))}
+    fitting = sorted((r for r in reports if r.fits), key=lambda r: (runs.get(r.tp, len(runs)), r.tp))
     chosen = fitting[0] if fitting else max(reports, key=lambda r: r.free_per_card)
     return chosen, reports
 

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from ascend_v4.cli.generate import CHECK_WEIGHTS_HELP, VERIFY_CHECKPOINT_HELP
+from ascend_v4.cli.generate import CHECK_WEIGHTS_HELP, NPUS_HELP, TP_HELP, VERIFY_CHECKPOINT_HELP
 
 
 def _echo(line: str) -> None:
@@ -17,9 +17,8 @@ def _echo(line: str) -> None:
 @click.option("--model", default=None,
               help="Preset (flash/pro: real weights; tiny/small: dummy weights), checkpoint directory, or Hugging "
                    "Face repo id in the local cache. Default: the tiny dummy, for trying the API.")
-@click.option("--npus", default=1, show_default=True, type=int,
-              help="Devices to serve on: N > 1 starts N-1 worker processes and splits the routed experts "
-                   "across them (expert parallelism, docs/expert_parallel.md).")
+@click.option("--npus", default=1, show_default=True, type=int, help=NPUS_HELP)
+@click.option("--tp", type=click.IntRange(min=1), default=None, help=TP_HELP)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0 = any free port.")
 @click.option("--api-key", default=None, help="Require this key (Authorization: Bearer KEY or x-api-key: KEY).")
@@ -67,7 +66,7 @@ def _echo(line: str) -> None:
 @click.option("--access-log/--no-access-log", default=True, show_default=True)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
-def serve(model, npus, host, port, api_key, served_model_names, max_num_seqs, max_queue, max_model_len,
+def serve(model, npus, tp, host, port, api_key, served_model_names, max_num_seqs, max_queue, max_model_len,
           max_num_batched_tokens, cache_gib, kv_cache_dtype, block_size, no_prefix_caching, device, dtype, dummy,
           hardware, check_weights, verify_checkpoint, require_reasoning_passback, honor_sampling_in_thinking, encoder_version,
           default_max_tokens, drain_timeout, access_log, log_level):
@@ -80,6 +79,7 @@ def serve(model, npus, host, port, api_key, served_model_names, max_num_seqs, ma
       ascend-v4 serve                                   # tiny dummy model on 127.0.0.1:8000
       ascend-v4 serve --model flash --api-key sk-local --max-model-len 131072
       ascend-v4 serve --model /data/DeepSeek-V4-Flash --host 0.0.0.0 --port 8000
+      ascend-v4 serve --model /data/pro-w4a8 --npus 16 --tp 16 --hardware 910c   # `ascend-v4 plan` prints this
     """
     try:
         import fastapi  # noqa: F401
@@ -92,7 +92,7 @@ def serve(model, npus, host, port, api_key, served_model_names, max_num_seqs, ma
     from ascend_v4.checkpoint.errors import CheckpointError
     from ascend_v4.model.args import ConfigError
 
-    opts = ServeOptions(model=model, host=host, port=port, npus=npus, api_key=api_key,
+    opts = ServeOptions(model=model, host=host, port=port, npus=npus, tp=tp, api_key=api_key,
                         served_model_names=list(served_model_names), max_num_seqs=max_num_seqs, max_queue=max_queue,
                         max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
                         cache_gib=cache_gib, kv_cache_dtype=kv_cache_dtype, block_size=block_size,

@@ -20,6 +20,7 @@ from .cache import StepBatch
 from .compressor import Compressor
 from .layers import DENSE, FP8, Linear, ModelOptions, RMSNorm, rms_unweighted
 from .rope import apply_rope, cos_sin, inv_freq
+from .tp import TPComm, TPShard
 
 
 class Indexer(nn.Module):
@@ -45,11 +46,17 @@ class Indexer(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, opts: ModelOptions, layer_id: int):
+    """One attention layer. With attention tensor parallelism (`tp`, model/tp.py) this rank holds H/T query
+    heads and G/T output groups (wq_b rows, attn_sink, wo_a groups, wo_b columns); the rest is whole, and
+    `_out_proj` sums the ranks' wo_b partials through `tp_comm`."""
+
+    def __init__(self, args: ModelArgs, opts: ModelOptions, layer_id: int, tp: TPShard = TPShard()):
         super().__init__()
-        self.args, self.opts, self.layer_id = args, opts, layer_id
+        self.args, self.opts, self.layer_id, self.tp = args, opts, layer_id, tp
+        self.tp_comm: TPComm | None = None  # set by Transformer.set_tp_comm when tp.size > 1
         self.kind, self.ratio = args.kind(layer_id), args.ratio(layer_id)
-        H, hd = args.n_heads, args.head_dim
+        H, hd = args.n_heads // tp.size, args.head_dim  # this rank's query heads
+        self.n_groups = args.o_groups // tp.size  # this rank's output groups (H/G heads each)
         self.n_heads, self.head_dim, self.nope = H, hd, args.nope_dim
         self.window = args.window_size
         self.wq_a = Linear(args.dim, args.q_lora_rank, FP8, opts)
@@ -57,8 +64,8 @@ class Attention(nn.Module):
         self.wq_b = Linear(args.q_lora_rank, H * hd, FP8, opts)
         self.wkv = Linear(args.dim, hd, FP8, opts)
         self.kv_norm = RMSNorm(hd, args.norm_eps, opts.dtype)
-        self.wo_a = Linear((H // args.o_groups) * hd, args.o_groups * args.o_lora_rank, FP8, opts)
-        self.wo_b = Linear(args.o_groups * args.o_lora_rank, args.dim, FP8, opts)
+        self.wo_a = Linear((H // self.n_groups) * hd, self.n_groups * args.o_lora_rank, FP8, opts)
+        self.wo_b = Linear(self.n_groups * args.o_lora_rank, args.dim, FP8, opts)
         self.attn_sink = nn.Parameter(torch.empty(H, dtype=torch.float32), requires_grad=False)
         if self.kind != WINDOW:
             self.compressor = Compressor(args, opts, self.ratio, hd, for_indexer=False)
@@ -184,10 +191,18 @@ class Attention(nn.Module):
         return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=-1) for p in per_seq])
 
     def _out_proj(self, o: torch.Tensor) -> torch.Tensor:
-        """Grouped low-rank output projection: per-group wo_a (dense BF16), then wo_b."""
-        G = self.args.o_groups
+        """Grouped low-rank output projection: per-group wo_a (dense BF16), then wo_b. Under TP (G = this rank's
+        groups) wo_b gives a partial sum: it runs in fp32 and the group's all-reduce adds the partials before
+        the one rounding to the activation dtype (the activation quantisation is per 128 columns, and each
+        rank's columns are whole blocks, so it is the same as on one device)."""
+        G = self.n_groups
         T = o.shape[0]
         og = o.reshape(T, G, -1)  # [T, G, (H/G)*hd]
         wa = self.wo_a.dense_weight(o.dtype).view(G, self.args.o_lora_rank, -1)  # [G, r, (H/G)*hd]
         z = torch.einsum("tgi,gri->tgr", og, wa).reshape(T, -1)  # [T, G*r]
-        return self.wo_b(z)
+        if self.tp.size == 1:
+            return self.wo_b(z)
+        if self.tp_comm is None:
+            raise RuntimeError(f"layer {self.layer_id}: attention TP {self.tp.size} without a TP group "
+                               f"(Transformer.set_tp_comm was not called)")
+        return self.tp_comm.all_reduce(self.wo_b(z.float())).to(o.dtype)

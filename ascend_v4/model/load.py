@@ -12,6 +12,7 @@ from ascend_v4.checkpoint.loader import load_checkpoint
 
 from .args import ModelArgs
 from .layers import ModelOptions
+from .tp import TPShard
 from .transformer import Transformer
 
 
@@ -32,16 +33,18 @@ def expert_skip(experts: range | None) -> Callable[[str], bool] | None:
 
 
 def load_model(path: str | Path, opts: ModelOptions | None = None, *, device: str | torch.device = "cpu",
-               progress: bool = False, experts: range | None = None, check_weights: bool = False) -> Transformer:
+               progress: bool = False, experts: range | None = None, check_weights: bool = False,
+               tp: TPShard = TPShard()) -> Transformer:
     """Read `<path>/config.json`, build the model without allocating weights, load every shard (mmap,
     one shard at a time, FP8/FP4 kept packed unless `opts.dequantize_weights`), move it to `device`.
 
     `experts`: build and load only these routed experts (global ids; expert parallelism), skipping the
     other experts' tensors in the checkpoint. `check_weights`: also check every float tensor for NaN / inf
-    (UE8M0 scales are always checked; `ascend_v4.checkpoint.loader`)."""
+    (UE8M0 scales are always checked; `ascend_v4.checkpoint.loader`). `tp`: build and read only this rank's
+    slice of the attention TP-split tensors (model/tp.py), straight from the official files."""
     args = ModelArgs.from_dir(path)
     with torch.device("meta"):
-        model = Transformer(args, opts or ModelOptions(), experts=experts)
+        model = Transformer(args, opts or ModelOptions(), experts=experts, tp=tp)
     load_checkpoint(model, path, args=args, progress=progress, skip=expert_skip(experts),
-                    check_weights=check_weights)
+                    check_weights=check_weights, tp=tp)
     return model.to(device).eval()

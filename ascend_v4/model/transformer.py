@@ -18,6 +18,7 @@ from .attention import Attention
 from .cache import StepBatch
 from .layers import FP8, Linear, ModelOptions, RMSNorm
 from .moe import MoE
+from .tp import TPComm, TPShard, check_tp
 
 
 def _f32(*shape: int) -> nn.Parameter:
@@ -27,7 +28,8 @@ def _f32(*shape: int) -> nn.Parameter:
 class Block(nn.Module):
     """One layer: x <- hc_post(attn(norm(hc_pre(x)))), then the same around the MoE."""
 
-    def __init__(self, args: ModelArgs, opts: ModelOptions, layer_id: int, experts: range | None = None):
+    def __init__(self, args: ModelArgs, opts: ModelOptions, layer_id: int, experts: range | None = None,
+                 tp: TPShard = TPShard()):
         super().__init__()
         self.args, self.layer_id = args, layer_id
         n, d = args.hc_mult, args.dim
@@ -36,7 +38,7 @@ class Block(nn.Module):
         self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale = _f32(mix, n * d), _f32(mix), _f32(3)
         self.attn_norm = RMSNorm(d, args.norm_eps, opts.dtype)
         self.ffn_norm = RMSNorm(d, args.norm_eps, opts.dtype)
-        self.attn = Attention(args, opts, layer_id)
+        self.attn = Attention(args, opts, layer_id, tp)
         self.ffn = MoE(args, opts, layer_id, experts)
 
     def _pre(self, x: torch.Tensor, unit: str):
@@ -56,8 +58,9 @@ class MTPBlock(Block):
     """Multi-token prediction block `mtp.{i}`: predicts token t+2 from the main model's final streams at t and
     the embedding of token t+1 (window-only attention, score-routed MoE)."""
 
-    def __init__(self, args: ModelArgs, opts: ModelOptions, layer_id: int, experts: range | None = None):
-        super().__init__(args, opts, layer_id, experts)
+    def __init__(self, args: ModelArgs, opts: ModelOptions, layer_id: int, experts: range | None = None,
+                 tp: TPShard = TPShard()):
+        super().__init__(args, opts, layer_id, experts, tp)
         d, n = args.dim, args.hc_mult
         self.e_proj = Linear(d, d, FP8, opts)
         self.h_proj = Linear(d, d, FP8, opts)
@@ -73,26 +76,57 @@ class MTPBlock(Block):
         return super().forward(e.unsqueeze(1) + h, batch)
 
 
+class VocabEmbedding(nn.Module):
+    """Token embedding whose rows (vocab) may be split over a TP group: each rank looks up the ids it holds,
+    zeros elsewhere, and the all-reduce adds exactly one non-zero row per token (exact)."""
+
+    def __init__(self, vocab: int, dim: int, dtype: torch.dtype, tp: TPShard):
+        super().__init__()
+        self.tp, self.rows = tp, tp.part(vocab)
+        self.tp_comm: TPComm | None = None
+        self.weight = nn.Parameter(torch.empty(self.rows.stop - self.rows.start, dim, dtype=dtype),
+                                   requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.rows.start
+        mine = (local >= 0) & (local < self.weight.shape[0])
+        y = F.embedding(torch.where(mine, local, 0), self.weight) * mine[:, None].to(self.weight.dtype)
+        return self.tp_comm.all_reduce(y)
+
+
 class Transformer(nn.Module):
     """Build under `torch.device("meta")`, then load a checkpoint with `ascend_v4.checkpoint.load_checkpoint`.
 
     `experts`: global ids of the routed experts this rank holds in every MoE (default: all; expert parallelism).
+    `tp`: this rank's place in an attention tensor-parallel group (model/tp.py: what is split); the runtime then
+    calls `set_tp_comm` with the group's collectives.
     """
 
-    def __init__(self, args: ModelArgs, opts: ModelOptions | None = None, *, experts: range | None = None):
+    def __init__(self, args: ModelArgs, opts: ModelOptions | None = None, *, experts: range | None = None,
+                 tp: TPShard = TPShard()):
         super().__init__()
-        self.args, self.opts = args, opts or ModelOptions()
+        check_tp(args, tp.size)
+        self.args, self.opts, self.tp = args, opts or ModelOptions(), tp
+        self.tp_comm: TPComm | None = None
         a, o = args, self.opts
-        self.embed = nn.Embedding(a.vocab_size, a.dim, dtype=o.dtype)
-        self.embed.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(Block(a, o, i, experts) for i in range(a.n_layers))
+        self.embed = VocabEmbedding(a.vocab_size, a.dim, o.dtype, tp)
+        self.layers = nn.ModuleList(Block(a, o, i, experts, tp) for i in range(a.n_layers))
         self.norm = RMSNorm(a.dim, a.norm_eps, o.dtype)
         # The head runs in fp32 (model-spec §3): keep its weight fp32 rather than upcasting per call.
-        self.head = nn.Linear(a.dim, a.vocab_size, bias=False, dtype=torch.float32)
+        # Under TP each rank holds vocab rows tp.part(V) and the logits are gathered.
+        self.head = nn.Linear(a.dim, a.vocab_size // tp.size, bias=False, dtype=torch.float32)
         self.head.weight.requires_grad_(False)
         n = a.hc_mult
         self.hc_head_fn, self.hc_head_base, self.hc_head_scale = _f32(n, n * a.dim), _f32(n), _f32(1)
-        self.mtp = nn.ModuleList(MTPBlock(a, o, a.n_layers + i, experts) for i in range(a.n_mtp_layers))
+        self.mtp = nn.ModuleList(MTPBlock(a, o, a.n_layers + i, experts, tp) for i in range(a.n_mtp_layers))
+
+    def set_tp_comm(self, comm: TPComm | None) -> None:
+        """Give every TP-sharded module the group's collectives (the runtime, once the process groups exist)."""
+        for m in self.modules():
+            if hasattr(m, "tp_comm"):
+                m.tp_comm = comm
 
     @torch.no_grad()
     def post_load(self) -> None:
@@ -124,7 +158,8 @@ class Transformer(nn.Module):
     def _head(self, x: torch.Tensor, fn, base, scale, norm: RMSNorm) -> torch.Tensor:
         a = self.args
         y = ops.hc_head(x, fn, base, scale, a.norm_eps, a.hc_eps)  # [T, D]
-        return F.linear(norm(y).float(), self.head.weight)  # [T, V] fp32
+        logits = F.linear(norm(y).float(), self.head.weight)  # [T, V] fp32 (TP: [T, V/T], this rank's rows)
+        return logits if self.tp.size == 1 else self.tp_comm.all_gather(logits)
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:

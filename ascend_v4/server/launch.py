@@ -45,6 +45,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     npus: int = 1
+    tp: int | None = None  # attention TP; None: the planner's choice with --hardware, else the largest that runs
     api_key: str | None = None
     served_model_names: list[str] = field(default_factory=list)
     max_num_seqs: int = 32
@@ -77,14 +78,16 @@ def check_options(opts: ServeOptions) -> None:
         raise ServeError(f"--encoder-version must be auto, april or 0731, got {opts.encoder_version!r}")
 
 
-def check_layout(spec: str, opts: ServeOptions) -> None:
+def check_layout(spec: str, opts: ServeOptions) -> int:
     """Refuse, before anything is loaded or written, a deployment the planner says does not fit `opts.hardware`
-    (the same memory model the engine's cache uses; ascend_v4.runtime.planner.check_deployment)."""
+    (the same memory model the engine's cache uses; ascend_v4.runtime.planner.check_deployment). Returns the
+    attention TP to run (`--tp`, or the largest engine layout that fits)."""
     from pathlib import Path
 
     from ascend_v4.model import kv_layout
     from ascend_v4.model.args import ModelArgs, preset_names
-    from ascend_v4.runtime.planner import DeploymentError, check_deployment, checkpoint_format
+    from ascend_v4.runtime.layout import choose_layout
+    from ascend_v4.runtime.planner import DeploymentError, checkpoint_format
 
     if Path(spec).is_dir():
         args, fmt = ModelArgs.from_dir(spec), checkpoint_format(spec)
@@ -95,10 +98,12 @@ def check_layout(spec: str, opts: ServeOptions) -> None:
     context = opts.max_model_len or min(args.max_seq_len, 131072)
     act = 4 if opts.dtype == "fp32" else 2  # the pool stores activations in the model dtype (bf16 on a device)
     try:
-        check_deployment(args, fmt, opts.hardware, opts.npus, context=context, model=spec,
-                         kv=kv_layout.runtime_format(args, opts.kv_cache_dtype, act))
-    except DeploymentError as e:
+        lay = choose_layout(args, opts.npus, opts.tp, hardware=opts.hardware, output_format=fmt, context=context,
+                            kv=kv_layout.runtime_format(args, opts.kv_cache_dtype, act), model=spec)
+    except (DeploymentError, ValueError) as e:
         raise ServeError(str(e)) from None
+    logging.getLogger("ascend_v4").info("--hardware %s: %s fits; loading", opts.hardware, lay.describe())
+    return lay.tp
 
 
 def served_names(opts: ServeOptions, preset: str | None) -> list[str]:
@@ -173,8 +178,9 @@ def build_app(opts: ServeOptions):
     from .serving import ServerConfig, encoder_version_of
 
     spec = opts.model or DEFAULT_MODEL
+    tp = opts.tp
     if opts.hardware:  # before resolving: `--model pro --dummy` would write a full-size dummy first
-        check_layout(spec, opts)
+        tp = check_layout(spec, opts)
     device = detect_platform().device if opts.device == "auto" else opts.device
     resolved = resolve_model(spec, dummy=opts.dummy)
     try:
@@ -186,7 +192,7 @@ def build_app(opts: ServeOptions):
         raise ServeError(str(e)) from None
     # npus > 1: expert parallelism; LLM starts the worker processes and returns rank 0's engine.
     llm = LLM(spec, device=device, dtype=opts.dtype, dummy=opts.dummy, progress=True,
-              npus=opts.npus, engine_config=cfg, check_weights=opts.check_weights,
+              npus=opts.npus, tp=tp, engine_config=cfg, check_weights=opts.check_weights,
               verify_checkpoint=opts.verify_checkpoint)
     engine = AsyncEngine(llm.engine if llm.engine is not None else Engine(llm.model, llm.tokenizer, cfg))
     encoder = encoder_version_of(llm.path) if opts.encoder_version == "auto" else opts.encoder_version
@@ -196,7 +202,7 @@ def build_app(opts: ServeOptions):
                           honor_sampling_in_thinking=opts.honor_sampling_in_thinking,
                           default_max_tokens=opts.default_max_tokens, model_root=str(llm.path))
     dummy_note = ", dummy checkpoint: random weights, gibberish output" if resolved.is_dummy else ""
-    what = (f"model {names[0]} ({llm.path}{dummy_note}; device {device} x {opts.npus}, max_model_len "
+    what = (f"model {names[0]} ({llm.path}{dummy_note}; device {device}, {llm.layout.describe()}, max_model_len "
             f"{engine.engine.max_model_len}, max_num_seqs {cfg.max_num_seqs}, max_queue {cfg.max_queue}, "
             f"encoder {encoder})")
     return create_app(engine, config), what

@@ -1,10 +1,12 @@
-"""`ascend-v4 serve --npus 2`: the server drives the expert-parallel engine (2 Gloo ranks on CPU); the official
-openai client gets the same greedy completion as from a single-process server, and Ctrl-C stops the workers."""
+"""`ascend-v4 serve --npus 2`: the server drives the multi-rank engine (2 Gloo ranks on CPU), with attention
+replicated (`--tp 1`) and with attention tensor parallelism (`--tp 2`); the official openai client gets the same
+greedy completion, chat answer and stream as from a single-process server, and Ctrl-C stops the workers."""
 
 from __future__ import annotations
 
 import openai
 import psutil
+import pytest
 
 from .conftest import LiveServer
 
@@ -15,17 +17,38 @@ def _complete(url: str) -> str:
     return r.choices[0].text
 
 
-def test_serve_with_expert_parallelism_matches_single_process(tiny_checkpoint, tmp_path):
-    one = LiveServer(["--model", "tiny", "--no-access-log"], tmp_path / "one.log").wait_ready()
+def _chat(url: str) -> tuple[str, str]:
+    """(chat answer, the same request streamed and joined)."""
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+    msgs = [{"role": "user", "content": "Name three colours."}]
+    kw = {"model": "tiny", "messages": msgs, "max_tokens": 8, "temperature": 0,
+          "extra_body": {"ignore_eos": True, "thinking": {"type": "disabled"}}}  # 8 tokens of content to compare
+    r = client.chat.completions.create(**kw)
+    chunks = client.chat.completions.create(**kw, stream=True)
+    return r.choices[0].message.content, "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint, tmp_path_factory):
+    one = LiveServer(["--model", "tiny", "--no-access-log"], tmp_path_factory.mktemp("one") / "log").wait_ready()
     try:
-        ref = _complete(one.url)
+        return _complete(one.url), _chat(one.url)
     finally:
         one.stop()
-    two = LiveServer(["--model", "tiny", "--npus", "2", "--no-access-log"], tmp_path / "two.log").wait_ready()
+
+
+@pytest.mark.parametrize("tp", ["1", "2"])
+def test_serve_on_two_ranks_matches_single_process(reference, tmp_path, tp):
+    two = LiveServer(["--model", "tiny", "--npus", "2", "--tp", tp, "--no-access-log"], tmp_path / "two.log")
+    two.wait_ready()
     workers = [p.pid for p in psutil.Process(two.proc.pid).children(recursive=True)]
     try:
         assert workers, "expected a worker process for rank 1"
-        assert _complete(two.url) == ref
+        assert _complete(two.url) == reference[0]
+        answer, streamed = _chat(two.url)
+        assert answer == streamed == reference[1][0] and answer
+        log = (tmp_path / "two.log").read_text()
+        assert ("attention TP 2" if tp == "2" else "attention replicated") in log
     finally:
         assert two.stop() == 0
     assert not [p for p in workers if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]

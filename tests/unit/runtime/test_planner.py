@@ -57,9 +57,20 @@ def test_expert_bytes(models, name, fmt):
 
 
 def test_native_totals_match_the_official_checkpoints(models):
-    # model-spec.md §9.3: 159.6 GB (Flash) and 864.7 GB (Pro)
-    assert round(weight_split(models["flash"][1], "native").total / 1e9, 1) == 159.6
-    assert round(weight_split(models["pro"][1], "native").total / 1e9, 1) == 864.7
+    # model-spec.md §9.3: 159.6 GB (Flash) and 864.7 GB (Pro) in the files
+    assert round(weight_split(models["flash"][1], "native").stored / 1e9, 1) == 159.6
+    assert round(weight_split(models["pro"][1], "native").stored / 1e9, 1) == 864.7
+
+
+@pytest.mark.parametrize("name", ["flash", "pro"])
+def test_loaded_bytes_add_the_fp32_head_and_the_dense_wo_a(models, name):
+    """Loaded = stored + the head kept in fp32 (+2 bytes per element over BF16) + wo_a expanded from FP8 with its
+    UE8M0 scale (1 + 1/16384 bytes per element) to BF16 (2): model/placement.py."""
+    a, specs = models[name]
+    ws = weight_split(specs, "native")
+    wo_a = sum(s.shape[0] * s.shape[1] for n, s in specs.items() if n.endswith("attn.wo_a.weight"))
+    wo_a_scale = sum(s.shape[0] * s.shape[1] for n, s in specs.items() if n.endswith("attn.wo_a.scale"))
+    assert ws.total - ws.stored == a.vocab_size * a.dim * 2 + wo_a - wo_a_scale
 
 
 @pytest.mark.parametrize("name,kv,per_token", [
@@ -172,10 +183,14 @@ def test_rows_that_do_not_fit_show_no_speed():
     assert rows[16].split()[5] != "-" and rows[16].endswith("FITS")
 
 
-@pytest.mark.parametrize("model,fmt,npus,hw,tp", [
-    ("flash", "w8a8", 8, "910b", 1), ("flash", "w8a8", 16, "910c", 1), ("flash", "native", 4, "950", 1),
-    ("pro", "w4a8", 16, "910c", 16), ("pro", "w8a8", 16, "950", 1), ("pro", "w4a8", 32, "910b", 2)])
-def test_json_recommends_a_layout_and_the_commands(model, fmt, npus, hw, tp):
+# Recommended: the largest attention TP the engine runs that fits (TP = npus where the model divides into it, as
+# `serve` picks; its TP 1 replicates attention), else the smallest fitting TP (needs DP: no serve command yet).
+# Flash has 8 output groups (TP <= 8), Pro 16.
+@pytest.mark.parametrize("model,fmt,npus,hw,tp,runs", [
+    ("flash", "w8a8", 8, "910b", 8, True), ("flash", "w8a8", 16, "910c", 1, True),
+    ("flash", "native", 4, "950", 4, True), ("pro", "w4a8", 16, "910c", 16, True),
+    ("pro", "w8a8", 16, "950", 16, True), ("pro", "w4a8", 32, "910b", 2, False)])
+def test_json_recommends_a_layout_and_the_commands(model, fmt, npus, hw, tp, runs):
     r = CliRunner().invoke(main, ["plan", "-m", model, "-f", fmt, "-n", str(npus), "-H", hw, "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
@@ -186,11 +201,11 @@ def test_json_recommends_a_layout_and_the_commands(model, fmt, npus, hw, tp):
     assert rec["kv"]["bytes_per_token"] > 0 and len(d["layouts"]) == len([t for t in range(1, npus + 1)
                                                                            if npus % t == 0])
     assert (cmds["quantize"] is None) == (fmt == "native")
-    if tp == 1:  # a layout the engine runs: the exact serve command
-        assert cmds["serve"].startswith(f"ascend-v4 serve --model {model}") and f"--npus {npus}" in cmds["serve"]
-        assert f"--hardware {hw}" in cmds["serve"] and cmds["why_not"] is None
+    if runs:  # a layout the engine runs: the exact serve command
+        assert cmds["serve"].startswith(f"ascend-v4 serve --model {model}")
+        assert f"--npus {npus} --tp {tp} --hardware {hw}" in cmds["serve"] and cmds["why_not"] is None
     else:
-        assert cmds["serve"] is None and "attention tensor parallelism" in cmds["why_not"]
+        assert cmds["serve"] is None and f"data-parallel groups of TP {tp}" in cmds["why_not"]
 
 
 def test_memory_model_is_the_engines():
