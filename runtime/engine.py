@@ -27,7 +27,7 @@ from ascend_v4.tokenizer import Tokenizer
 
 from .block_manager import BlockManager, PrefixCache
 from .config import EngineConfig
-from .sampling import Sampled, SamplingParams, sample, score_tokens
+from .sampling import SampleRow, Sampled, SamplingParams, sample_batch, score_tokens
 from .scheduler import Scheduler
 from .sequence import Sequence, SeqStatus
 from .structured import GrammarCompiler, GrammarError, compute_masks, unpack_mask
@@ -176,14 +176,13 @@ class Engine:
                                              else [s.offset + s.n - 1])]
         logits = self.model.logits(x[torch.tensor(rows, device=x.device)]) if need else None
         allowed = self._finish_masks(masks)  # {id(seq): (bool [V], draft row's bool [V] | None), on the device}
-        sampled, k = [], 0
-        for c, _ in need:  # y0 from the real position; y1 from the draft's, used only if y0 == draft
+        todo = []  # one SampleRow per logit row: y0 from the real position; y1 from the draft's (used if y0 == draft)
+        for c, _ in need:
             a = allowed.get(id(c.seq))
-            sampled.append(self._sample(c.seq, logits[k], allowed=None if a is None else a[0]))
+            todo.append(self._sample_row(c.seq, allowed=None if a is None else a[0]))
             if c.draft is not None:
-                sampled.append(self._sample(c.seq, logits[k + 1], extra=[c.draft],
-                                            allowed=None if a is None else a[1]))
-            k += 2 if c.draft is not None else 1
+                todo.append(self._sample_row(c.seq, extra=[c.draft], allowed=None if a is None else a[1]))
+        sampled = sample_batch(logits, todo) if todo else []
         if self.token_sync is not None:
             sampled = self.token_sync(sampled)
 
@@ -269,12 +268,11 @@ class Engine:
         p = seq.params
         return set(p.stop_token_ids) | (set() if p.ignore_eos else {self.model.args.eos_token_id})
 
-    def _sample(self, seq: Sequence, logits: torch.Tensor, extra: list[int] = (),
-                allowed: torch.Tensor | None = None) -> Sampled:
+    def _sample_row(self, seq: Sequence, extra: list[int] = (), allowed: torch.Tensor | None = None) -> SampleRow:
         p = seq.params
-        out = seq.output_ids + list(extra)
+        out = seq.output_ids + list(extra) if extra else seq.output_ids
         banned = sorted(self._stops(seq)) if len(out) < p.min_tokens else None
-        return sample(logits, p, seq.generator, prompt=seq.prompt_ids, output=out, banned=banned, allowed=allowed)
+        return SampleRow(p, seq.generator, seq.prompt_ids, out, banned, allowed)
 
     # -- structured outputs (runtime/structured.py) --------------------------------------------------
     def grammar_compiler(self) -> GrammarCompiler:

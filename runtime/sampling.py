@@ -173,3 +173,58 @@ def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator, *
         v, i = torch.topk(lp, params.logprobs)
         top = list(zip(i.tolist(), v.tolist()))
     return Sampled(tok, float(lp[tok]), top)
+
+
+@dataclass
+class SampleRow:
+    """One row of a step's logits to sample: the request's settings and generator, its tokens so far (for
+    penalties; a draft being verified is already appended to `output`), ids to ban and the grammar mask."""
+
+    params: SamplingParams
+    gen: torch.Generator
+    prompt: list[int]
+    output: list[int]
+    banned: list[int] | None = None
+    allowed: torch.Tensor | None = None
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing to apply first: one batched argmax serves it."""
+        p = self.params
+        return (p.greedy and self.banned is None and self.allowed is None and not p.presence_penalty
+                and not p.frequency_penalty and p.repetition_penalty == 1.0)
+
+
+def sample_batch(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled]:
+    """Sample every row of fp32 logits [n, V]: the plain greedy rows with one argmax, the log-probs of all rows
+    that ask for them with one log-softmax (one device sync each instead of one per row); rows with penalties,
+    masks or temperature go through `sample` one by one (their generators are per request)."""
+    n = len(rows)
+    toks: list[int | None] = [None] * n
+    fast = [i for i, r in enumerate(rows) if r.plain_greedy]
+    if fast:
+        picked = torch.argmax(logits[fast] if len(fast) < n else logits, dim=-1).tolist()
+        for i, t in zip(fast, picked):
+            toks[i] = t
+    out: list[Sampled | None] = [None] * n
+    for i, r in enumerate(rows):
+        if toks[i] is None:  # the slow path also computes its own log-probs
+            out[i] = sample(logits[i], r.params, r.gen, prompt=r.prompt, output=r.output, banned=r.banned,
+                            allowed=r.allowed)
+    want = [i for i in fast if rows[i].params.logprobs is not None]
+    if want:
+        lp = torch.log_softmax(logits[want].float(), dim=-1)
+        own = lp.gather(1, torch.tensor([toks[i] for i in want], device=lp.device)[:, None]).squeeze(1).tolist()
+        tops: dict[int, tuple[list, list]] = {}  # per distinct k (a prefix of a larger top-k may order ties apart)
+        for k in {rows[i].params.logprobs for i in want} - {0}:
+            sel = [j for j, i in enumerate(want) if rows[i].params.logprobs == k]
+            t = torch.topk(lp[sel], k, dim=-1)
+            for j, ids, vals in zip(sel, t.indices.tolist(), t.values.tolist()):
+                tops[j] = list(zip(ids, vals))
+        for j, i in enumerate(want):
+            out[i] = Sampled(toks[i], own[j], tops.get(j))
+    for i in fast:
+        if out[i] is None:
+            out[i] = Sampled(toks[i])
+    return out  # type: ignore[return-value]
+

@@ -102,36 +102,39 @@ class Attention(nn.Module):
         for s in batch.seqs:
             groups.setdefault(id(s.cache.pool), []).append(s)
         if len(groups) == 1:
-            o = self._attend(q, batch.positions, kv, batch.seqs, proj, offset=0)
+            o = self._attend(q, batch.positions, kv, batch, list(range(len(batch.seqs))), proj, offset=0)
         else:
             o = torch.empty_like(q)
+            index = {id(s): i for i, s in enumerate(batch.seqs)}
             for seqs in groups.values():
                 rows = torch.cat([torch.arange(s.offset, s.offset + s.n, device=x.device) for s in seqs])
                 part = tuple(t[rows] for t in proj)
-                o[rows] = self._attend(q[rows], batch.positions[rows], kv[rows], seqs, part, offset=None)
+                o[rows] = self._attend(q[rows], batch.positions[rows], kv[rows], batch,
+                                       [index[id(s)] for s in seqs], part, offset=None)
         # K = V carries rope: undo it on the output at the query position.
         o = apply_rope(o, cos, sin, inverse=True)
         return self._out_proj(o)
 
-    def _attend(self, q: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor, seqs: list, proj: tuple,
-                offset: int | None) -> torch.Tensor:
-        """Write the new rows of `seqs` (all on one CachePool) into the pool, build every query's index list
-        (window rows, then HCA entries / CSA indexer picks, as pool rows) and run one sparse attention.
-        q, positions, kv and `proj` (compressor kv, score; CSA adds indexer q, weights, kv, score) hold exactly
-        these sequences' rows; offset=0: each SeqSlice.offset indexes them (whole batch), None: back to back."""
+    def _attend(self, q: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor, batch: StepBatch,
+                which: list[int], proj: tuple, offset: int | None) -> torch.Tensor:
+        """Write the new rows of sequences `which` (indices into batch.seqs, all on one CachePool) into the pool,
+        build every query's index list (window rows, then HCA entries / CSA indexer picks, as pool rows) and run
+        one sparse attention. q, positions, kv and `proj` (compressor kv, score; CSA adds indexer q, weights, kv,
+        score) hold exactly these sequences' rows; offset=0: each SeqSlice.offset indexes them (whole batch),
+        None: back to back. Window and entry rows come from the step's memo (computed once for all layers)."""
+        seqs = [batch.seqs[i] for i in which]
         pool = seqs[0].cache.pool
         lid, W, dev = self.layer_id, self.window, q.device
         idx_rows, ipool, i_start, i_len, i_map = [], [], [], [], []
-        arange_w = torch.arange(W, device=dev)
         off, ibase = 0, 0
-        for s in seqs:
+        for i, s in zip(which, seqs):
             o0 = s.offset if offset == 0 else off
             off += s.n
             sl = slice(o0, o0 + s.n)
             pos = positions[sl]
             cache = s.cache
             # Query t sees positions [t-W+1, t] (negative ones are empty); the last column is t's own row.
-            win = cache.window_rows(pos[:, None] - W + 1 + arange_w[None, :])  # [n, W]
+            win = batch.window_rows(i, W)  # [n, W]
             pool.write_kv(lid, win[:, -1], kv[sl])
             parts = [win]
             if self.kind != WINDOW:
@@ -139,7 +142,7 @@ class Attention(nn.Module):
                 first = cs.n_entries
                 new, halves = self.compressor(proj[0][sl], proj[1][sl], s.start, cs, self.freqs)
                 n_ent = cs.n_entries
-                erows = cache.entry_rows(lid, torch.arange(n_ent, device=dev))  # [N] rows in the comp region
+                erows = batch.entry_rows(i, lid, n_ent)  # [N] rows in the comp region
                 base = pool.comp_base(lid)
                 pool.write_kv(lid, base + erows[first:], new)
                 self._keep_block_end_state(pool.state[lid], "comp", cache, lid, first, halves)

@@ -348,6 +348,29 @@ class StepBatch:
     tokens: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
     seqs: list[SeqSlice] = field(default_factory=list)
+    # Per-step addressing shared by every layer (window rows, compressed-entry rows), computed on first use:
+    # block tables do not change during a forward pass (blocks are reserved before it, trimmed after).
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def window_rows(self, i: int, window: int) -> torch.Tensor:
+        """Pool rows [n, window] of the window each query of sequence i sees (positions t-window+1 .. t; -1 for
+        positions before 0), the same in every layer's window region."""
+        key = ("win", i, window)
+        if key not in self.memo:
+            s = self.seqs[i]
+            pos = torch.arange(s.start, s.start + s.n, device=self.positions.device)
+            rel = torch.arange(1 - window, 1, device=pos.device)
+            self.memo[key] = s.cache.window_rows(pos[:, None] + rel[None, :])
+        return self.memo[key]
+
+    def entry_rows(self, i: int, layer: int, n_entries: int) -> torch.Tensor:
+        """Rows (in the compressed region) of sequence i's entries 0 .. n_entries-1 of `layer`: shared by all
+        layers with the same entries per block."""
+        cache = self.seqs[i].cache
+        key = ("ent", i, cache.pool.entries_per_block(layer), n_entries)
+        if key not in self.memo:
+            self.memo[key] = cache.entry_rows(layer, torch.arange(n_entries, device=self.positions.device))
+        return self.memo[key]
 
     @classmethod
     def build(cls, chunks: list[tuple[SeqCache, list[int]]], device: torch.device | str = "cpu") -> "StepBatch":

@@ -126,12 +126,24 @@ def fp8_roundtrip(x: torch.Tensor, block: int = 128, amax_floor: float = 1e-4) -
     return (q * scale).reshape(shape).to(x.dtype)
 
 
+def round_to_fp4(x: torch.Tensor) -> torch.Tensor:
+    """The e2m1 value `float_to_fp4_codes` picks for fp32 x (scaled into [-6, 6]), computed arithmetically: the
+    grid steps are 0.5 below 2, 1 below 4 and 2 up to 6, and a tie goes to the smaller magnitude (as bucketize's
+    `x <= midpoint`), i.e. ceil(|x| / step - 1/2) * step. Every operation is exact in fp32 (step a power of two,
+    |x|/step - 1/2 representable), so this equals the LUT path bit for bit, -0.0 included; about 4x faster on
+    CPU than bucketize."""
+    mag = x.abs().clamp(max=FP4_MAX)
+    step = torch.where(mag <= 1.75, 0.5, torch.where(mag <= 3.5, 1.0, 2.0))
+    q = torch.ceil(mag / step - 0.5) * step + 0.0  # + 0.0: ceil(-0.4) is -0.0
+    return torch.where(x < 0, -q, q)
+
+
 def fp4_roundtrip(x: torch.Tensor, block: int = 32, amax_floor: float = 6 * 2.0 ** -126) -> torch.Tensor:
     """Quantise the last dim in 1x`block` runs to e2m1 with pow2 scales (rounded up), dequantise, keep dtype."""
     shape, n = x.shape, x.shape[-1]
     xb = x.float().reshape(-1, n // block, block)
     scale = torch.exp2(pow2_scale_exponent(xb.abs().amax(-1, keepdim=True), FP4_MAX, amax_floor))
-    q = fp4_codes_to_float(float_to_fp4_codes(xb / scale))
+    q = round_to_fp4(xb / scale)
     return (q * scale).reshape(shape).to(x.dtype)
 
 

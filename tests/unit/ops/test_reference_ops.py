@@ -139,6 +139,19 @@ def test_compress_kv_is_a_per_channel_softmax_pool():
 
 
 # ---------------------------------------------------------------------------------------------- GEMMs
+def test_arithmetic_fp4_rounding_equals_the_code_table_bit_for_bit():
+    """round_to_fp4 (used by fp4_roundtrip) against bucketize + LUT (used by quant_fp4): every fp32 bit pattern
+    of |x| <= 7 at a stride of 997 patterns, each decision midpoint and its two neighbours, signed zeros and
+    subnormals; compared as bits (so -0.0 vs 0.0 counts)."""
+    bits = torch.arange(0, 2 ** 32, 997, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    x = bits[torch.isfinite(bits) & (bits.abs() <= 7)]
+    mids = torch.tensor([0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5.0, 6.0])
+    near = torch.cat([mids, torch.nextafter(mids, torch.full_like(mids, 9)), torch.nextafter(mids, -torch.ones(15))])
+    x = torch.cat([x, near, -near, torch.tensor([-0.0, 0.0, 1e-40, -1e-40, 6.5, -6.5])])
+    want = fmt.fp4_codes_to_float(fmt.float_to_fp4_codes(x))
+    assert torch.equal(fmt.round_to_fp4(x).view(torch.int32), want.view(torch.int32))
+
+
 def test_fp4_packing_is_low_nibble_first():
     w = torch.zeros(1, 16, dtype=torch.uint8)
     w[0, :2] = torch.tensor([0x21, 0x8F])  # codes 1, 2 | 15, 8

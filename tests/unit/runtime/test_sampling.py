@@ -1,0 +1,29 @@
+"""Batched sampling (`sample_batch`) gives every row what the one-row sampler (`sample`) gives it."""
+
+from __future__ import annotations
+
+import torch
+
+from ascend_v4.runtime.sampling import SampleRow, SamplingParams, sample, sample_batch
+
+
+def test_batched_rows_equal_one_row_sampling():
+    g = torch.Generator().manual_seed(0)
+    V = 1000
+    logits = torch.randn(8, V, generator=g) * 3
+    logits[3, 7] = logits[3, 9] = logits[3].max() + 1  # a tie: both samplers take the lower id
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0, logprobs=0),
+              SamplingParams(temperature=0, logprobs=3), SamplingParams(temperature=0, logprobs=5),
+              SamplingParams(temperature=0.8, seed=11, logprobs=2), SamplingParams(temperature=0, repetition_penalty=1.3),
+              SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[5]), SamplingParams(top_k=1, logprobs=3)]
+    prompts, outputs = [[1, 2, 3]] * 8, [[4, 5]] * 8
+    banned = [None] * 6 + [[5], None]
+
+    def rows():
+        return [SampleRow(p, p.make_generator(), pr, o, b) for p, pr, o, b in zip(params, prompts, outputs, banned)]
+    got = sample_batch(logits, rows())
+    want = [sample(logits[i], r.params, r.gen, prompt=r.prompt, output=r.output, banned=r.banned)
+            for i, r in enumerate(rows())]
+    assert got == want
+    assert got[3].token == 7 and got[0].logprob is None and got[1].top is None and len(got[3].top) == 5
+    assert [r.plain_greedy for r in rows()] == [True, True, True, True, False, False, False, True]
