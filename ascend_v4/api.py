@@ -24,7 +24,8 @@ from ascend_v4.model.args import ModelArgs
 from ascend_v4.model.layers import ModelOptions
 from ascend_v4.model.load import load_model
 from ascend_v4.runtime.generate import generate_ids
-from ascend_v4.runtime.layout import choose_layout
+from ascend_v4.runtime.layout import choose_layout, resolve_tp
+from ascend_v4.runtime.node import NodeSpec
 from ascend_v4.runtime.sampling import SamplingParams
 from ascend_v4.tokenizer import Tokenizer
 
@@ -68,10 +69,14 @@ class LLM:
             dense weights fit in 8 GiB).
         dummy: for `flash` / `pro`, run a dummy checkpoint of the real shapes instead of real weights.
         npus: devices (ranks) to run on: N - 1 worker processes are started, each rank holds
-            n_routed_experts / N routed experts (docs/parallel.md). Multi-node: set
-            MASTER_ADDR / MASTER_PORT / LOCAL_WORLD_SIZE. Call `shutdown()` when done (exit also stops them).
-        tp: attention tensor-parallel size (heads, output groups and vocab split over TP ranks; `runtime.layout`
-            says which sizes run). None: the largest the engine runs for this model. `self.layout` says which.
+            n_routed_experts / N routed experts (docs/parallel.md). Call `shutdown()` when done (exit also stops
+            them).
+        nnodes / master_addr / master_port: a multi-node run (this is node 0; the other nodes run
+            `runtime.node.run_node`, i.e. the same CLI command with --node-rank K); torchrun-style NNODES,
+            MASTER_ADDR, MASTER_PORT are read when not given.
+        tp / dp: attention tensor-parallel size (heads, output groups and vocab split over a group of tp ranks)
+            and data-parallel groups (each with its own scheduler and requests); tp x dp = npus, give either or
+            both. None: DP over every rank (tp 1). `self.layout` says which (docs/parallel.md).
         check_weights: check every float weight for NaN / inf while loading (UE8M0 scales are always checked);
             with `npus > 1`, one pass over the whole checkpoint before the ranks load.
         verify_checkpoint: before loading, re-hash every file of an `ascend-v4 quantize` output against its
@@ -83,7 +88,9 @@ class LLM:
 
     def __init__(self, model: str | Path = "tiny", *, device: str = "cpu", dtype: str = "auto",
                  quant_sim: bool = True, dequantize_weights: bool | None = None, dummy: bool = False,
-                 progress: bool = False, npus: int = 1, tp: int | None = None, engine_config=None,
+                 progress: bool = False, npus: int = 1, tp: int | None = None, dp: int | None = None,
+                 nnodes: int | None = None, master_addr: str | None = None, master_port: int | None = None,
+                 engine_config=None,
                  check_weights: bool = False, verify_checkpoint: bool = False):
         if dtype == "auto":
             dtype = "fp32" if torch.device(device).type == "cpu" else "bf16"
@@ -94,7 +101,9 @@ class LLM:
         if verify_checkpoint:
             verify_checkpoint_files(self.path)
         self.args = ModelArgs.from_dir(self.path)
-        self.layout = choose_layout(self.args, npus, tp)
+        self.layout = choose_layout(self.args, npus, resolve_tp(npus, tp, dp))
+        node = NodeSpec.from_env(nnodes, 0, master_addr, master_port)
+        node.check(npus)
         tdtype = _DTYPES[dtype]
         if dequantize_weights is None:
             dense = self.args.param_counts()["total"] * torch.finfo(tdtype).bits // 8
@@ -115,7 +124,11 @@ class LLM:
             self.engine = DistEngine(self.path, self.options,
                                      engine_config or EngineConfig(max_num_batched_tokens=8192,
                                                                    enable_prefix_caching=False),
-                                     ParallelConfig.from_env(npus, tp=self.layout.tp),
+                                     ParallelConfig.from_env(npus, tp=self.layout.tp,
+                                                             nproc_per_node=npus // node.nnodes
+                                                             if node.nnodes > 1 else None,
+                                                             master_addr=node.master_addr,
+                                                             master_port=node.master_port),
                                      device_type=torch.device(device).type,
                                      tokenizer_dir=str(self.path) if tok_file.is_file() else None,
                                      tokenizer=self.tokenizer)

@@ -56,9 +56,9 @@ class AsyncEngine:
         if not self._accepting:
             raise EngineDeadError("engine is shutting down")
         cfg = self.engine.config
-        if self.in_flight >= cfg.max_num_seqs + cfg.max_queue:
-            raise QueueFullError(f"{self.in_flight} requests in flight (max_num_seqs {cfg.max_num_seqs} + "
-                                 f"max_queue {cfg.max_queue})")
+        if self.in_flight >= self.engine.max_running + cfg.max_queue:
+            raise QueueFullError(f"{self.in_flight} requests in flight (running {self.engine.max_running}: "
+                                 f"max_num_seqs x DP groups, + max_queue {cfg.max_queue})")
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[StepOutput]:

@@ -22,9 +22,38 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 
-from ascend_v4.model.cache import COMP_KIND, KINDS, STATE_KIND, WINDOW_KIND, NoFreeBlocks, SeqCache, new_states
+from ascend_v4.model.cache import (COMP_KIND, KINDS, STATE_KIND, WINDOW_KIND, CachePool, NoFreeBlocks, SeqCache,
+                                   check_block_size, new_states)
 
-__all__ = ["BlockManager", "BlockPool", "NoFreeBlocks", "PrefixCache", "chain_hashes"]
+def make_cache_pool(model, cfg, device) -> CachePool:
+    """Size and allocate the paged cache. Comp blocks (the part that grows with context) get cache_gib;
+    window blocks are sized so running sequences can never run short (each keeps only the blocks its
+    window overlaps, plus one step's new tokens), plus prefix_cache_gib to keep prompts' window blocks
+    for prefix hits."""
+    args, B = model.args, cfg.block_size
+    try:
+        check_block_size(args, B)
+    except ValueError as e:
+        raise ValueError(f"EngineConfig.block_size: {e}") from None
+    pool = CachePool(args, B, 0, 0, model.opts.dtype, device, cfg.kv_cache_dtype)
+    comp = cfg.num_blocks or max(cfg.max_num_seqs, int(cfg.cache_gib * (1 << 30) / pool.block_bytes(COMP_KIND)))
+    bw = pool.window_block
+    per_seq = -(-(args.window_size + 2) // bw) + 2  # live window blocks per sequence after a trim, + 1 spare
+    window = cfg.max_num_seqs * per_seq + -(-cfg.max_num_batched_tokens // bw)
+    state = 0
+    if cfg.enable_prefix_caching:
+        # One resume point of a cached prefix = the window blocks before it + one state slot.
+        per_point = -(-(args.window_size - 1) // bw) + 1
+        kept = int(cfg.prefix_cache_gib * (1 << 30) / (per_point * pool.block_bytes(WINDOW_KIND)
+                                                       + pool.block_bytes(STATE_KIND)))
+        window += kept * per_point
+        # slots are held from reservation until the block completes (then they are cache entries)
+        state = (-(-cfg.max_num_batched_tokens // B) + cfg.max_num_seqs + kept) if pool.has_state else 0
+    pool.resize(window, comp, state)
+    return pool
+
+
+__all__ = ["make_cache_pool", "BlockManager", "BlockPool", "NoFreeBlocks", "PrefixCache", "chain_hashes"]
 
 
 class BlockPool:

@@ -7,10 +7,13 @@ stats / config / generate), driving N ranks that each own E/N routed experts.
         outs = engine.step()
     engine.shutdown()
 
-SPMD: every rank holds the same `Engine` state. Rank 0 takes requests (validated by its own engine at once);
-at each step it broadcasts the add/abort commands taken since the last step, every rank applies them and
-steps; the MoE layers exchange tokens with all-to-all collectives and rank 0's sampled tokens are broadcast
-(`Engine.token_sync`), so all ranks advance identically.
+Layout (runtime/layout.py): DP groups of TP consecutive ranks. The ranks of a TP group hold the same `Engine`
+state (SPMD); each DP group has its own engine and requests. Rank 0 takes requests (validated by its own engine at
+once) and routes each to the DP group with the fewest unfinished requests (lowest group on a tie); at each step it
+broadcasts the add/abort commands taken since the last step (tagged with their group), every rank applies its
+group's and steps; the MoE layers exchange tokens with all-to-all collectives over every rank (an idle group
+steps an empty batch), a TP group's sampled tokens are its leader's (`Engine.token_sync`), and with several DP
+groups the leaders' step outputs are gathered on rank 0.
 
 Failure handling: every collective has the process-group timeout (`ParallelConfig.timeout_s`); worker processes
 are checked before and after each step and, while idle, every second by a heartbeat thread that also pings the
@@ -24,7 +27,6 @@ workers also exit when this process dies.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -42,70 +44,20 @@ from ascend_v4.tokenizer import Tokenizer
 from .config import EngineConfig
 from .distributed import (SPEC_KEY, ParallelConfig, ParallelContext, broadcast_object, create_store,
                           destroy_process_groups, init_process_groups, put_object, ready_key)
-from .engine import Engine, StepOutput
+from .engine import Engine, RequestError, StepOutput
 from .generate import Completion
+from .node import WORKER_CMD
+from .processes import finalize, how_ended, proc_state, reap
 from .sampling import SamplingParams
-from .worker import INFO, PING, STEP, STOP, RankSpec, build_rank_model, load_tokenizer, make_engine, rank_info
+from .worker import (INFO, PING, STEP, STOP, RankSpec, build_rank_model, load_tokenizer, make_engine, rank_info,
+                     step_group)
 
 _POLL_S = 0.05
 _LIVENESS_S = 1.0  # idle liveness check period (the heartbeat ping itself is every heartbeat_interval)
-# The caller's working directory must not shadow the installed package (code-style.md §7.1 trap 2): drop the
-# '' that `python -c` puts first on sys.path (what `-P` does on Python >= 3.11).
-_WORKER_CMD = "import sys; sys.path[:1] = [] if sys.path[:1] == [''] else sys.path[:1]; " \
-              "from ascend_v4.runtime.worker import main; main()"
 
 
 class WorkerError(RuntimeError):
     """A rank of the expert-parallel engine died, hung or failed; the engine cannot continue."""
-
-
-def _how_ended(code: int) -> str:
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with status {code}"
-
-
-def _proc_state(pid: int) -> str:
-    """'stopped', 'running', ... from /proc (Linux); 'running' where /proc is unavailable."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            code = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "running"
-    return {"T": "stopped", "t": "stopped (traced)", "D": "in uninterruptible wait", "Z": "exiting"}.get(code,
-                                                                                                       "running")
-
-
-def _reap(procs: list[subprocess.Popen], grace_s: float = 0.0) -> None:
-    """Terminate (SIGTERM, then SIGKILL after grace_s) and reap every worker process. Safe to repeat."""
-    live = [p for p in procs if p.poll() is None]
-    for p in live:
-        try:
-            p.send_signal(signal.SIGTERM if grace_s > 0 else signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    t_end = time.monotonic() + grace_s
-    for p in live:
-        try:
-            p.wait(max(0.0, t_end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-    for p in procs:
-        try:
-            p.wait(5.0)
-        except subprocess.TimeoutExpired:  # unkillable (D state): nothing more we can do
-            pass
-
-
-def _finalize(procs: list[subprocess.Popen], stop: threading.Event, owns_pg: list[bool]) -> None:
-    """Garbage collection or interpreter exit without shutdown(): stop everything this engine started."""
-    stop.set()
-    _reap(procs)
-    if owns_pg:
-        destroy_process_groups()
 
 
 def _heartbeat_loop(ref: "weakref.ref[DistEngine]", stop: threading.Event, period: float) -> None:
@@ -130,11 +82,13 @@ class DistEngine:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._pending: list[tuple] = []
+        self._group: dict[str, int] = {}  # unfinished request id -> its DP group
+        self._load = [0] * p.dp  # unfinished requests per DP group
         self.error: WorkerError | None = None
         self._closed = False
         self.ctx: ParallelContext | None = None
         self._owns_pg: list[bool] = []  # [True] once this engine created the process groups
-        self._finalizer = weakref.finalize(self, _finalize, self._procs, self._stop, self._owns_pg)
+        self._finalizer = weakref.finalize(self, finalize, self._procs, self._stop, self._owns_pg)
         self.store = create_store(0, p.world_size, p.master_addr, p.master_port, p.init_timeout_s)
         self.parallel = p = p.with_port(self.store.port)
         spec = RankSpec(str(Path(model_path).resolve()), options, config or EngineConfig(), p, device_type,
@@ -169,7 +123,7 @@ class DistEngine:
         if self.spec.device_type == "cpu":
             env["OMP_NUM_THREADS"] = str(p.cpu_threads())
         # own session: a terminal's Ctrl-C reaches rank 0 only, which then shuts the workers down.
-        cmd = [sys.executable, "-c", _WORKER_CMD, "--watch-parent", str(os.getpid()),
+        cmd = [sys.executable, "-c", WORKER_CMD, "--watch-parent", str(os.getpid()),
                "--init-timeout", str(p.init_timeout_s)]
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
         self._procs.append(proc)
@@ -191,7 +145,7 @@ class DistEngine:
                 r = dead[0]
                 if self.store.check([ready_key(r)]):
                     continue  # it reported before exiting: raise its message on the next pass
-                raise WorkerError(f"rank {r} (pid {self._ranks[r].pid}) {_how_ended(self._ranks[r].returncode)} "
+                raise WorkerError(f"rank {r} (pid {self._ranks[r].pid}) {how_ended(self._ranks[r].returncode)} "
                                   "during start-up (see its output above)")
             if time.monotonic() > t_end:
                 raise WorkerError(f"ranks {sorted(pending)} not ready after init_timeout_s={p.init_timeout_s}s")
@@ -214,22 +168,35 @@ class DistEngine:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    @property
+    def max_running(self) -> int:
+        """Sequences running at once over all DP groups (max_num_seqs each)."""
+        return self.engine.config.max_num_seqs * self.parallel.dp
+
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Validated and queued here at once (RequestError as from `Engine`); the workers get it at the next
-        step. Never raises WorkerError (the failure surfaces at `step()`)."""
+        """Validated here at once (RequestError as from `Engine`) and routed to the least loaded DP group; the
+        workers get it at the next step. Never raises WorkerError (the failure surfaces at `step()`)."""
         with self._lock:
-            self.engine.add_request(request_id, prompt_ids, params)
-            self._pending.append(("add", request_id, list(prompt_ids), params))
+            if request_id in self._group:
+                raise RequestError(f"request id {request_id!r} is already in use")
+            g = min(range(len(self._load)), key=lambda i: (self._load[i], i))
+            self.engine.validate(prompt_ids, params)  # every group's engine adds it at the next step
+            self._group[request_id] = g
+            self._load[g] += 1
+            self._pending.append(("add", g, request_id, list(prompt_ids), params))
 
     def abort(self, request_id: str) -> StepOutput | None:
         with self._lock:
-            out = self.engine.abort(request_id)
-            if out is not None:
-                self._pending.append(("abort", request_id))
-            return out
+            g = self._group.pop(request_id, None)
+            if g is None:
+                return None
+            self._load[g] -= 1
+            self._pending.append(("abort", g, request_id))
+            out = self.engine.abort(request_id) if g == 0 else None  # rank 0's own group: at once
+            return out or StepOutput(request_id, [], "", True, "abort")
 
     def has_unfinished(self) -> bool:
-        return self.engine.has_unfinished()
+        return bool(self._group)
 
     def step(self) -> list[StepOutput]:
         """One step on every rank. Raises WorkerError (within `timeout_s`) when a rank died or hung."""
@@ -243,17 +210,24 @@ class DistEngine:
             cmds, self._pending = self._pending, []
             try:
                 broadcast_object(self.ctx, (STEP, cmds))
-                outs = self.engine.step()
+                outs = step_group(self.engine, self.ctx, cmds)
             except Exception as e:  # noqa: BLE001 - a collective or the step failed: the ranks are out of step
                 raise self._fail(f"step failed: {type(e).__name__}: {e}") from e
+            outs = [o for o in outs if o.request_id in self._group]  # not aborted meanwhile
+            for o in outs:
+                if o.finished:
+                    self._load[self._group.pop(o.request_id)] -= 1
             self._last_sync = time.monotonic()
             if self._dead():
                 raise self._fail("a worker exited during the step")
             return outs
 
     def stats(self) -> dict:
-        return {**self.engine.stats(), "world_size": self.parallel.world_size,
-                "experts_per_rank": self.engine.model.args.n_routed_experts // self.parallel.world_size}
+        """Rank 0's engine counters (DP group 0), plus the layout and every group's unfinished requests."""
+        p = self.parallel
+        return {**self.engine.stats(), "world_size": p.world_size, "tp": p.tp, "dp": p.dp,
+                "unfinished_per_dp_group": list(self._load),
+                "experts_per_rank": self.engine.model.args.n_routed_experts // p.world_size}
 
     def health(self) -> dict:
         ok = self.error is None and not self._closed
@@ -323,11 +297,11 @@ class DistEngine:
                 time.sleep(0.02)
         ended = {r: p.returncode for r, p in self._dead()}
         pid = {r: p.pid for r, p in self._ranks.items()}
-        killed = [f"rank {r} (pid {pid[r]}) {_how_ended(c)}" for r, c in sorted(ended.items()) if c < 0]
-        exited = [f"rank {r} (pid {pid[r]}) {_how_ended(c)}" for r, c in sorted(ended.items()) if c >= 0]
+        killed = [f"rank {r} (pid {pid[r]}) {how_ended(c)}" for r, c in sorted(ended.items()) if c < 0]
+        exited = [f"rank {r} (pid {pid[r]}) {how_ended(c)}" for r, c in sorted(ended.items()) if c >= 0]
         parts = killed[:]
         if timed_out or not ended:
-            alive = [f"rank {r} (pid {pid[r]}, {_proc_state(pid[r])})" for r in sorted(self._ranks) if r not in ended]
+            alive = [f"rank {r} (pid {pid[r]}, {proc_state(pid[r])})" for r in sorted(self._ranks) if r not in ended]
             parts.append(f"a rank did not respond within timeout_s={self.parallel.timeout_s}s (hung, or a remote "
                          f"node failed); still running: {', '.join(alive) or 'none here'}")
         if exited:  # usually a consequence: their own collective with the faulty rank failed
@@ -335,7 +309,7 @@ class DistEngine:
         self.error = WorkerError(f"expert-parallel engine ({self.parallel.world_size} ranks) failed: "
                                  f"{'; '.join(parts)}; {reason}")
         self._stop.set()
-        _reap(self._procs)
+        reap(self._procs)
         self._drop_groups()
         return self.error
 
@@ -366,7 +340,7 @@ class DistEngine:
         self._stop.set()
         got = self._lock.acquire(timeout=timeout)
         if not got:  # a step is blocked in a collective: killing the workers makes it fail now
-            _reap(self._procs)
+            reap(self._procs)
             got = self._lock.acquire(timeout=timeout)
         try:
             self._close(graceful=self.error is None, timeout=timeout)
@@ -387,7 +361,7 @@ class DistEngine:
                     p.wait(max(0.0, t_end - time.monotonic()))
             except Exception:  # noqa: BLE001 - fall through to killing them
                 pass
-        _reap(self._procs, grace_s=2.0 if graceful else 0.0)
+        reap(self._procs, grace_s=2.0 if graceful else 0.0)
         self._drop_groups()
         self.ctx = None
         self.store = None

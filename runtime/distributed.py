@@ -40,8 +40,8 @@ class ParallelConfig:
     Attributes:
         world_size: ranks in total (`--npus N`); each owns `n_routed_experts / world_size` routed experts.
         tp: attention tensor-parallel size (`--tp T`): ranks r with the same r // T form one TP group, each
-            holding 1/T of the query heads, output groups and vocab (ascend_v4/model/tp.py); the sizes the
-            engine runs: `layout.engine_tps`.
+            holding 1/T of the query heads, output groups and vocab (ascend_v4/model/tp.py); the world_size / T
+            TP groups are attention data-parallel groups, each with its own scheduler and requests.
         nproc_per_node: ranks started on this node, rank 0 included (default: all of them; a multi-node run
             sets it, or LOCAL_WORLD_SIZE, and starts the other nodes' ranks with `python -m
             ascend_v4.runtime.worker`).
@@ -91,6 +91,10 @@ class ParallelConfig:
         return cls(**kw)
 
     @property
+    def dp(self) -> int:
+        return self.world_size // self.tp
+
+    @property
     def local_procs(self) -> int:
         return self.nproc_per_node or self.world_size
 
@@ -115,7 +119,8 @@ class ParallelContext:
         device: this rank's torch device ("cpu", "cuda:1", "npu:3").
         group: process group for tensors (expert dispatch / combine).
         tp_group / tp_rank / tp_size: this rank's attention tensor-parallel group (ranks r // tp_size equal) and
-            its place in it; tp_group is None when tp_size is 1.
+            its place in it; tp_group is None when tp_size is 1. tp_cpu_group: the same ranks on Gloo (sampled
+            tokens); dp_rank = rank // tp_size is the rank's attention data-parallel group.
         cpu_group: Gloo process group for Python objects (commands, sampled tokens); `group` itself on CPU.
         timeout_s: the collectives' timeout.
     """
@@ -131,10 +136,24 @@ class ParallelContext:
     tp_group: Any = None
     tp_rank: int = 0
     tp_size: int = 1
+    tp_cpu_group: Any = None
 
     @property
     def is_driver(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp_size
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.tp_size
+
+    @property
+    def tp_leader(self) -> int:
+        """Global rank of this rank's TP group leader (TP rank 0)."""
+        return self.dp_rank * self.tp_size
 
 
 def rank_device(device_type: str, local_rank: int) -> str:
@@ -167,14 +186,17 @@ def init_process_groups(store: dist.Store, rank: int, world_size: int, local_ran
                             timeout=timeout)
     group = dist.group.WORLD
     cpu_group = group if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
-    tp_group = None
+    tp_group = tp_cpu = None
     if tp > 1:
         for first in range(0, world_size, tp):
-            g = group if tp == world_size else dist.new_group(list(range(first, first + tp)), timeout=timeout)
+            ranks = list(range(first, first + tp))
+            g = group if tp == world_size else dist.new_group(ranks, timeout=timeout)
+            gc = cpu_group if tp == world_size else g if backend == "gloo" else \
+                dist.new_group(ranks, backend="gloo", timeout=timeout)
             if first <= rank < first + tp:
-                tp_group = g
+                tp_group, tp_cpu = g, gc
     return ParallelContext(rank, world_size, local_rank, backend, device, group, cpu_group, timeout_s,
-                           tp_group, rank % tp, tp)
+                           tp_group, rank % tp, tp, tp_cpu)
 
 
 def destroy_process_groups() -> None:
@@ -191,6 +213,20 @@ def broadcast_object(ctx: ParallelContext, obj: Any = None) -> Any:
     buf = [obj]
     dist.broadcast_object_list(buf, src=0, group=ctx.cpu_group)
     return buf[0]
+
+
+def broadcast_in_tp_group(ctx: ParallelContext, obj: Any = None) -> Any:
+    """The TP group leader's `obj` on every rank of the group (Gloo)."""
+    buf = [obj]
+    dist.broadcast_object_list(buf, src=ctx.tp_leader, group=ctx.tp_cpu_group)
+    return buf[0]
+
+
+def gather_to_driver(ctx: ParallelContext, obj: Any) -> list | None:
+    """Every rank's `obj`, in rank order, on rank 0 (None elsewhere)."""
+    out = [None] * ctx.world_size if ctx.is_driver else None
+    dist.gather_object(obj, out, dst=0, group=ctx.cpu_group)
+    return out
 
 
 # -- start-up handshake keys in the store ------------------------------------------------------------
@@ -210,4 +246,4 @@ def get_object(store: dist.Store, key: str) -> Any:
 
 
 __all__ = ["ParallelConfig", "ParallelContext", "init_process_groups", "destroy_process_groups", "create_store",
-           "broadcast_object", "rank_device", "SPEC_KEY", "ready_key", "put_object", "get_object"]
+           "broadcast_object", "broadcast_in_tp_group", "gather_to_driver", "rank_device", "SPEC_KEY", "ready_key", "put_object", "get_object"]

@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ascend_v4.model.cache import (COMP_KIND, STATE_KIND, WINDOW_KIND, CachePool, SeqSlice, StepBatch, check_block_size, mark,
-                                   rollback)
+from ascend_v4.model.cache import COMP_KIND, STATE_KIND, WINDOW_KIND, SeqSlice, StepBatch, mark, rollback
 from ascend_v4.model.transformer import Transformer
 from ascend_v4.tokenizer import Tokenizer
 
-from .block_manager import BlockManager, PrefixCache
+from .block_manager import BlockManager, PrefixCache, make_cache_pool
 from .config import EngineConfig
 from .sampling import SampleRow, Sampled, SamplingParams, sample_batch, score_tokens
 from .scheduler import Scheduler
@@ -59,15 +58,17 @@ class StepOutput:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig | None = None,
-                 token_sync: Callable[[list[Sampled]], list[Sampled]] | None = None):
-        """`token_sync`: for multi-process runs where every rank steps the same engine (SPMD), a collective
-        that replaces each rank's sampled tokens by rank 0's, so all ranks advance identically."""
-        self.model, self.tokenizer, self.token_sync = model, tokenizer, token_sync
+                 token_sync: Callable[[list[Sampled]], list[Sampled]] | None = None, lockstep: bool = False):
+        """`token_sync`: for multi-process runs where the ranks of a TP group step the same engine (SPMD), a
+        collective that replaces each rank's sampled tokens by the group leader's, so they advance identically.
+        `lockstep`: attention data parallelism; every step runs one main forward (and with MTP one MTP forward)
+        even with nothing scheduled (an empty batch), because the MoE layers exchange tokens with every rank."""
+        self.model, self.tokenizer, self.token_sync, self.lockstep = model, tokenizer, token_sync, lockstep
         self.config = cfg = config or EngineConfig()
         args = model.args
         self.max_model_len = min(cfg.max_model_len or args.max_seq_len, args.max_seq_len)
         device = model.embed.weight.device
-        self.pool = pool = self._make_pool(model, cfg, device)
+        self.pool = pool = make_cache_pool(model, cfg, device)
         self.blocks = BlockManager(pool.num[COMP_KIND], pool.num[WINDOW_KIND], cfg.block_size, pool.num[STATE_KIND])
         self.prefix = PrefixCache(self.blocks, args.window_size) if cfg.enable_prefix_caching else None
         self.scheduler = Scheduler(cfg, self.blocks, self.prefix, pool)
@@ -82,38 +83,10 @@ class Engine:
         self.mask_seconds = 0.0  # time spent computing grammar masks (tools/bench_structured.py)
         self.mask_wait_seconds = 0.0  # of which the step waited for after its forward pass (not overlapped)
 
-    @staticmethod
-    def _make_pool(model: Transformer, cfg: EngineConfig, device) -> CachePool:
-        """Size and allocate the paged cache. Comp blocks (the part that grows with context) get cache_gib;
-        window blocks are sized so running sequences can never run short (each keeps only the blocks its
-        window overlaps, plus one step's new tokens), plus prefix_cache_gib to keep prompts' window blocks
-        for prefix hits."""
-        args, B = model.args, cfg.block_size
-        try:
-            check_block_size(args, B)
-        except ValueError as e:
-            raise ValueError(f"EngineConfig.block_size: {e}") from None
-        pool = CachePool(args, B, 0, 0, model.opts.dtype, device, cfg.kv_cache_dtype)
-        comp = cfg.num_blocks or max(cfg.max_num_seqs, int(cfg.cache_gib * (1 << 30) / pool.block_bytes(COMP_KIND)))
-        bw = pool.window_block
-        per_seq = -(-(args.window_size + 2) // bw) + 2  # live window blocks per sequence after a trim, + 1 spare
-        window = cfg.max_num_seqs * per_seq + -(-cfg.max_num_batched_tokens // bw)
-        state = 0
-        if cfg.enable_prefix_caching:
-            # One resume point of a cached prefix = the window blocks before it + one state slot.
-            per_point = -(-(args.window_size - 1) // bw) + 1
-            kept = int(cfg.prefix_cache_gib * (1 << 30) / (per_point * pool.block_bytes(WINDOW_KIND)
-                                                           + pool.block_bytes(STATE_KIND)))
-            window += kept * per_point
-            # slots are held from reservation until the block completes (then they are cache entries)
-            state = (-(-cfg.max_num_batched_tokens // B) + cfg.max_num_seqs + kept) if pool.has_state else 0
-        pool.resize(window, comp, state)
-        return pool
-
     # -- requests ---------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        if request_id in self.seqs:
-            raise RequestError(f"request id {request_id!r} is already in use")
+    def validate(self, prompt_ids: list[int], params: SamplingParams):
+        """Raise RequestError for a request this engine cannot take; returns its grammar matcher (or None).
+        (A multi-group front end validates here requests that another group's engine will run.)"""
         if not prompt_ids:
             raise RequestError("the prompt is empty")
         vocab = self.model.args.vocab_size
@@ -123,12 +96,19 @@ class Engine:
         if len(prompt_ids) + 1 > self.max_model_len:
             raise RequestError(f"prompt has {len(prompt_ids)} tokens; the maximum context length is "
                                f"{self.max_model_len} (prompt plus at least one generated token)")
+        if params.grammar is None:
+            return None
+        try:  # structured outputs: one matcher per sequence (n > 1: one each)
+            return self.grammar_compiler().matcher(params.grammar)
+        except GrammarError as e:
+            raise RequestError(str(e)) from None
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.seqs:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        matcher = self.validate(prompt_ids, params)
         seq = Sequence(request_id, list(prompt_ids), params, params.make_generator())
-        if params.grammar is not None:  # structured outputs: one matcher per sequence (n > 1: one each)
-            try:
-                seq.matcher = self.grammar_compiler().matcher(params.grammar)
-            except GrammarError as e:
-                raise RequestError(str(e)) from None
+        seq.matcher = matcher
         if params.prompt_logprobs is not None:
             seq.prompt_logprobs = [None] * len(prompt_ids)
         self.seqs[request_id] = seq
@@ -147,11 +127,18 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)
 
+    @property
+    def max_running(self) -> int:
+        """Sequences this engine runs at once (a multi-group engine: all groups together)."""
+        return self.config.max_num_seqs
+
     # -- one step ---------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> list[StepOutput]:
         chunks = self.scheduler.schedule()
         if not chunks:
+            if self.lockstep:
+                self._empty_step()
             return []
         self.counters["steps"] += 1
         # Draft-carrying chunks may be rejected: remember the cache state to return to.
@@ -218,11 +205,24 @@ class Engine:
                 c.seq.cache.trim()
         return outs
 
+    def _empty_step(self) -> None:
+        """An idle DP group's step: the forward passes of an empty batch, whose MoE layers join the expert
+        exchange of the busy groups (`lockstep`)."""
+        batch = StepBatch(torch.zeros(0, dtype=torch.long, device=self.device),
+                          torch.zeros(0, dtype=torch.long, device=self.device), [])
+        x = self.model(batch)
+        if self.config.speculative_mtp and self.model.mtp:
+            self.model.mtp_logits(x, batch.tokens, batch, rows=batch.tokens)
+
     def _mtp_step(self, x: torch.Tensor, kept: list) -> None:
         """Run the MTP block over every row the main model kept this step (its window cache needs them all)
         and draft one token for each sequence that just produced one."""
         live = [(c, s) for c, s in kept if not c.seq.finished]
         if not live:
+            if self.lockstep:  # the MTP block's MoE exchanges with every rank
+                self.model.mtp_logits(x[:0], x.new_zeros(0, dtype=torch.long), StepBatch(
+                    x.new_zeros(0, dtype=torch.long), x.new_zeros(0, dtype=torch.long), []),
+                    rows=x.new_zeros(0, dtype=torch.long))
             return
         seqs, toks, poss, idx, draft_rows, off = [], [], [], [], [], 0
         for c, s in live:

@@ -3,20 +3,23 @@ runtime injects into every `MoE` as `MoE.expert_parallel` (the model never impor
 
 Placement (model-spec §6, reference EP): rank r owns experts [r·E/P, (r+1)·E/P).
 
-Dispatch / combine, for a step's T tokens (attention and the dense parts are replicated, so every rank holds the
-same x, ids and weights):
-1. rank r takes the contiguous token slice [r·⌈T/P⌉, (r+1)·⌈T/P⌉) and sorts its (token, slot) pairs by
-   global expert id (stable), which groups them by owner;
+Dispatch / combine, for a step's tokens. The ranks of one attention TP group hold the same T tokens (x, ids,
+weights); different attention-DP groups hold different ones (an idle group: none). With TP size t and TP rank j:
+1. the rank takes the contiguous token slice [j·⌈T/t⌉, (j+1)·⌈T/t⌉) of its group's tokens (t = 1: all of them)
+   and sorts its (token, slot) pairs by global expert id (stable), which groups them by owner;
 2. per-owner pair counts go out first (`all_to_all_single` on a [P] tensor), then the token rows and a
    [n, 2] int32 tensor (expert id, routing weight bits) with those counts as splits;
 3. each owner runs its local experts on what it received (`MoE.run_local`, local ids = global - first);
 4. the per-pair outputs go back with the reverse splits (combine), and each rank sums each token's k outputs
    in ascending expert-id order, as the single-device loop does;
-5. an all-gather of the per-slice results gives every rank the full [T, D] routed output.
+5. an all-gather over the TP group of the per-slice results gives every rank of it the full [T, D] routed output
+   (t = 1: nothing to gather).
 
-Because the slices are contiguous and concatenated in rank order, an owner sees each expert's tokens in
-global token order, i.e. the very matrix the single-device loop feeds that expert, and the combine adds in the
-same order: EP outputs are bit-identical to one device (given deterministic kernels).
+With one group (DP 1) the slices are contiguous and concatenated in rank order, so an owner sees each expert's
+tokens in global token order, i.e. the very matrix the single-device loop feeds that expert, and the combine adds
+in the same order: EP outputs are bit-identical to one device (given deterministic kernels). With DP > 1 an
+expert's matrix holds the rows of several groups' batches: each row's result is the same computation, but the
+GEMM over other rows may round its last bit differently.
 
 Gloo's `all_to_all_single` rejects fp8 (model-spec §16), so one-byte float payloads travel as uint8 views.
 On an HCCL group `attach_expert_parallel` uses the fused MC2 ops instead where they apply
@@ -80,12 +83,14 @@ class AllToAllExperts:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, run_local) -> torch.Tensor:
-        """x [T, D] (same on every rank); ids [T, k] global expert ids; w [T, k] fp32 -> routed [T, D] fp32."""
-        P, r, g = self.ctx.world_size, self.ctx.rank, self.ctx.group
+        """x [T, D] (same on the ranks of a TP group); ids [T, k] global expert ids; w [T, k] fp32 -> routed
+        [T, D] fp32. T may be 0 (an idle DP group still joins the exchange)."""
+        P, g = self.ctx.world_size, self.ctx.group
+        t, j = self.ctx.tp_size, self.ctx.tp_rank
         T, k = ids.shape
         D = x.shape[1]
-        chunk = -(-T // P)
-        lo, hi = min(r * chunk, T), min((r + 1) * chunk, T)
+        chunk = -(-T // t)
+        lo, hi = min(j * chunk, T), min((j + 1) * chunk, T)
         n_tok = hi - lo
         ids_s = ids[lo:hi]
         flat = ids_s.reshape(-1)  # [n_tok * k]
@@ -122,11 +127,12 @@ class AllToAllExperts:
         slot = torch.argsort(ids_s, dim=1, stable=True)  # each token's slots in ascending expert id
         pair_out = pair_out.view(n_tok, k, D).gather(1, slot[..., None].expand(-1, -1, D))
         out = torch.zeros((chunk, D), dtype=torch.float32, device=x.device)
-        for j in range(k):  # 0 + y_a + y_b + ...: the single-device accumulation order
-            out[:n_tok] += pair_out[:, j]
-
-        full = torch.empty((P * chunk, D), dtype=torch.float32, device=x.device)
-        _all_gather_single(full, out, group=g)
+        for slot in range(k):  # 0 + y_a + y_b + ...: the single-device accumulation order
+            out[:n_tok] += pair_out[:, slot]
+        if t == 1:
+            return out[:T]
+        full = torch.empty((t * chunk, D), dtype=torch.float32, device=x.device)
+        _all_gather_single(full, out, group=self.ctx.tp_group)
         return full[:T]
 
 

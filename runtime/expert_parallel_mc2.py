@@ -135,6 +135,11 @@ def choose_dispatcher(ctx: ParallelContext, placement: ExpertPlacement, moe: MoE
     why). Collective on HCCL (creates the MC2 group): every rank must call it at the same point."""
     if ctx.backend != "hccl":
         return AllToAllExperts(ctx, placement)
+    if ctx.tp_size != ctx.world_size:
+        # Mc2Experts slices one shared batch over all ranks; with attention DP the ranks' batches differ
+        log.warning("expert parallelism: MC2 dispatch/combine not used (attention data parallelism: DP %d, not "
+                    "wired for MC2 yet); using all-to-all on %s", ctx.world_size // ctx.tp_size, ctx.backend)
+        return AllToAllExperts(ctx, placement)
     a = moe.args
     tnpu = _import_torch_npu()
     lim, why = mc2_blocker(tnpu, ctx.world_size, placement.num_experts, a.dim, a.n_activated_experts,

@@ -1,12 +1,10 @@
 """The parallel layout of a run: `--npus N [--tp T]`, or, without `--tp`, the planner's choice among the layouts
 the engine runs, printed at start (`Layout.describe`).
 
-N ranks = TP x DP; the routed experts are split over all N (EP = N). The engine runs today:
-* TP = N (DP 1): one attention tensor-parallel group over every rank (ascend_v4/model/tp.py);
-* TP = 1 with N > 1: attention replicated, every rank computing every sequence (the first EP layout; it has the
-  memory of DP N, not its throughput).
-Attention data parallelism (DP > 1 with its own schedulers) is not built yet: `engine_tps` is the one place that
-says which TP sizes run, for `ParallelConfig`, `plan` and `serve`.
+N ranks = TP x DP; the routed experts are split over all N (EP = N). Each of the DP groups of TP consecutive ranks
+has its own scheduler, cache and requests (rank 0 routes each request to the least loaded group); within a group
+the T ranks split the attention heads, output groups and vocab (ascend_v4/model/tp.py). Any TP that divides N
+and that the model divides into runs (`engine_tps`: the one place `ParallelConfig`, `plan` and `serve` ask).
 """
 
 from __future__ import annotations
@@ -18,9 +16,10 @@ from ascend_v4.model.tp import check_tp
 
 
 def engine_tps(npus: int, args=None) -> tuple[int, ...]:
-    """Attention TP sizes the engine runs on `npus` ranks (for model `args` when given), largest first."""
+    """Attention TP sizes the engine runs on `npus` ranks (for model `args` when given), smallest first (the
+    most DP groups: the planner's preference when several fit)."""
     out = []
-    for t in ((npus, 1) if npus > 1 else (1,)):
+    for t in (d for d in range(1, npus + 1) if npus % d == 0):
         try:
             check_tp(args, t) if args is not None else None
         except ValueError:
@@ -42,32 +41,43 @@ class Layout:
     def describe(self) -> str:
         if self.npus == 1:
             return "1 device"
-        attn = (f"attention TP {self.tp} (heads, output groups and vocab split; KV cache, indexer and compressors "
-                f"whole on every rank)" if self.tp > 1 else "attention replicated on every rank")
-        return f"{self.npus} ranks: {attn}, routed experts EP {self.npus} [{self.source}]"
+        what = []
+        if self.dp > 1:
+            what.append(f"{self.dp} groups with their own scheduler and requests")
+        if self.tp > 1:
+            what.append(f"heads, output groups and vocab split over {self.tp} ranks per group")
+        return (f"{self.npus} ranks: attention DP {self.dp} x TP {self.tp} ({'; '.join(what)}), routed experts "
+                f"EP {self.npus} [{self.source}]")
 
     def as_dict(self) -> dict[str, Any]:
         return {"npus": self.npus, "tp": self.tp, "dp": self.dp, "ep": self.npus, "source": self.source}
 
 
 def check_engine_tp(args, npus: int, tp: int) -> None:
-    """ValueError unless the engine runs attention TP `tp` on `npus` ranks for this model."""
+    """ValueError unless the engine runs attention TP `tp` on `npus` ranks (for this model when given)."""
     if npus < 1:
         raise ValueError(f"--npus must be >= 1, got {npus}")
     if tp < 1 or npus % tp:
         raise ValueError(f"--tp {tp} must divide --npus {npus}")
-    if tp not in engine_tps(npus):  # the model's own limits: check_tp below
-        raise ValueError(f"--tp {tp} with --npus {npus} needs attention data parallelism (DP {npus // tp} groups of "
-                         f"TP {tp}), which the engine does not run yet: use --tp {' or --tp '.join(map(str, engine_tps(npus)))}")
     if args is not None:
         check_tp(args, tp)
+
+
+def resolve_tp(npus: int, tp: int | None, dp: int | None) -> int | None:
+    """The TP size `--npus/--tp/--dp` name (None: let `choose_layout` pick). ValueError when they disagree."""
+    if dp is None:
+        return tp
+    if dp < 1 or npus % dp:
+        raise ValueError(f"--dp {dp} must divide --npus {npus}")
+    if tp is not None and tp * dp != npus:
+        raise ValueError(f"--tp {tp} x --dp {dp} must equal --npus {npus}")
+    return npus // dp
 
 
 def choose_layout(args, npus: int, tp: int | None = None, *, hardware: str | None = None,
                   output_format: str = "native", context: int = 131072, kv=None, model: str = "model") -> Layout:
     """The layout to run. `tp` given: checked (and, with `hardware`, fitted by the planner). Otherwise, with
-    `hardware`: the largest engine TP that the planner says fits (TP 1 computes every sequence on every rank);
-    without: the largest engine TP this model divides into.
+    `hardware`: the smallest TP (most DP groups) the planner says fits; without: TP 1, DP = npus.
 
     Raises:
         ValueError: a TP the engine or the model cannot run.
@@ -83,7 +93,7 @@ def choose_layout(args, npus: int, tp: int | None = None, *, hardware: str | Non
     check_engine_tp(args, npus, 1)
     cands = engine_tps(npus, args)
     if not hardware:
-        return Layout(npus, cands[0], "default: the largest attention TP the engine runs for this model")
+        return Layout(npus, cands[0], "default: attention DP over every rank")
     from .planner import DeploymentError, check_deployment
 
     first: DeploymentError | None = None
@@ -97,4 +107,4 @@ def choose_layout(args, npus: int, tp: int | None = None, *, hardware: str | Non
     raise first
 
 
-__all__ = ["Layout", "choose_layout", "check_engine_tp", "engine_tps"]
+__all__ = ["Layout", "choose_layout", "check_engine_tp", "engine_tps", "resolve_tp"]

@@ -347,8 +347,8 @@ def checkpoint_format(path: Any) -> str:
 
 def check_deployment(args: Any, output_format: str, hardware: str, npus: int, *, context: int, kv: KVFormat,
                      model: str, tp: int = 1) -> PlanReport:
-    """The engine's layout for `npus` cards (routed experts split, attention TP `tp`: 1 = replicated; one
-    sequence of `context` tokens, the engine's own KV format) checked with the same memory model the pool uses.
+    """The engine's layout for `npus` cards (routed experts split, attention DP npus/tp x TP `tp`; one sequence of
+    `context` tokens, the engine's own KV format) checked with the same memory model the pool uses.
 
     Raises:
         DeploymentError: naming the verdict and the numbers (weights, reserve, free bytes per card).
@@ -359,7 +359,7 @@ def check_deployment(args: Any, output_format: str, hardware: str, npus: int, *,
                   model=model)
     if not r.fits:
         g = 1e9
-        attn = "attention replicated" if tp == 1 else f"attention TP {tp}"
+        attn = f"attention DP {npus // tp} x TP {tp}"
         raise DeploymentError(
             f"{model} as {output_format} on {npus} x {hardware} (EP {npus}, {attn}): {r.verdict}. "
             f"Per card: weights {r.weights_per_card / g:.1f} GB + reserve {r.reserve_per_card / g:.1f} GB of "

@@ -1,13 +1,14 @@
 """Worker process of an expert-parallel engine: rank r > 0, one per device.
 
-Every rank runs the same `Engine` (SPMD). A worker:
+The ranks of an attention TP group run the same `Engine` (SPMD); each attention DP group has its own. A worker:
 1. connects to rank 0's store (MASTER_ADDR:MASTER_PORT), reads the run spec (`RankSpec`);
 2. builds the model with only its routed experts and loads them (other experts' tensors are skipped), then
    reports "ready" (or the error) in the store;
 3. joins the process groups, injects the all-to-all dispatcher into every MoE, builds its `Engine`;
 4. loops: receive rank 0's message (broadcast); "step" = apply the add/abort commands rank 0 took since the
-   last step, then `engine.step()` (the MoE collectives and the sampled-token broadcast pair up with rank 0's
-   own step); "ping" = idle heartbeat; "info" = send `rank_info` to rank 0; "stop" = leave.
+   last step for this rank's DP group, then `engine.step()` (the MoE collectives pair up with every rank's step,
+   the sampled-token broadcast with the TP group's) and, with several DP groups, send the group's outputs to
+   rank 0; "ping" = idle heartbeat; "info" = send `rank_info` to rank 0; "stop" = leave.
 Any error (a dead peer, a timeout) ends the process with a non-zero status; rank 0 reports it. A locally
 started worker also exits when its parent dies (`--watch-parent`).
 
@@ -38,8 +39,9 @@ from ascend_v4.model.transformer import Transformer
 from ascend_v4.tokenizer import Tokenizer
 
 from .config import EngineConfig
-from .distributed import (SPEC_KEY, ParallelConfig, ParallelContext, broadcast_object, create_store,
-                          destroy_process_groups, get_object, init_process_groups, rank_device, ready_key)
+from .distributed import (SPEC_KEY, ParallelConfig, ParallelContext, broadcast_in_tp_group, broadcast_object,
+                          create_store, destroy_process_groups, gather_to_driver, get_object, init_process_groups,
+                          rank_device, ready_key)
 from .engine import Engine
 from .expert_parallel import ExpertPlacement, attach_expert_parallel
 from .tensor_parallel import attach_tensor_parallel, resident_bytes
@@ -78,15 +80,16 @@ def load_tokenizer(spec: RankSpec) -> Tokenizer:
 
 
 def make_engine(model: Transformer, tokenizer: Tokenizer, spec: RankSpec, ctx: ParallelContext) -> Engine:
-    """Inject expert (and attention tensor) parallelism and build the rank's Engine with rank 0's sampled tokens
-    as the truth."""
+    """Inject expert (and attention tensor) parallelism and build the rank's Engine: within a TP group the
+    leader's sampled tokens are the truth; with several DP groups every engine steps in lockstep."""
     attach_expert_parallel(model, ctx, ExpertPlacement(model.args.n_routed_experts, ctx.world_size))
     attach_tensor_parallel(model, ctx)
 
     def token_sync(sampled: list[Sampled]) -> list[Sampled]:
-        return broadcast_object(ctx, sampled if ctx.is_driver else None)
+        return broadcast_in_tp_group(ctx, sampled if ctx.tp_rank == 0 else None)
 
-    return Engine(model, tokenizer, spec.engine_config, token_sync=token_sync)
+    return Engine(model, tokenizer, spec.engine_config, token_sync=token_sync if ctx.tp_size > 1 else None,
+                  lockstep=ctx.dp_size > 1)
 
 
 def rank_info(model: Transformer, rank: int) -> dict:
@@ -99,14 +102,28 @@ def rank_info(model: Transformer, rank: int) -> dict:
             "tensors": sum(1 for _ in model.named_parameters()), **resident_bytes(model)}
 
 
-def apply_commands(engine: Engine, cmds: list[tuple]) -> None:
+def apply_commands(engine: Engine, cmds: list[tuple], group: int) -> None:
+    """Apply rank 0's ("add", group, id, prompt, params) / ("abort", group, id) commands meant for DP `group`."""
     for cmd in cmds:
+        if cmd[1] != group:
+            continue
         if cmd[0] == "add":
-            engine.add_request(cmd[1], cmd[2], cmd[3])
+            engine.add_request(cmd[2], cmd[3], cmd[4])
         elif cmd[0] == "abort":
-            engine.abort(cmd[1])
+            engine.abort(cmd[2])
         else:
             raise ValueError(f"unknown engine command {cmd[0]!r}")
+
+
+def step_group(engine: Engine, ctx: ParallelContext, cmds: list[tuple]) -> list | None:
+    """One step of this rank's DP group; with several groups, the outputs of every group's leader are gathered
+    on rank 0 (returned there, in group order; None elsewhere)."""
+    apply_commands(engine, cmds, ctx.dp_rank)
+    outs = engine.step()
+    if ctx.dp_size == 1:
+        return outs if ctx.is_driver else None
+    got = gather_to_driver(ctx, outs if ctx.tp_rank == 0 else None)
+    return None if got is None else [o for r in range(0, ctx.world_size, ctx.tp_size) for o in got[r]]
 
 
 def _watch_parent(ppid: int) -> None:
@@ -143,8 +160,7 @@ def run_worker(rank: int, world_size: int, local_rank: int, master_addr: str, ma
         if msg[0] == STOP:
             break
         if msg[0] == STEP:
-            apply_commands(engine, msg[1])
-            engine.step()
+            step_group(engine, ctx, msg[1])
         elif msg[0] == INFO:
             dist.gather_object(rank_info(model, rank), None, dst=0, group=ctx.cpu_group)
     destroy_process_groups()

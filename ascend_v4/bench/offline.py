@@ -59,6 +59,8 @@ class OfflineBenchConfig:
         threads: torch threads per engine process; None = torch's default (--threads).
         seed: prompts and output lengths (--seed).
         timeout_s: limit per engine process; None = none (--timeout).
+        npus / tp / dp: our engine's layout (--npus, --tp, --dp; runtime/layout.py): N ranks (N - 1 worker
+            processes), each DP group admitting ceil(level / DP) requests at once, so the level stays the total.
     """
 
     model: str = "small"
@@ -73,6 +75,9 @@ class OfflineBenchConfig:
     threads: int | None = None
     seed: int = 0
     timeout_s: float | None = None
+    npus: int = 1
+    tp: int | None = None
+    dp: int | None = None
 
     def validate(self) -> None:
         """Raise OfflineBenchError naming the first bad setting."""
@@ -100,6 +105,14 @@ class OfflineBenchConfig:
             bad("--threads", f"must be >= 1, got {self.threads}")
         if self.timeout_s is not None and self.timeout_s <= 0:
             bad("--timeout", f"must be > 0, got {self.timeout_s}")
+        if self.npus < 1:
+            bad("--npus", f"must be >= 1, got {self.npus}")
+        from ascend_v4.runtime.layout import resolve_tp
+
+        try:
+            resolve_tp(self.npus, self.tp, self.dp)
+        except ValueError as e:
+            bad("--tp/--dp", str(e))
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -198,7 +211,8 @@ def run_offline_bench(cfg: OfflineBenchConfig, progress: Callable[[str], None] |
             # absolute: the workers run in the temp dir, where a relative --model path would not resolve
             spec = {"model": str(Path(resolved.path).resolve()), "concurrency": c, "prompts": work.prompts,
                     "output_lens": work.output_lens, "warmup_prompts": warm.prompts, "quant_sim": cfg.quant_sim,
-                    "prefix_caching": cfg.shared_prefix > 0, "threads": cfg.threads}
+                    "prefix_caching": cfg.shared_prefix > 0, "threads": cfg.threads, "npus": cfg.npus,
+                    "tp": cfg.tp, "dp": cfg.dp}
             row: dict = {"concurrency": c, "num_prompts": n, "output_tokens": work.output_tokens}
             for e in engines:
                 say(f"concurrency {c}: {e}, {n} requests x {cfg.input_len} input tokens, "
@@ -231,7 +245,9 @@ def format_table(result: dict) -> str:
         f"bench offline: {result['model']} ({result['model_path']}{dummy})",
         f"  {c['input_len']} input tokens (shared prefix {c['shared_prefix']}), {c['output_len']} output tokens "
         f"(spread {c['output_len_spread']:g}), greedy, quant-sim {'on' if c['quant_sim'] else 'off'}, "
-        f"torch threads {threads}, peer {c['peer']}",
+        f"torch threads {threads}, peer {c['peer']}"
+        + (f", ours on {c['npus']} ranks (--tp {c['tp']} --dp {c['dp']}), sharing {os.cpu_count()} cores"
+           if c.get("npus", 1) > 1 else ""),
         ("  tok/s: requested output tokens / wall time (prefill included)"
          + ("; ratio: ours / hf (transformers) tok/s" if peer else "")),
         "  latency: all requests submitted -> a request's last token" + (" (hf: the end of its batch)" if peer else ""),

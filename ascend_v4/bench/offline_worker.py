@@ -47,15 +47,24 @@ def run_ours(spec: dict) -> dict:
     from ascend_v4.runtime.config import EngineConfig
     from ascend_v4.runtime.engine import Engine
 
-    t_load = time.perf_counter()
-    llm = LLM(spec["model"], quant_sim=spec["quant_sim"])
-    load_s = time.perf_counter() - t_load
     n = len(spec["prompts"])
-    cfg = EngineConfig(max_num_seqs=spec["concurrency"], max_num_batched_tokens=STEP_TOKENS, max_queue=n,
+    npus = spec.get("npus", 1)
+    t_load = time.perf_counter()
+    if npus > 1:  # the level is the total: each DP group admits its share
+        from ascend_v4.runtime.layout import resolve_tp
+
+        tp = resolve_tp(npus, spec.get("tp"), spec.get("dp")) or 1
+        per_group = -(-spec["concurrency"] // (npus // tp))
+    else:
+        per_group = spec["concurrency"]
+    cfg = EngineConfig(max_num_seqs=per_group, max_num_batched_tokens=STEP_TOKENS, max_queue=n,
                        enable_prefix_caching=spec["prefix_caching"])
+    llm = LLM(spec["model"], quant_sim=spec["quant_sim"], npus=npus, tp=spec.get("tp"), dp=spec.get("dp"),
+              engine_config=cfg)
+    load_s = time.perf_counter() - t_load
     # One engine for warm-up and timed pass: with a shared prefix, the warm-up leaves it in the prefix cache
     # like a long-lived system prompt (the warm-up prompts share nothing else with the timed ones).
-    engine = Engine(llm.model, llm.tokenizer, cfg)
+    engine = llm.engine if llm.engine is not None else Engine(llm.model, llm.tokenizer, cfg)
 
     def one_pass(tag: str, prompts: list[list[int]], lens: list[int]) -> dict:
         for i, (p, k) in enumerate(zip(prompts, lens)):
@@ -76,8 +85,12 @@ def run_ours(spec: dict) -> dict:
         return {"wall_s": wall, "latencies_s": ends, "output_tokens": sum(counts), "computed_tokens": sum(counts),
                 "cached_prompt_tokens": cached}
 
-    one_pass("warmup-", spec["warmup_prompts"], [min(WARMUP_TOKENS, k) for k in spec["output_lens"]])
-    return {"load_s": load_s, **one_pass("req-", spec["prompts"], spec["output_lens"])}
+    try:
+        one_pass("warmup-", spec["warmup_prompts"], [min(WARMUP_TOKENS, k) for k in spec["output_lens"]])
+        return {"load_s": load_s, "layout": llm.layout.as_dict(), **one_pass("req-", spec["prompts"],
+                                                                             spec["output_lens"])}
+    finally:
+        llm.shutdown()
 
 
 def run_transformers(spec: dict) -> dict:

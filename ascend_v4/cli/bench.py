@@ -125,10 +125,14 @@ def _parse_levels(ctx, param, values: tuple[str, ...]) -> tuple[int, ...]:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of prompts and output lengths.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds allowed per engine process (load + warm-up + timed pass). Default: no limit.")
+@click.option("--npus", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Our engine on N ranks (N - 1 worker processes; each DP group admits its share of the level).")
+@click.option("--tp", type=click.IntRange(min=1), default=None, help="Attention TP of our engine (with --npus).")
+@click.option("--dp", type=click.IntRange(min=1), default=None, help="Attention DP groups (with --npus).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               help="Also write machine-readable results to PATH ('-': JSON on stdout, table on stderr).")
 def bench_offline(model, concurrency, num_prompts, input_len, output_len, output_len_spread, shared_prefix, peer,
-                  quant_sim, threads, seed, timeout, json_path):
+                  quant_sim, threads, seed, timeout, npus, tp, dp, json_path):
     """Offline throughput and latency vs concurrency: ours against transformers on the same checkpoint.
 
     For each concurrency level C, C requests (or --num-prompts) of --input-len random token ids each
@@ -149,6 +153,7 @@ def bench_offline(model, concurrency, num_prompts, input_len, output_len, output
       ascend-v4 bench offline --concurrency 16 --output-len-spread 0.9 --threads 2
       ascend-v4 bench offline --concurrency 8 --shared-prefix 512 --input-len 640 --peer none
       ascend-v4 bench offline --model tiny --concurrency 1,2 --output-len 4 --json out.json
+      ascend-v4 bench offline --concurrency 16 --npus 2 --dp 2 --peer none   # DP 2 (1 thread per rank here)
     Dummy checkpoints (tiny, small) measure speed only; their text is gibberish by design.
     """
     from ascend_v4.bench.offline import OfflineBenchConfig, OfflineBenchError, format_table, run_offline_bench
@@ -158,7 +163,7 @@ def bench_offline(model, concurrency, num_prompts, input_len, output_len, output
     cfg = OfflineBenchConfig(model=model, concurrency=concurrency, num_prompts=num_prompts, input_len=input_len,
                              output_len=output_len, output_len_spread=output_len_spread,
                              shared_prefix=shared_prefix, peer=peer, quant_sim=quant_sim == "on",
-                             threads=threads, seed=seed, timeout_s=timeout)
+                             threads=threads, seed=seed, timeout_s=timeout, npus=npus, tp=tp, dp=dp)
     try:
         res = run_offline_bench(cfg, progress=lambda msg: click.echo(f"[bench offline] {msg}", err=True))
     except (CheckpointError, ConfigError) as e:

@@ -28,6 +28,10 @@ class GenerateRequest:
     verify_checkpoint: bool = False
     npus: int = 1
     tp: int | None = None
+    dp: int | None = None
+    nnodes: int | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
 
 
 def run_generate(req: GenerateRequest) -> dict:
@@ -41,7 +45,8 @@ def run_generate(req: GenerateRequest) -> dict:
         raise click.UsageError("--chat needs --prompt (a user message), not --prompt-ids")
     llm = LLM(req.model, device=req.device, dtype=req.dtype, quant_sim=req.quant_sim, dummy=req.dummy,
               progress=True, check_weights=req.check_weights,
-              verify_checkpoint=req.verify_checkpoint, npus=req.npus, tp=req.tp)
+              verify_checkpoint=req.verify_checkpoint, npus=req.npus, tp=req.tp, dp=req.dp, nnodes=req.nnodes,
+              master_addr=req.master_addr, master_port=req.master_port)
     try:
         if req.npus > 1:
             click.echo(f"[generate] layout: {llm.layout.describe()}", err=True)
@@ -64,12 +69,47 @@ def run_generate(req: GenerateRequest) -> dict:
 
 
 # Shared with `ascend-v4 serve`.
+def multinode_options(f):
+    """--nnodes / --node-rank / --master-addr / --master-port (torchrun-style variables as defaults)."""
+    f = click.option("--master-port", type=click.IntRange(1, 65535), default=None,
+                     help="Port of node 0's rendezvous (default: MASTER_PORT; a free one on a single node).")(f)
+    f = click.option("--master-addr", default=None, help="Node 0's address (default: MASTER_ADDR).")(f)
+    f = click.option("--node-rank", type=click.IntRange(min=0), default=None,
+                     help="This node's index (default: NODE_RANK / GROUP_RANK, else 0). Node 0 runs the engine "
+                          "front; node K > 0 only starts its --npus / --nnodes ranks and waits for node 0.")(f)
+    return click.option("--nnodes", type=click.IntRange(min=1), default=None,
+                        help="Nodes of a multi-node run (default: NNODES, else 1); run the same command on every "
+                             "node with its --node-rank.")(f)
+
+
+def run_other_node(npus: int, nnodes, node_rank, master_addr, master_port) -> bool:
+    """For node K > 0: start its ranks, wait for them, exit with their status (True: this was such a node)."""
+    from ascend_v4.runtime.node import NodeSpec, run_node
+
+    node = NodeSpec.from_env(nnodes, node_rank, master_addr, master_port)
+    if node.node_rank == 0:
+        return False
+    try:
+        node.check(npus)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    r = node.local_ranks(npus)
+    click.echo(f"[node {node.node_rank}] ranks {r.start}..{r.stop - 1} of {npus}; rank 0 at "
+               f"{node.master_addr}:{node.master_port}", err=True)
+    code = run_node(node, npus)
+    click.echo(f"[node {node.node_rank}] ranks ended (status {code})", err=True)
+    raise SystemExit(code)
+
+
 NPUS_HELP = ("Devices (ranks): N - 1 worker processes are started; the routed experts are split over all N "
              "(expert parallelism). Multi-node: MASTER_ADDR / MASTER_PORT / LOCAL_WORLD_SIZE.")
-TP_HELP = ("Attention tensor parallelism: the query heads, output groups and vocab are split over T ranks (the "
-           "KV cache, indexer and compressors stay whole). The engine runs T = 1 (attention replicated) or "
-           "T = --npus. Default: the planner's choice (serve --hardware), else the largest T the model divides "
-           "into; the layout is printed at start.")
+TP_HELP = ("Attention tensor parallelism: the query heads, output groups and vocab are split over groups of T "
+           "ranks (the KV cache, indexer and compressors stay whole); T must divide the model's o_groups. "
+           "Default: the planner's choice (serve --hardware: the smallest T that fits), else 1; the layout is "
+           "printed at start.")
+DP_HELP = ("Attention data parallelism: --npus / --tp groups, each with its own scheduler, cache and requests "
+           "(routed to the least loaded group); every group's tokens meet the expert owners in one exchange per MoE "
+           "layer. --tp x --dp = --npus; give either.")
 CHECK_WEIGHTS_HELP = ("While loading, check every float weight for NaN / inf (FP8: NaN bytes) and fail naming the "
                       "file, tensor and element. UE8M0 scales are always checked (NaN byte, overflowing scale).")
 VERIFY_CHECKPOINT_HELP = ("Before loading, re-hash every file of an `ascend-v4 quantize` output against its "
@@ -111,10 +151,13 @@ def _parse_ids(ctx, param, value: str | None) -> list[int] | None:
 @click.option("--verify-checkpoint", is_flag=True, help=VERIFY_CHECKPOINT_HELP)
 @click.option("--npus", default=1, show_default=True, type=click.IntRange(min=1), help=NPUS_HELP)
 @click.option("--tp", type=click.IntRange(min=1), default=None, help=TP_HELP)
+@click.option("--dp", type=click.IntRange(min=1), default=None, help=DP_HELP)
+@multinode_options
 @click.option("--json", "as_json", is_flag=True,
               help="Print ids, text, timings, the parallel layout and each rank's resident weight bytes as JSON.")
 def generate(model, prompt, prompt_ids, chat, thinking, max_tokens, temperature, top_p, top_k, seed, dtype,
-             device, no_quant_sim, dummy, check_weights, verify_checkpoint, npus, tp, as_json):
+             device, no_quant_sim, dummy, check_weights, verify_checkpoint, npus, tp, dp, nnodes, node_rank,
+             master_addr, master_port, as_json):
     """Generate a completion for one prompt.
 
     \b
@@ -123,13 +166,17 @@ def generate(model, prompt, prompt_ids, chat, thinking, max_tokens, temperature,
       ascend-v4 generate --model tiny --chat --thinking high --prompt "Why is the sky blue?"
       ascend-v4 generate --model /data/DeepSeek-V4-Flash --prompt-ids 0,1234,5678 --json
       ascend-v4 generate --model tiny --npus 2 --tp 2 --prompt "Hello" --json
+      ascend-v4 generate --model tiny --npus 4 --nnodes 2 --node-rank 0 --master-addr HEAD --master-port 29500 ...
+      (and on the second node the same command with --node-rank 1)
     Dummy checkpoints have random weights: their text is gibberish by design.
     """
     from ascend_v4.checkpoint.errors import CheckpointError
     from ascend_v4.model.args import ConfigError
 
+    run_other_node(npus, nnodes, node_rank, master_addr, master_port)
     req = GenerateRequest(model, prompt, prompt_ids, chat, thinking, max_tokens, temperature, top_p, top_k,
-                          seed, dtype, device, not no_quant_sim, dummy, check_weights, verify_checkpoint, npus, tp)
+                          seed, dtype, device, not no_quant_sim, dummy, check_weights, verify_checkpoint, npus, tp, dp,
+                          nnodes, master_addr, master_port)
     try:
         res = run_generate(req)
     except (CheckpointError, ConfigError, ValueError) as e:

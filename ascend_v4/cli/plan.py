@@ -43,6 +43,7 @@ def _weights(model: str, fmt: str):
 
 def commands(r, model: str) -> dict:
     """The commands that deploy the layout of PlanReport `r` (None where the runtime lacks it)."""
+    from ascend_v4.model.tp import check_tp
     from ascend_v4.runtime.layout import engine_tps
 
     args = _inventory(model)[0]
@@ -54,12 +55,13 @@ def commands(r, model: str) -> dict:
     if not r.fits:
         out["why_not"] = r.verdict
     elif r.tp not in engine_tps(r.npus, args):
-        runs = engine_tps(r.npus, args)
-        out["why_not"] = (f"needs {r.npus // r.tp} attention data-parallel groups of TP {r.tp}; the engine runs "
-                          f"attention TP {' or '.join(map(str, runs))} on {r.npus} cards for this model today")
+        try:
+            check_tp(args, r.tp)
+        except ValueError as e:
+            out["why_not"] = str(e)
     else:
         kv = " --kv-cache-dtype fp8" if r.kv.name.startswith("fp8") else ""
-        tp = f" --tp {r.tp}" if r.npus > 1 else ""
+        tp = f" --tp {r.tp} --dp {r.npus // r.tp}" if r.npus > 1 else ""
         out["serve"] = (f"ascend-v4 serve --model {src} --npus {r.npus}{tp} --hardware {r.hardware_key}"
                         f" --max-model-len {r.context}{kv}")
     return out
@@ -76,8 +78,8 @@ def run_plan(model: str, fmt: str, npus: int, hardware: str, *, context: int = 1
     tps = [tp] if tp else _divisors(npus)
     reports = [make_plan(args, specs, fmt, hardware, npus, tp=t, context=context, batch=batch, kv=kv, model=name,
                          weights=ws) for t in tps]
-    # Recommended: a fitting layout the engine runs (largest TP first, as `serve` picks without --tp: its TP 1 is
-    # attention replicated, not DP), else the smallest fitting TP (needs DP), else the one closest to fitting.
+    # Recommended: the fitting layout with the smallest TP (the most DP groups) that the model can be split into,
+    # as `serve --hardware` picks; else the one closest to fitting.
     runs = {t: i for i, t in enumerate(engine_tps(npus, args))}
     fitting = sorted((r for r in reports if r.fits), key=lambda r: (runs.get(r.tp, len(runs)), r.tp))
     chosen = fitting[0] if fitting else max(reports, key=lambda r: r.free_per_card)

@@ -6,7 +6,8 @@ import sys
 
 import click
 
-from ascend_v4.cli.generate import CHECK_WEIGHTS_HELP, NPUS_HELP, TP_HELP, VERIFY_CHECKPOINT_HELP
+from ascend_v4.cli.generate import (CHECK_WEIGHTS_HELP, DP_HELP, NPUS_HELP, TP_HELP, VERIFY_CHECKPOINT_HELP,
+                                   multinode_options, run_other_node)
 
 
 def _echo(line: str) -> None:
@@ -19,6 +20,8 @@ def _echo(line: str) -> None:
                    "Face repo id in the local cache. Default: the tiny dummy, for trying the API.")
 @click.option("--npus", default=1, show_default=True, type=int, help=NPUS_HELP)
 @click.option("--tp", type=click.IntRange(min=1), default=None, help=TP_HELP)
+@click.option("--dp", type=click.IntRange(min=1), default=None, help=DP_HELP)
+@multinode_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0 = any free port.")
 @click.option("--api-key", default=None, help="Require this key (Authorization: Bearer KEY or x-api-key: KEY).")
@@ -66,7 +69,7 @@ def _echo(line: str) -> None:
 @click.option("--access-log/--no-access-log", default=True, show_default=True)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
-def serve(model, npus, tp, host, port, api_key, served_model_names, max_num_seqs, max_queue, max_model_len,
+def serve(model, npus, tp, dp, nnodes, node_rank, master_addr, master_port, host, port, api_key, served_model_names, max_num_seqs, max_queue, max_model_len,
           max_num_batched_tokens, cache_gib, kv_cache_dtype, block_size, no_prefix_caching, device, dtype, dummy,
           hardware, check_weights, verify_checkpoint, require_reasoning_passback, honor_sampling_in_thinking, encoder_version,
           default_max_tokens, drain_timeout, access_log, log_level):
@@ -80,6 +83,7 @@ def serve(model, npus, tp, host, port, api_key, served_model_names, max_num_seqs
       ascend-v4 serve --model flash --api-key sk-local --max-model-len 131072
       ascend-v4 serve --model /data/DeepSeek-V4-Flash --host 0.0.0.0 --port 8000
       ascend-v4 serve --model /data/pro-w4a8 --npus 16 --tp 16 --hardware 910c   # `ascend-v4 plan` prints this
+      ascend-v4 serve --model /data/flash-w8a8 --npus 16 --tp 2 --dp 8
     """
     try:
         import fastapi  # noqa: F401
@@ -88,11 +92,13 @@ def serve(model, npus, tp, host, port, api_key, served_model_names, max_num_seqs
     except ImportError as e:
         raise click.ClickException(f"the server needs the `server` extra: pip install 'ascend-v4[server]' ({e})") \
             from None
+    run_other_node(npus, nnodes, node_rank, master_addr, master_port)  # node K > 0: its ranks only, no server
     from ascend_v4.server.launch import ServeError, ServeOptions, exit_process, serve as run_serve
     from ascend_v4.checkpoint.errors import CheckpointError
     from ascend_v4.model.args import ConfigError
 
-    opts = ServeOptions(model=model, host=host, port=port, npus=npus, tp=tp, api_key=api_key,
+    opts = ServeOptions(model=model, host=host, port=port, npus=npus, tp=tp, dp=dp, nnodes=nnodes, master_addr=master_addr,
+                        master_port=master_port, api_key=api_key,
                         served_model_names=list(served_model_names), max_num_seqs=max_num_seqs, max_queue=max_queue,
                         max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
                         cache_gib=cache_gib, kv_cache_dtype=kv_cache_dtype, block_size=block_size,

@@ -82,6 +82,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         """x [T, D] (normed block input) -> [T, D]. Reads and updates the caches of batch.seqs."""
         T = x.shape[0]
+        if T == 0:  # an idle attention-DP group's empty step: its MoE layers still join the expert exchange
+            return torch.zeros_like(x)
         eps = self.args.norm_eps
         cos, sin = cos_sin(self.freqs, batch.positions)
         xq = self.wq_a.quantize_input(x)  # shared by wq_a and wkv

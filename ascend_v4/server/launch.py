@@ -45,7 +45,11 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     npus: int = 1
-    tp: int | None = None  # attention TP; None: the planner's choice with --hardware, else the largest that runs
+    tp: int | None = None  # attention TP; None: the planner's choice with --hardware, else from dp (or 1)
+    dp: int | None = None  # attention DP groups (tp x dp = npus)
+    nnodes: int | None = None  # multi-node: this process is node 0 (runtime/node.py)
+    master_addr: str | None = None
+    master_port: int | None = None
     api_key: str | None = None
     served_model_names: list[str] = field(default_factory=list)
     max_num_seqs: int = 32
@@ -86,7 +90,7 @@ def check_layout(spec: str, opts: ServeOptions) -> int:
 
     from ascend_v4.model import kv_layout
     from ascend_v4.model.args import ModelArgs, preset_names
-    from ascend_v4.runtime.layout import choose_layout
+    from ascend_v4.runtime.layout import choose_layout, resolve_tp
     from ascend_v4.runtime.planner import DeploymentError, checkpoint_format
 
     if Path(spec).is_dir():
@@ -98,7 +102,7 @@ def check_layout(spec: str, opts: ServeOptions) -> int:
     context = opts.max_model_len or min(args.max_seq_len, 131072)
     act = 4 if opts.dtype == "fp32" else 2  # the pool stores activations in the model dtype (bf16 on a device)
     try:
-        lay = choose_layout(args, opts.npus, opts.tp, hardware=opts.hardware, output_format=fmt, context=context,
+        lay = choose_layout(args, opts.npus, resolve_tp(opts.npus, opts.tp, opts.dp), hardware=opts.hardware, output_format=fmt, context=context,
                             kv=kv_layout.runtime_format(args, opts.kv_cache_dtype, act), model=spec)
     except (DeploymentError, ValueError) as e:
         raise ServeError(str(e)) from None
@@ -192,7 +196,8 @@ def build_app(opts: ServeOptions):
         raise ServeError(str(e)) from None
     # npus > 1: expert parallelism; LLM starts the worker processes and returns rank 0's engine.
     llm = LLM(spec, device=device, dtype=opts.dtype, dummy=opts.dummy, progress=True,
-              npus=opts.npus, tp=tp, engine_config=cfg, check_weights=opts.check_weights,
+              npus=opts.npus, tp=tp, dp=None if opts.hardware else opts.dp, nnodes=opts.nnodes,
+              master_addr=opts.master_addr, master_port=opts.master_port, engine_config=cfg, check_weights=opts.check_weights,
               verify_checkpoint=opts.verify_checkpoint)
     engine = AsyncEngine(llm.engine if llm.engine is not None else Engine(llm.model, llm.tokenizer, cfg))
     encoder = encoder_version_of(llm.path) if opts.encoder_version == "auto" else opts.encoder_version

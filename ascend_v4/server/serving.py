@@ -121,7 +121,7 @@ class ServerState:
         self.tokenizer = core.tokenizer
         self.max_model_len: int = core.max_model_len
         self.vocab_size: int = core.model.args.vocab_size
-        self.capacity = core.config.max_num_seqs + core.config.max_queue
+        self.capacity = core.max_running + core.config.max_queue  # max_num_seqs per DP group
         self.admitted = 0
         self.created = int(time.time())
         ids = self.tokenizer.encode(THINK_END)

@@ -1,6 +1,7 @@
 """`ascend-v4 serve --npus 2`: the server drives the multi-rank engine (2 Gloo ranks on CPU), with attention
-replicated (`--tp 1`) and with attention tensor parallelism (`--tp 2`); the official openai client gets the same
-greedy completion, chat answer and stream as from a single-process server, and Ctrl-C stops the workers."""
+data parallelism (`--tp 1`: DP 2) and with attention tensor parallelism (`--tp 2`); the official openai client gets the same
+greedy completion, chat answer and stream as from a single-process server, and Ctrl-C stops the workers. Also
+`--npus 4 --tp 2`: DP 2 x TP 2."""
 
 from __future__ import annotations
 
@@ -37,18 +38,18 @@ def reference(tiny_checkpoint, tmp_path_factory):
         one.stop()
 
 
-@pytest.mark.parametrize("tp", ["1", "2"])
-def test_serve_on_two_ranks_matches_single_process(reference, tmp_path, tp):
-    two = LiveServer(["--model", "tiny", "--npus", "2", "--tp", tp, "--no-access-log"], tmp_path / "two.log")
+@pytest.mark.parametrize("npus,tp", [("2", "1"), ("2", "2"), ("4", "2")])
+def test_serve_on_two_ranks_matches_single_process(reference, tmp_path, npus, tp):
+    two = LiveServer(["--model", "tiny", "--npus", npus, "--tp", tp, "--no-access-log"], tmp_path / "two.log")
     two.wait_ready()
     workers = [p.pid for p in psutil.Process(two.proc.pid).children(recursive=True)]
     try:
-        assert workers, "expected a worker process for rank 1"
+        assert len(workers) == int(npus) - 1, "expected a worker process per rank > 0"
         assert _complete(two.url) == reference[0]
         answer, streamed = _chat(two.url)
         assert answer == streamed == reference[1][0] and answer
         log = (tmp_path / "two.log").read_text()
-        assert ("attention TP 2" if tp == "2" else "attention replicated") in log
+        assert f"attention DP {int(npus) // int(tp)} x TP {tp}" in log
     finally:
         assert two.stop() == 0
     assert not [p for p in workers if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]

@@ -24,7 +24,8 @@ def test_help_names_every_option():
     r = _invoke("--help")
     assert r.exit_code == 0, r.output
     for opt in ("--model", "--concurrency", "--num-prompts", "--input-len", "--output-len", "--output-len-spread",
-                "--shared-prefix", "--peer", "--quant-sim", "--threads", "--seed", "--timeout", "--json"):
+                "--shared-prefix", "--peer", "--quant-sim", "--threads", "--seed", "--timeout", "--npus", "--tp",
+                "--dp", "--json"):
         assert opt in r.output, f"{opt} missing from --help"
     assert "transformers" in r.output and "peak RSS" in r.output
     assert "offline" in CliRunner().invoke(main, ["bench", "--help"]).output
@@ -39,6 +40,7 @@ def test_help_names_every_option():
     (["--quant-sim", "maybe"], "--quant-sim"),
     (["--model", "/nonexistent/ckpt"], "--model"),
     (["--model", "tiny", "--timeout", "0.01", "--concurrency", "1", "--peer", "none"], "--timeout"),
+    (["--npus", "4", "--tp", "2", "--dp", "3"], "--tp/--dp"),
 ])
 def test_bad_input_is_a_clear_error(args, msg):
     r = _invoke(*args)
@@ -115,6 +117,17 @@ def test_ours_worker_mixed_lengths_and_prefix_cache(tiny_path):
     # the warm-up left the shared prefix in the prefix cache, so every timed request reused some of it
     assert 0 < res["cached_prompt_tokens"] <= 3 * shared
     assert all(0 < t <= res["wall_s"] for t in res["latencies_s"])
+
+
+def test_ours_worker_on_two_dp_groups(tiny_path):
+    """--npus 2 --dp 2: the level (4) is the total, each group admitting 2; the same output tokens."""
+    from ascend_v4.bench.offline_worker import run_ours
+
+    mk = dict(num_requests=4, input_len=20, output_len=3, spread=0.0, shared_prefix=0)
+    work, warm = make_workload(**mk, seed=0), make_workload(**mk, seed=1)
+    res = run_ours({**_spec(tiny_path, 4, work, warm, prefix_caching=False), "npus": 2, "tp": None, "dp": 2})
+    assert res["output_tokens"] == work.output_tokens
+    assert res["layout"] == {"npus": 2, "tp": 1, "dp": 2, "ep": 2, "source": "--tp"}
 
 
 @pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers (the test extra)")

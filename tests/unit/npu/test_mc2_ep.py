@@ -88,7 +88,9 @@ def rank_main(rank: int, ckpt: str, store_path: str, torch_npu) -> dict:
     Leaves this process's process groups to the caller (`destroy_process_groups`)."""
     pl = ExpertPlacement(8, WORLD)
     model = load_model(ckpt, OPTS, experts=pl.experts_of(rank))
-    ctx = init_process_groups(dist.FileStore(store_path, WORLD), rank, WORLD, rank, device_type="cpu", timeout_s=60)
+    # one batch shared by both ranks (DP 1): the token slices are taken over the TP group of all ranks
+    ctx = init_process_groups(dist.FileStore(store_path, WORLD), rank, WORLD, rank, device_type="cpu", timeout_s=60,
+                              tp=WORLD)
     torch_npu.register_mc2_group(COMM, dist.new_group(backend="gloo"))  # MC2's own group, as on HCCL
     mc2_ep = Mc2Experts(ctx, pl, torch_npu, mc2.Mc2Group(COMM, WORLD, rank, pl.num_experts), MAX_BS)
     a2a = AllToAllExperts(ctx, pl)
@@ -189,7 +191,7 @@ def test_mc2_ep_matches_one_device_and_all_to_all(ckpt, tmp_path, one_thread, tn
 
 # -- choice and argument checks (one process) ----------------------------------------------------------------------
 def _ctx(backend: str, rank: int = 0) -> ParallelContext:
-    return ParallelContext(rank, WORLD, rank, backend, "cpu", None, None, 10.0)
+    return ParallelContext(rank, WORLD, rank, backend, "cpu", None, None, 10.0, tp_rank=rank, tp_size=WORLD)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,9 @@
 """Expert parallelism on CPU with real Gloo process groups (worker processes, no mocks), tiny preset (8 experts).
 
-* greedy outputs and their log-probabilities identical for EP 1 (plain Engine) vs 2 vs 4 ranks, over a batch of
-  mixed-length prompts with chunked prefill;
+* greedy outputs equal for EP 1 (plain Engine) vs 2 vs 4 ranks (attention DP over the ranks, the default
+  layout), over a batch of mixed-length prompts with chunked prefill, log-probabilities within 1e-4 (a DP group's
+  GEMMs run over its own sub-batch, so last bits may differ); with one TP group over 2 ranks (DP 1) every
+  expert sees one device's matrix: its outputs are bit-identical;
 * each rank holds exactly its E/N routed experts (ids and parameter count);
 * a worker killed mid-generation (SIGKILL) or hung (SIGSTOP) makes the engine fail within the timeout, with a
   WorkerError naming the rank; AsyncEngine fails the in-flight requests and reports unhealthy;
@@ -127,7 +129,7 @@ def test_ep_outputs_identical_and_experts_local(ckpt, tok, full_model, ep1, worl
         assert len(pids) == world - 1 and set(pids) <= _children()
         got = results(eng.generate(PROMPTS, [GREEDY] * len(PROMPTS)))
         assert [t for t, _ in got] == [t for t, _ in ep1]
-        assert got == ep1  # log-probabilities equal bit for bit: EP reproduces the single-device logits
+        assert max(abs(a - b) for (_, la), (_, lb) in zip(got, ep1) for a, b in zip(la, lb)) < 1e-4
         assert eng.stats()["steps"] > 4 and eng.stats()["blocks_used"] == 0
 
         # each rank holds exactly its E/N routed experts

@@ -183,13 +183,12 @@ def test_rows_that_do_not_fit_show_no_speed():
     assert rows[16].split()[5] != "-" and rows[16].endswith("FITS")
 
 
-# Recommended: the largest attention TP the engine runs that fits (TP = npus where the model divides into it, as
-# `serve` picks; its TP 1 replicates attention), else the smallest fitting TP (needs DP: no serve command yet).
-# Flash has 8 output groups (TP <= 8), Pro 16.
+# Recommended: the smallest attention TP that fits (the most DP groups), as `serve --hardware` picks; the serve
+# command names --tp and --dp. Flash has 8 output groups (TP <= 8), Pro 16.
 @pytest.mark.parametrize("model,fmt,npus,hw,tp,runs", [
-    ("flash", "w8a8", 8, "910b", 8, True), ("flash", "w8a8", 16, "910c", 1, True),
-    ("flash", "native", 4, "950", 4, True), ("pro", "w4a8", 16, "910c", 16, True),
-    ("pro", "w8a8", 16, "950", 16, True), ("pro", "w4a8", 32, "910b", 2, False)])
+    ("flash", "w8a8", 8, "910b", 1, True), ("flash", "w8a8", 16, "910c", 1, True),
+    ("flash", "native", 4, "950", 1, True), ("pro", "w4a8", 16, "910c", 16, True),
+    ("pro", "w8a8", 16, "950", 1, True), ("pro", "w4a8", 32, "910b", 2, True)])
 def test_json_recommends_a_layout_and_the_commands(model, fmt, npus, hw, tp, runs):
     r = CliRunner().invoke(main, ["plan", "-m", model, "-f", fmt, "-n", str(npus), "-H", hw, "--json"])
     assert r.exit_code == 0, r.output
@@ -203,9 +202,16 @@ def test_json_recommends_a_layout_and_the_commands(model, fmt, npus, hw, tp, run
     assert (cmds["quantize"] is None) == (fmt == "native")
     if runs:  # a layout the engine runs: the exact serve command
         assert cmds["serve"].startswith(f"ascend-v4 serve --model {model}")
-        assert f"--npus {npus} --tp {tp} --hardware {hw}" in cmds["serve"] and cmds["why_not"] is None
+        assert f"--npus {npus} --tp {tp} --dp {npus // tp} --hardware {hw}" in cmds["serve"]
+        assert cmds["why_not"] is None
     else:
-        assert cmds["serve"] is None and f"data-parallel groups of TP {tp}" in cmds["why_not"]
+        assert cmds["serve"] is None and "does not divide this model" in cmds["why_not"]
+
+
+def test_a_tp_the_model_cannot_take_gets_no_serve_command():
+    r = CliRunner().invoke(main, ["plan", "-m", "flash", "-f", "w4a8", "-n", "16", "-H", "910b", "--tp", "16", "--json"])
+    cmds = json.loads(r.output)["commands"]
+    assert cmds["serve"] is None and "o_groups=8" in cmds["why_not"]
 
 
 def test_memory_model_is_the_engines():

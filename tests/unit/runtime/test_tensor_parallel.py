@@ -80,10 +80,10 @@ def test_what_is_split_and_which_tp_sizes_a_model_takes():
     assert slice_dim("layers.0.attn.wq_a.weight", (128, 128), (128, 128), 2) is None
     with pytest.raises(ValueError, match="not 2 slices"):
         slice_dim("layers.0.attn.wq_b.weight", (512, 128), (128, 128), 2)
-    assert engine_tps(2, tiny) == (2, 1) and engine_tps(4, tiny) == (1,)
-    assert choose_layout(tiny, 2).tp == 2 and choose_layout(tiny, 4).tp == 1
-    with pytest.raises(ValueError, match="needs attention data parallelism"):
-        choose_layout(ModelArgs.from_preset("pro"), 16, 4)
+    assert engine_tps(2, tiny) == (1, 2) and engine_tps(4, tiny) == (1, 2)
+    assert choose_layout(tiny, 2).tp == 1 and choose_layout(tiny, 4, 2).dp == 2
+    with pytest.raises(ValueError, match="o_groups=2"):
+        choose_layout(tiny, 4, 4)
 
 
 def test_rank_slices_put_together_are_the_full_tensors(ckpt):
@@ -217,7 +217,7 @@ def test_generate_json_reports_the_layout_and_each_ranks_bytes(ckpt):
     assert two["token_ids"] == one["token_ids"]
     assert (one["layout"]["npus"], one["layout"]["tp"]) == (1, 1)
     assert two["layout"] == {"npus": 2, "tp": 2, "dp": 1, "ep": 2, "source": "--tp"}
-    assert "attention TP 2" in err
+    assert "attention DP 1 x TP 2" in err
     r0, r1 = two["ranks"]
     assert (r0["rank"], r0["tp_rank"], r0["experts"]) == (0, 0, [0, 1, 2, 3])
     assert (r1["rank"], r1["tp_rank"], r1["experts"]) == (1, 1, [4, 5, 6, 7])

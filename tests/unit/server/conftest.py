@@ -32,7 +32,7 @@ class ScriptedEngine:
         self.tokenizer = tokenizer
         self.script = script or (lambda ids, p: ["Hello", " world", "!"])
         self.engine = SimpleNamespace(
-            tokenizer=tokenizer, max_model_len=max_model_len,
+            tokenizer=tokenizer, max_model_len=max_model_len, max_running=max_num_seqs,
             model=SimpleNamespace(args=SimpleNamespace(vocab_size=tokenizer.vocab_size)),
             config=SimpleNamespace(max_num_seqs=max_num_seqs, max_queue=max_queue))
         self.step_delay = step_delay

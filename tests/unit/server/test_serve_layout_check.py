@@ -34,18 +34,18 @@ def test_pro_w4a8_on_16_dies_with_replicated_attention_is_refused(tmp_path):
     # ascend-v4 plan's own figure for TP 1 (the issue's 90.8 GB per card on 64 GB dies, now with the fp32 head
     # and the BF16 wo_a the engine really holds: model/placement.py)
     assert "DOES NOT FIT" in r.stderr and "weights 92.6 GB" in r.stderr and "Nothing was loaded" in r.stderr
-    assert "attention replicated" in r.stderr and "--npus 16 --hardware 910c" in r.stderr
+    assert "attention DP 16 x TP 1" in r.stderr and "--npus 16 --hardware 910c" in r.stderr
 
 
 def test_pro_w4a8_on_16_dies_gets_attention_tp_16(tmp_path):
-    """Without --tp the planner's layout is taken: TP 16 fits (60.1 GB per card), so the check passes and
-    loading starts (and fails here: the directory has no weights, said in one error line)."""
+    """Without --tp the planner's layout is taken: TP 16 fits (60.1 GB per card; TP 8 x DP 2 does not), so the
+    check passes and loading starts (and fails here: the directory has no weights, said in one error line)."""
     d = _converted(tmp_path, "pro", "w4a8")
     r = _serve("--model", str(d), "--npus", "16", "--hardware", "910c", cache=tmp_path / "cache")
-    assert "attention TP 16" in r.stderr and "fits; loading" in r.stderr, r.stderr
+    assert "attention DP 1 x TP 16" in r.stderr and "fits; loading" in r.stderr, r.stderr
     assert r.returncode != 0 and "DOES NOT FIT" not in r.stderr and "Traceback" not in r.stderr
-    r = _serve("--model", str(d), "--npus", "16", "--tp", "8", "--hardware", "910c", cache=tmp_path / "cache")
-    assert r.returncode != 0 and "needs attention data parallelism (DP 2 groups of TP 8)" in r.stderr
+    r = _serve("--model", str(d), "--npus", "16", "--dp", "2", "--hardware", "910c", cache=tmp_path / "cache")
+    assert r.returncode != 0 and "attention DP 2 x TP 8" in r.stderr and "DOES NOT FIT" in r.stderr
 
 
 def test_dummy_pro_is_refused_before_the_dummy_is_written(tmp_path):
