@@ -23,7 +23,7 @@ from ascend_v4.checkpoint.resolve import resolve_model
 from ascend_v4.model.args import ModelArgs
 from ascend_v4.model.layers import ModelOptions
 from ascend_v4.model.load import load_model
-from ascend_v4.runtime.generate import generate_ids
+from ascend_v4.runtime.generate import complete
 from ascend_v4.runtime.layout import choose_layout, resolve_tp
 from ascend_v4.runtime.node import NodeSpec
 from ascend_v4.runtime.sampling import SamplingParams
@@ -77,6 +77,9 @@ class LLM:
         tp / dp: attention tensor-parallel size (heads, output groups and vocab split over a group of tp ranks)
             and data-parallel groups (each with its own scheduler and requests); tp x dp = npus, give either or
             both. None: DP over every rank (tp 1). `self.layout` says which (docs/parallel.md).
+        engine_config: the `EngineConfig` of `self.engine`, the one engine `generate` / `chat` (and the server and
+            `bench offline`) drive: an `Engine`, or with npus > 1 rank 0's `DistEngine`. Default: 8192-token
+            steps, no prefix cache.
         check_weights: check every float weight for NaN / inf while loading (UE8M0 scales are always checked);
             with `npus > 1`, one pass over the whole checkpoint before the ranks load.
         verify_checkpoint: before loading, re-hash every file of an `ascend-v4 quantize` output against its
@@ -111,7 +114,6 @@ class LLM:
         self.options = ModelOptions(dtype=tdtype, quant_sim=quant_sim, dequantize_weights=dequantize_weights)
         tok_file = self.path / "tokenizer.json"
         self.tokenizer = Tokenizer.from_dir(self.path) if tok_file.is_file() else Tokenizer.default()
-        self.engine = None  # expert-parallel engine (npus > 1)
         if npus > 1:
             from ascend_v4.runtime.config import EngineConfig
             from ascend_v4.runtime.dist_engine import DistEngine
@@ -134,19 +136,25 @@ class LLM:
                                      tokenizer=self.tokenizer)
             self.model = self.engine.model  # rank 0's share of the routed experts
         else:
+            from ascend_v4.runtime.config import EngineConfig
+            from ascend_v4.runtime.engine import Engine
+
             self.model = load_model(self.path, self.options, device=device, progress=progress,
                                     check_weights=check_weights)
+            self.engine = Engine(self.model, self.tokenizer, engine_config or EngineConfig(
+                max_num_batched_tokens=8192, enable_prefix_caching=False))
         if resolved.is_dummy:
             log.info("%s: dummy checkpoint (random weights) at %s", model, self.path)
 
     def shutdown(self) -> None:
         """Stop the worker processes of an `npus > 1` run (no-op otherwise)."""
-        if self.engine is not None:
-            self.engine.shutdown()
+        stop = getattr(self.engine, "shutdown", None)
+        if stop is not None:
+            stop()
 
     def rank_info(self) -> list[dict]:
         """Per rank: what it holds (routed expert ids, TP place, resident weight bytes by placement, pid)."""
-        if self.engine is not None:
+        if hasattr(self.engine, "rank_info"):
             return self.engine.rank_info()
         from ascend_v4.runtime.worker import rank_info
 
@@ -193,8 +201,7 @@ class LLM:
             [sampling_params] * len(ids)
         if len(params) != len(ids):
             raise ValueError(f"{len(params)} sampling params for {len(ids)} prompts")
-        comps = self.engine.complete(ids, params) if self.engine is not None else \
-            generate_ids(self.model, ids, params, tokenizer=self.tokenizer)
+        comps = complete(self.engine, ids, params)
         results = []
         for text, comp in zip(texts, comps):
             out_ids = comp.token_ids

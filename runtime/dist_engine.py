@@ -33,7 +33,6 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -45,7 +44,7 @@ from .config import EngineConfig
 from .distributed import (SPEC_KEY, ParallelConfig, ParallelContext, broadcast_object, create_store,
                           destroy_process_groups, init_process_groups, put_object, ready_key)
 from .engine import Engine, RequestError, StepOutput
-from .generate import Completion
+from .generate import run_to_completion
 from .node import WORKER_CMD
 from .processes import finalize, how_ended, proc_state, reap
 from .sampling import SamplingParams
@@ -254,34 +253,7 @@ class DistEngine:
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[StepOutput]]:
         """Run requests to completion (offline use); returns every step output per request."""
-        base = f"offline-{time.monotonic_ns()}"
-        ids = [f"{base}-{i}" for i in range(len(prompts))]
-        for i, (rid, p, sp) in enumerate(zip(ids, prompts, params)):
-            try:
-                self.add_request(rid, p, sp)
-            except ValueError as e:  # RequestError: drop the ones already queued, name the prompt
-                for done in ids[:i]:
-                    self.abort(done)
-                raise type(e)(f"prompt {i}: {e}") from e
-        outs: dict[str, list[StepOutput]] = {rid: [] for rid in ids}
-        while self.has_unfinished():
-            for o in self.step():
-                if o.request_id in outs:
-                    outs[o.request_id].append(o)
-        return [outs[r] for r in ids]
-
-    def complete(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> list[Completion]:
-        """`runtime.generate.generate_ids` on this engine: one Completion per prompt."""
-        t0 = time.perf_counter()
-        res = self.generate([list(p) for p in prompts], list(params))
-        dt = time.perf_counter() - t0
-        comps = []
-        for p, outs in zip(prompts, res):
-            c = Completion(list(p), [t for o in outs for t in o.new_token_ids],
-                           outs[-1].finish_reason if outs else None, "".join(o.new_text for o in outs))
-            c.prefill_s, c.decode_s = 0.0, dt  # the engine interleaves phases; only the total is meaningful
-            comps.append(c)
-        return comps
+        return run_to_completion(self, prompts, params)
 
     # -- failure handling -------------------------------------------------------------------------------------
     def _dead(self) -> list[tuple[int, subprocess.Popen]]:

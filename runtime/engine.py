@@ -26,7 +26,7 @@ from ascend_v4.tokenizer import Tokenizer
 
 from .block_manager import BlockManager, PrefixCache, make_cache_pool
 from .config import EngineConfig
-from .sampling import SampleRow, Sampled, SamplingParams, sample_batch, score_tokens
+from .sampling import PenaltyState, SampleRow, Sampled, SamplingParams, has_penalties, sample_batch, score_tokens
 from .scheduler import Scheduler
 from .sequence import Sequence, SeqStatus
 from .structured import GrammarCompiler, GrammarError, compute_masks, unpack_mask
@@ -272,7 +272,13 @@ class Engine:
         p = seq.params
         out = seq.output_ids + list(extra) if extra else seq.output_ids
         banned = sorted(self._stops(seq)) if len(out) < p.min_tokens else None
-        return SampleRow(p, seq.generator, seq.prompt_ids, out, banned, allowed)
+        penalties = None
+        if has_penalties(p):  # kept up to date per token, not rebuilt from the id lists every step
+            if seq.penalty_state is None:
+                seq.penalty_state = PenaltyState(seq.prompt_ids, self.model.args.vocab_size, self.device)
+            seq.penalty_state.sync(seq.output_ids)
+            penalties = (seq.penalty_state, list(extra))
+        return SampleRow(p, seq.generator, seq.prompt_ids, out, banned, allowed, penalties)
 
     # -- structured outputs (runtime/structured.py) --------------------------------------------------
     def grammar_compiler(self) -> GrammarCompiler:
@@ -376,11 +382,6 @@ class Engine:
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[StepOutput]]:
         """Run requests to completion (offline use); returns every step output per request."""
-        ids = [f"offline-{i}" for i in range(len(prompts))]
-        for rid, p, sp in zip(ids, prompts, params):
-            self.add_request(rid, p, sp)
-        outs: dict[str, list[StepOutput]] = {rid: [] for rid in ids}
-        while self.has_unfinished():
-            for o in self.step():
-                outs[o.request_id].append(o)
-        return [outs[r] for r in ids]
+        from .generate import run_to_completion  # that module builds on this one
+
+        return run_to_completion(self, prompts, params)

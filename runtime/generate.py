@@ -1,8 +1,10 @@
-"""Offline generation for token-id prompts: runs the `Engine` to completion with every prompt admitted at once
-(one flat prefill step when the token budget allows, then batched decode) and reports phase timings."""
+"""Offline generation on any engine with the `Engine` interface (`Engine`, `DistEngine`): submit prompts, step
+until they finish, return each request's step outputs (`run_to_completion`) or its completion with phase timings
+(`complete`). The one loop `LLM`, `Engine.generate`, `DistEngine.generate` and `generate_ids` share."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -11,6 +13,8 @@ from ascend_v4.model.transformer import Transformer
 from .config import EngineConfig
 from .engine import Engine
 from .sampling import SamplingParams
+
+_batch_ids = itertools.count()  # request ids unique across calls on one long-lived engine
 
 
 @dataclass
@@ -23,38 +27,65 @@ class Completion:
     decode_s: float = 0.0  # the rest
 
 
+def _submit(engine, prompts: list[list[int]], params: list[SamplingParams]) -> list[str]:
+    """Add every prompt; a refused one (RequestError) aborts those already added and is named by its index."""
+    base = f"offline-{next(_batch_ids)}"
+    ids = [f"{base}-{i}" for i in range(len(prompts))]
+    for i, (rid, p, sp) in enumerate(zip(ids, prompts, params)):
+        try:
+            engine.add_request(rid, list(p), sp)
+        except ValueError as e:  # RequestError
+            for done in ids[:i]:
+                engine.abort(done)
+            raise type(e)(f"prompt {i}: {e}") from e
+    return ids
+
+
+def run_to_completion(engine, prompts: list[list[int]], params: list[SamplingParams],
+                      on_step=None) -> list[list]:
+    """Every step output of each request, in prompt order. `on_step(outs)` sees each step's outputs."""
+    ids = _submit(engine, prompts, params)
+    outs: dict[str, list] = {rid: [] for rid in ids}
+    while engine.has_unfinished():
+        step = engine.step()
+        for o in step:
+            if o.request_id in outs:
+                outs[o.request_id].append(o)
+        if on_step is not None:
+            on_step(outs)
+    return [outs[r] for r in ids]
+
+
+def complete(engine, prompts: list[list[int]], params: list[SamplingParams]) -> list[Completion]:
+    """One Completion per prompt (token ids, text, finish reason, prefill / decode wall time of the batch)."""
+    t0 = time.perf_counter()
+    t_first: list[float] = []
+
+    def first_tokens(outs: dict) -> None:
+        if not t_first and all(any(o.new_token_ids or o.finished for o in v) for v in outs.values()):
+            t_first.append(time.perf_counter())
+
+    res = run_to_completion(engine, prompts, params, first_tokens)
+    t_end = time.perf_counter()
+    t1 = t_first[0] if t_first else t_end
+    comps = []
+    for p, outs in zip(prompts, res):
+        c = Completion(list(p), [t for o in outs for t in o.new_token_ids],
+                       outs[-1].finish_reason if outs else None, "".join(o.new_text for o in outs))
+        c.prefill_s, c.decode_s = t1 - t0, t_end - t1
+        comps.append(c)
+    return comps
+
+
 def generate_ids(model: Transformer, prompts: list[list[int]], params: list[SamplingParams], tokenizer=None,
                  max_step_tokens: int = 8192) -> list[Completion]:
-    """Generate for token-id prompts (BOS included by the caller if wanted). Returns one Completion each."""
+    """`complete` on a fresh single-process engine sized for this batch (every prompt admitted at once)."""
     if tokenizer is None:
         from ascend_v4.tokenizer import Tokenizer
         tokenizer = Tokenizer.default()
-    for i, p in enumerate(prompts):
-        if not p:
-            raise ValueError(f"prompt {i} is empty")
     cfg = EngineConfig(max_num_seqs=max(1, len(prompts)), max_num_batched_tokens=max_step_tokens,
                        enable_prefix_caching=False, max_queue=0)
-    engine = Engine(model, tokenizer, cfg)
-    rids = [f"p{i}" for i in range(len(prompts))]
-    try:
-        for rid, p, sp in zip(rids, prompts, params):
-            engine.add_request(rid, p, sp)
-    except Exception as e:  # RequestError is a ValueError; name the prompt
-        raise ValueError(f"prompt {rids.index(rid)}: {e}") from e
-    outs = {rid: Completion(list(p)) for rid, p in zip(rids, prompts)}
-    t0 = time.perf_counter()
-    t_first = None
-    while engine.has_unfinished():
-        for o in engine.step():
-            c = outs[o.request_id]
-            c.token_ids += o.new_token_ids
-            c.text += o.new_text
-            if o.finished:
-                c.finish_reason = o.finish_reason
-        if t_first is None and all(c.token_ids for c in outs.values()):
-            t_first = time.perf_counter()
-    t_end = time.perf_counter()
-    t_first = t_first or t_end
-    for c in outs.values():
-        c.prefill_s, c.decode_s = t_first - t0, t_end - t_first
-    return [outs[r] for r in rids]
+    return complete(Engine(model, tokenizer, cfg), prompts, params)
+
+
+__all__ = ["Completion", "complete", "run_to_completion", "generate_ids"]

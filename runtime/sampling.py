@@ -119,10 +119,52 @@ def score_tokens(logits: torch.Tensor, targets: list[int], k: int) -> list[Sampl
     return out
 
 
+def has_penalties(params: SamplingParams) -> bool:
+    return bool(params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0)
+
+
+class PenaltyState:
+    """One request's penalty bookkeeping on the logits' device, kept up to date token by token instead of
+    rebuilt from the prompt and output lists every step: `seen` [V] bool (prompt or output: repetition penalty)
+    and `counts` [V] fp32 (output occurrences: presence / frequency)."""
+
+    def __init__(self, prompt: list[int], vocab: int, device):
+        self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+        self.seen[torch.tensor(prompt, dtype=torch.long, device=device)] = True
+        self.counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+        self.n_output = 0
+
+    def sync(self, output: list[int]) -> None:
+        """Take in the output tokens appended since the last call (output only grows)."""
+        new = output[self.n_output:]
+        if new:
+            t = torch.tensor(new, dtype=torch.long, device=self.seen.device)
+            self.seen[t] = True
+            self.counts.index_add_(0, t, torch.ones(len(new), device=t.device))
+        self.n_output = len(output)
+
+    def apply(self, logits: torch.Tensor, params: SamplingParams, extra: list[int] = ()) -> torch.Tensor:
+        """`apply_penalties` with these counts (plus `extra`: a draft being verified), same values."""
+        seen, counts = self.seen, self.counts
+        if extra:
+            t = torch.tensor(list(extra), dtype=torch.long, device=seen.device)
+            seen, counts = seen.clone(), counts.clone()
+            seen[t] = True
+            counts.index_add_(0, t, torch.ones(len(extra), device=t.device))
+        x = logits
+        if params.presence_penalty or params.frequency_penalty:
+            pen = params.presence_penalty + params.frequency_penalty * counts.to(x.dtype)
+            x = torch.where(counts > 0, x - pen, x)
+        if params.repetition_penalty != 1.0:
+            rp = params.repetition_penalty
+            x = torch.where(seen, torch.where(x > 0, x / rp, x * rp), x)
+        return x
+
+
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: list[int],
                     output: list[int]) -> torch.Tensor:
     """Presence / frequency / repetition penalties on one sequence's logits [V] (returns a new tensor)."""
-    if not (params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0):
+    if not has_penalties(params):
         return logits
     x = logits.clone()
     if output and (params.presence_penalty or params.frequency_penalty):
@@ -137,12 +179,16 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: list[i
 
 def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator, *, prompt: list[int] | None = None,
            output: list[int] | None = None, banned: list[int] | None = None,
-           allowed: torch.Tensor | None = None) -> Sampled:
+           allowed: torch.Tensor | None = None, penalties: tuple[PenaltyState, list[int]] | None = None) -> Sampled:
     """Pick the next token from fp32 logits [V] of one sequence. `banned`: ids that must not be picked
     (EOS / stop tokens before min_tokens). `allowed`: bool [V] grammar mask (structured outputs); it wins
-    over `banned` when the grammar allows nothing else (e.g. only EOS once a JSON value is complete)."""
+    over `banned` when the grammar allows nothing else (e.g. only EOS once a JSON value is complete).
+    `penalties`: (the request's PenaltyState, extra draft tokens) used instead of `prompt` / `output`."""
     raw = logits.float()
-    x = apply_penalties(raw, params, prompt or [], output or [])
+    if penalties is not None and has_penalties(params):
+        x = penalties[0].apply(raw, params, penalties[1])
+    else:
+        x = apply_penalties(raw, params, prompt or [], output or [])
     if allowed is not None:
         y = apply_mask(x, allowed)
         x = y if bool(torch.isfinite(y).any()) else x  # an empty mask (grammar engine error): leave it free
@@ -186,6 +232,7 @@ class SampleRow:
     output: list[int]
     banned: list[int] | None = None
     allowed: torch.Tensor | None = None
+    penalties: tuple[PenaltyState, list[int]] | None = None  # (state synced to output minus extra, extra)
 
     @property
     def plain_greedy(self) -> bool:
@@ -210,7 +257,7 @@ def sample_batch(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled]:
     for i, r in enumerate(rows):
         if toks[i] is None:  # the slow path also computes its own log-probs
             out[i] = sample(logits[i], r.params, r.gen, prompt=r.prompt, output=r.output, banned=r.banned,
-                            allowed=r.allowed)
+                            allowed=r.allowed, penalties=r.penalties)
     want = [i for i in fast if rows[i].params.logprobs is not None]
     if want:
         lp = torch.log_softmax(logits[want].float(), dim=-1)

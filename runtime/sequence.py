@@ -47,6 +47,7 @@ class Sequence:
     # params.prompt_logprobs: one entry per prompt position (the first stays None), filled as prefill runs
     prompt_logprobs: list[Sampled | None] | None = None
     prompt_logprobs_sent: bool = False
+    penalty_state: object | None = None  # runtime.sampling.PenaltyState, made on the first penalised sample
 
     @property
     def all_ids(self) -> list[int]:

@@ -176,7 +176,6 @@ def build_app(opts: ServeOptions):
     from ascend_v4.platform import detect_platform
     from ascend_v4.runtime.async_engine import AsyncEngine
     from ascend_v4.runtime.config import EngineConfig
-    from ascend_v4.runtime.engine import Engine
 
     from .app import create_app
     from .serving import ServerConfig, encoder_version_of
@@ -194,12 +193,12 @@ def build_app(opts: ServeOptions):
                            enable_prefix_caching=opts.enable_prefix_caching)
     except ValueError as e:
         raise ServeError(str(e)) from None
-    # npus > 1: expert parallelism; LLM starts the worker processes and returns rank 0's engine.
+    # npus > 1: LLM starts the worker processes and its engine is rank 0's.
     llm = LLM(spec, device=device, dtype=opts.dtype, dummy=opts.dummy, progress=True,
               npus=opts.npus, tp=tp, dp=None if opts.hardware else opts.dp, nnodes=opts.nnodes,
               master_addr=opts.master_addr, master_port=opts.master_port, engine_config=cfg, check_weights=opts.check_weights,
               verify_checkpoint=opts.verify_checkpoint)
-    engine = AsyncEngine(llm.engine if llm.engine is not None else Engine(llm.model, llm.tokenizer, cfg))
+    engine = AsyncEngine(llm.engine)  # built by LLM with `cfg`: one Engine, or rank 0 of a multi-rank one
     encoder = encoder_version_of(llm.path) if opts.encoder_version == "auto" else opts.encoder_version
     names = served_names(opts, resolved.preset)
     config = ServerConfig(model_names=names, api_key=opts.api_key,

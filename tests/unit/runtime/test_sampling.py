@@ -27,3 +27,21 @@ def test_batched_rows_equal_one_row_sampling():
     assert got == want
     assert got[3].token == 7 and got[0].logprob is None and got[1].top is None and len(got[3].top) == 5
     assert [r.plain_greedy for r in rows()] == [True, True, True, True, False, False, False, True]
+
+
+def test_incremental_penalty_state_equals_the_list_rebuild():
+    """PenaltyState (synced token by token, plus a draft's extra token) gives the very logits apply_penalties
+    computes from the prompt and output lists."""
+    from ascend_v4.runtime.sampling import PenaltyState, apply_penalties
+
+    g = torch.Generator().manual_seed(1)
+    V = 500
+    prompt = torch.randint(0, V, (40,), generator=g).tolist()
+    output = torch.randint(0, V, (30,), generator=g).tolist() + [prompt[3], prompt[3]]
+    p = SamplingParams(presence_penalty=0.7, frequency_penalty=0.3, repetition_penalty=1.4)
+    st = PenaltyState(prompt, V, "cpu")
+    for n in (0, 5, 6, 32):  # output grows between steps
+        st.sync(output[:n])
+        logits = torch.randn(V, generator=g) * 4
+        assert torch.equal(st.apply(logits, p), apply_penalties(logits, p, prompt, output[:n]))
+        assert torch.equal(st.apply(logits, p, [7]), apply_penalties(logits, p, prompt, output[:n] + [7]))
