@@ -43,6 +43,7 @@ from ascend_v4.tokenizer import Tokenizer
 from .config import EngineConfig
 from .distributed import (SPEC_KEY, ParallelConfig, ParallelContext, broadcast_object, create_store,
                           destroy_process_groups, init_process_groups, put_object, ready_key)
+from .dp_router import DPRouter
 from .engine import Engine, RequestError, StepOutput
 from .generate import run_to_completion
 from .node import WORKER_CMD
@@ -83,6 +84,9 @@ class DistEngine:
         self._pending: list[tuple] = []
         self._group: dict[str, int] = {}  # unfinished request id -> its DP group
         self._load = [0] * p.dp  # unfinished requests per DP group
+        cfg = config or EngineConfig()
+        self.router = DPRouter(p.dp, cfg.block_size, prefix_aware=cfg.enable_prefix_caching,
+                               slack=max(1, cfg.max_num_seqs // 2))
         self.error: WorkerError | None = None
         self._closed = False
         self.ctx: ParallelContext | None = None
@@ -173,13 +177,14 @@ class DistEngine:
         return self.engine.config.max_num_seqs * self.parallel.dp
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Validated here at once (RequestError as from `Engine`) and routed to the least loaded DP group; the
-        workers get it at the next step. Never raises WorkerError (the failure surfaces at `step()`)."""
+        """Validated here at once (RequestError as from `Engine`) and routed to a DP group (`DPRouter`: the least
+        loaded, or the one whose prefix cache likely holds the prompt's first blocks); the workers get it at the
+        next step. Never raises WorkerError (the failure surfaces at `step()`)."""
         with self._lock:
             if request_id in self._group:
                 raise RequestError(f"request id {request_id!r} is already in use")
-            g = min(range(len(self._load)), key=lambda i: (self._load[i], i))
             self.engine.validate(prompt_ids, params)  # every group's engine adds it at the next step
+            g = self.router.route(list(prompt_ids), self._load)
             self._group[request_id] = g
             self._load[g] += 1
             self._pending.append(("add", g, request_id, list(prompt_ids), params))
@@ -225,7 +230,7 @@ class DistEngine:
         """Rank 0's engine counters (DP group 0), plus the layout and every group's unfinished requests."""
         p = self.parallel
         return {**self.engine.stats(), "world_size": p.world_size, "tp": p.tp, "dp": p.dp,
-                "unfinished_per_dp_group": list(self._load),
+                "unfinished_per_dp_group": list(self._load), "dp_prefix_routed": self.router.prefix_routed,
                 "experts_per_rank": self.engine.model.args.n_routed_experts // p.world_size}
 
     def health(self) -> dict:

@@ -7,8 +7,9 @@
   and with the FP8 / FP4 round-trips a last-bit difference can move a value across a rounding boundary: one
   process alone shows the same 0.0167 on request 4 when it shares its prefill batch with request 2 instead of
   running alone (measured), so this is batch composition under the simulation, not DP;
-* requests are routed to the least loaded group, and a group with nothing to do steps an empty batch through
-  the expert exchange: one request on DP 2 decodes to the end while the other group idles (no hang);
+* requests are routed to the least loaded group (or, with prefix caching, to the group that took the same first
+  blocks, within a slack), and a group with nothing to do steps an empty batch through the expert exchange: one
+  request on DP 2 decodes to the end while the other group idles (no hang);
 * a killed or stopped rank of a DP group (and of a TP group inside DP) fails the step within the timeout,
   naming the rank; no process is left behind;
 * two "nodes" on loopback: the same `generate --nnodes 2` command run twice (node ranks 0 and 1), or node 1 as
@@ -44,6 +45,27 @@ CFG = EngineConfig(max_num_batched_tokens=48, max_num_seqs=4, enable_prefix_cach
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
 
 
+def test_router_keeps_a_shared_prefix_in_one_group_within_the_slack():
+    from ascend_v4.runtime.dp_router import DPRouter
+
+    B = 128
+    system = list(range(3, 3 + 2 * B))  # two full blocks shared by every prompt
+    ask = lambda k: system + [1000 + k] * 5  # noqa: E731
+    r = DPRouter(2, B, prefix_aware=True, slack=2)
+    assert r.route(ask(0), [0, 0]) == 0  # nothing known: least loaded
+    assert r.route(ask(1), [1, 0]) == 0  # group 0 took the prefix; 1 busier is within the slack
+    assert r.route(ask(2), [2, 0]) == 0
+    assert r.route(ask(3), [3, 0]) == 1  # 3 busier: load wins, and group 1 now owns the prefix
+    assert r.route(ask(4), [1, 2]) == 1 and r.prefix_routed == 3  # group 1 owns it now, 1 busier
+    assert r.route([0, 5, 6], [3, 1]) == 1 and r.route([0, 5, 6], [0, 1]) == 0  # no full block: least loaded
+    plain = DPRouter(2, B, prefix_aware=False, slack=2)
+    assert [plain.route(ask(k), load) for k, load in enumerate(([0, 0], [1, 0], [1, 1]))] == [0, 1, 0]
+    small = DPRouter(2, B, prefix_aware=True, slack=8, capacity=2)
+    small.route(ask(0), [0, 0])
+    small.route(list(range(500, 800)), [1, 0])  # two other blocks push the first prompt's out
+    assert len(small.owner) == 2 and small.route(ask(1), [1, 1]) == 0
+
+
 def _opts(quant_sim: bool) -> ModelOptions:
     return ModelOptions(dtype=torch.float32, quant_sim=quant_sim, dequantize_weights=True)
 
@@ -56,8 +78,10 @@ def test_dp_greedy_tokens_equal_one_process(ckpt, tok, world, tp, quant_sim):
     eng = DistEngine(ckpt, _opts(quant_sim), CFG, ParallelConfig(world_size=world, tp=tp, timeout_s=60), tokenizer=tok)
     try:
         pids = eng.worker_pids
-        got = _results(eng.generate(prompts, [GREEDY] * len(prompts)))
+        outs = eng.generate(prompts, [GREEDY] * len(prompts))
+        got = _results(outs)
         assert [t for t, _ in got] == [t for t, _ in ref]
+        assert outs[4][-1].cached_tokens >= 128  # routed to the group holding request 2's first block
         assert max(abs(a - b) for (_, la), (_, lb) in zip(got, ref) for a, b in zip(la, lb)) < (
             0.05 if quant_sim else 1e-4)
         st = eng.stats()
