@@ -84,9 +84,9 @@ class DistEngine:
         self._pending: list[tuple] = []
         self._group: dict[str, int] = {}  # unfinished request id -> its DP group
         self._load = [0] * p.dp  # unfinished requests per DP group
-        cfg = config or EngineConfig()
-        self.router = DPRouter(p.dp, cfg.block_size, prefix_aware=cfg.enable_prefix_caching,
-                               slack=max(1, cfg.max_num_seqs // 2))
+        config = config or EngineConfig()
+        self.router = DPRouter(p.dp, config.block_size, prefix_aware=config.enable_prefix_caching,
+                               slack=max(1, config.max_num_seqs // 2))
         self.error: WorkerError | None = None
         self._closed = False
         self.ctx: ParallelContext | None = None
@@ -94,7 +94,7 @@ class DistEngine:
         self._finalizer = weakref.finalize(self, finalize, self._procs, self._stop, self._owns_pg)
         self.store = create_store(0, p.world_size, p.master_addr, p.master_port, p.init_timeout_s)
         self.parallel = p = p.with_port(self.store.port)
-        spec = RankSpec(str(Path(model_path).resolve()), options, config or EngineConfig(), p, device_type,
+        spec = RankSpec(str(Path(model_path).resolve()), options, config, p, device_type,
                         str(tokenizer_dir) if tokenizer_dir else None)
         self.spec = spec
         try:

@@ -215,6 +215,10 @@ def broadcast_object(ctx: ParallelContext, obj: Any = None) -> Any:
     return buf[0]
 
 
+# torch's single-tensor all-gather (its name changed across versions): out [size * n, ...] <- every rank's [n, ...]
+all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def broadcast_in_tp_group(ctx: ParallelContext, obj: Any = None) -> Any:
     """The TP group leader's `obj` on every rank of the group (Gloo)."""
     buf = [obj]
@@ -246,4 +250,4 @@ def get_object(store: dist.Store, key: str) -> Any:
 
 
 __all__ = ["ParallelConfig", "ParallelContext", "init_process_groups", "destroy_process_groups", "create_store",
-           "broadcast_object", "broadcast_in_tp_group", "gather_to_driver", "rank_device", "SPEC_KEY", "ready_key", "put_object", "get_object"]
+           "broadcast_object", "broadcast_in_tp_group", "gather_to_driver", "all_gather_into", "rank_device", "SPEC_KEY", "ready_key", "put_object", "get_object"]

@@ -205,11 +205,14 @@ class Engine:
                 c.seq.cache.trim()
         return outs
 
+    def _empty_batch(self) -> StepBatch:
+        empty = torch.zeros(0, dtype=torch.long, device=self.device)
+        return StepBatch(empty, empty, [])
+
     def _empty_step(self) -> None:
         """An idle DP group's step: the forward passes of an empty batch, whose MoE layers join the expert
         exchange of the busy groups (`lockstep`)."""
-        batch = StepBatch(torch.zeros(0, dtype=torch.long, device=self.device),
-                          torch.zeros(0, dtype=torch.long, device=self.device), [])
+        batch = self._empty_batch()
         x = self.model(batch)
         if self.config.speculative_mtp and self.model.mtp:
             self.model.mtp_logits(x, batch.tokens, batch, rows=batch.tokens)
@@ -220,9 +223,8 @@ class Engine:
         live = [(c, s) for c, s in kept if not c.seq.finished]
         if not live:
             if self.lockstep:  # the MTP block's MoE exchanges with every rank
-                self.model.mtp_logits(x[:0], x.new_zeros(0, dtype=torch.long), StepBatch(
-                    x.new_zeros(0, dtype=torch.long), x.new_zeros(0, dtype=torch.long), []),
-                    rows=x.new_zeros(0, dtype=torch.long))
+                empty = self._empty_batch()
+                self.model.mtp_logits(x[:0], empty.tokens, empty, rows=empty.tokens)
             return
         seqs, toks, poss, idx, draft_rows, off = [], [], [], [], [], 0
         for c, s in live:

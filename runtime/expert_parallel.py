@@ -36,10 +36,7 @@ from torch import nn
 
 from ascend_v4.model.moe import MoE
 
-from .distributed import ParallelContext
-
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
+from .distributed import ParallelContext, all_gather_into
 
 @dataclass(frozen=True)
 class ExpertPlacement:
@@ -132,7 +129,7 @@ class AllToAllExperts:
         if t == 1:
             return out[:T]
         full = torch.empty((t * chunk, D), dtype=torch.float32, device=x.device)
-        _all_gather_single(full, out, group=self.ctx.tp_group)
+        all_gather_into(full, out, group=self.ctx.tp_group)
         return full[:T]
 
 

@@ -39,8 +39,8 @@ import torch.distributed as dist
 from ascend_v4.model.moe import MoE
 from ascend_v4.ops.npu import mc2
 
-from .distributed import ParallelContext
-from .expert_parallel import AllToAllExperts, ExpertPlacement, _all_gather_single
+from .distributed import ParallelContext, all_gather_into
+from .expert_parallel import AllToAllExperts, ExpertPlacement
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class Mc2Experts:
             e = min(s + self.max_bs, chunk)
             out[s:e] = self._one_call(xs[s:e], ids_s[s:e], ws[s:e], run_local)
         full = x.new_empty((P * chunk, D))
-        _all_gather_single(full, out, group=self.ctx.group)
+        all_gather_into(full, out, group=self.ctx.group)
         return full[:T].float()
 
     def _one_call(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, run_local) -> torch.Tensor:

@@ -166,15 +166,9 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: list[i
     """Presence / frequency / repetition penalties on one sequence's logits [V] (returns a new tensor)."""
     if not has_penalties(params):
         return logits
-    x = logits.clone()
-    if output and (params.presence_penalty or params.frequency_penalty):
-        ids, counts = torch.tensor(output, device=x.device).unique(return_counts=True)
-        x[ids] -= params.presence_penalty + params.frequency_penalty * counts.to(x.dtype)
-    if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(prompt) | set(output)), device=x.device, dtype=torch.long)
-        v = x[seen]
-        x[seen] = torch.where(v > 0, v / params.repetition_penalty, v * params.repetition_penalty)
-    return x
+    state = PenaltyState(prompt, logits.shape[-1], logits.device)
+    state.sync(output)
+    return state.apply(logits, params)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator, *, prompt: list[int] | None = None,

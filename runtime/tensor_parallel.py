@@ -10,10 +10,7 @@ from torch import nn
 
 from ascend_v4.model.placement import REPLICATED, ROUTED, TP, placement
 
-from .distributed import ParallelContext
-
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
+from .distributed import ParallelContext, all_gather_into
 
 class GroupComm:
     """`TPComm` over one TP process group: all-reduce (sum) and all-gather along the last dim."""
@@ -30,7 +27,7 @@ class GroupComm:
         """[..., n] per rank -> [..., size * n], rank 0's columns first (vocab-parallel logits)."""
         flat = t.contiguous().reshape(-1, t.shape[-1])  # [M, n]
         out = flat.new_empty((self.size * flat.shape[0], flat.shape[1]))
-        _all_gather_single(out, flat, group=self.group)  # [size * M, n], rank blocks stacked
+        all_gather_into(out, flat, group=self.group)  # [size * M, n], rank blocks stacked
         out = out.view(self.size, flat.shape[0], flat.shape[1]).permute(1, 0, 2)  # [M, size, n]
         return out.reshape(*t.shape[:-1], self.size * t.shape[-1])
 

@@ -49,7 +49,6 @@ import math
 import os
 import random
 import re
-import shutil
 import signal
 import statistics
 import subprocess
@@ -62,6 +61,8 @@ from urllib.parse import urlparse
 
 import httpx2
 import psutil
+
+from ascend_v4.cli import command_line as cli
 
 MIB = 1024 * 1024
 START_TIMEOUT_S = 300
@@ -107,17 +108,6 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- server
-
-
-def cli() -> list[str]:
-    """The `ascend-v4` entry point of this environment (as tests/e2e/conftest.py finds it)."""
-    script = Path(sys.executable).with_name("ascend-v4")
-    if script.is_file():
-        return [str(script)]
-    found = shutil.which("ascend-v4")
-    if found:
-        return [found]
-    return [sys.executable, "-c", "import sys; from ascend_v4.cli import main; sys.exit(main())"]
 
 
 class StartedServer:

@@ -32,6 +32,22 @@ PROJECT_ERRORS = (("ascend_v4.model.args", "ConfigError"), ("ascend_v4.checkpoin
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
 
 
+def command_line() -> list[str]:
+    """How to run `ascend-v4` in this environment as a subprocess (tests, tools): the entry-point script beside
+    this interpreter, else the one on PATH, else `python -c` on `main` (never `python -m`, whose working
+    directory on sys.path can shadow the installed package: code-style.md §7.1 trap 2)."""
+    import shutil
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("ascend-v4")
+    if script.is_file():
+        return [str(script)]
+    found = shutil.which("ascend-v4")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "import sys; from ascend_v4.cli import main; sys.exit(main())"]
+
+
 def error_message(e: BaseException) -> str | None:
     """The `error: ...` text of an exception the CLI reports without a traceback; None for anything else.
 

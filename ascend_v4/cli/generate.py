@@ -102,14 +102,15 @@ def run_other_node(npus: int, nnodes, node_rank, master_addr, master_port) -> bo
 
 
 NPUS_HELP = ("Devices (ranks): N - 1 worker processes are started; the routed experts are split over all N "
-             "(expert parallelism). Multi-node: MASTER_ADDR / MASTER_PORT / LOCAL_WORLD_SIZE.")
+             "(expert parallelism). Several nodes: --nnodes / --node-rank.")
 TP_HELP = ("Attention tensor parallelism: the query heads, output groups and vocab are split over groups of T "
            "ranks (the KV cache, indexer and compressors stay whole); T must divide the model's o_groups. "
            "Default: the planner's choice (serve --hardware: the smallest T that fits), else 1; the layout is "
            "printed at start.")
 DP_HELP = ("Attention data parallelism: --npus / --tp groups, each with its own scheduler, cache and requests "
-           "(routed to the least loaded group); every group's tokens meet the expert owners in one exchange per MoE "
-           "layer. --tp x --dp = --npus; give either.")
+           "(routed to the least loaded group, or with prefix caching to the group holding the prompt's first "
+           "blocks); every group's tokens meet the expert owners in one exchange per MoE layer. --tp x --dp = "
+           "--npus; give either.")
 CHECK_WEIGHTS_HELP = ("While loading, check every float weight for NaN / inf (FP8: NaN bytes) and fail naming the "
                       "file, tensor and element. UE8M0 scales are always checked (NaN byte, overflowing scale).")
 VERIFY_CHECKPOINT_HELP = ("Before loading, re-hash every file of an `ascend-v4 quantize` output against its "

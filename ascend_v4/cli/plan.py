@@ -44,7 +44,6 @@ def _weights(model: str, fmt: str):
 def commands(r, model: str) -> dict:
     """The commands that deploy the layout of PlanReport `r` (None where the runtime lacks it)."""
     from ascend_v4.model.tp import check_tp
-    from ascend_v4.runtime.layout import engine_tps
 
     args = _inventory(model)[0]
     src = model
@@ -54,16 +53,16 @@ def commands(r, model: str) -> dict:
         out["quantize"] = f"ascend-v4 quantize --model {model} --out {src} --format {r.output_format} --ep {r.npus}"
     if not r.fits:
         out["why_not"] = r.verdict
-    elif r.tp not in engine_tps(r.npus, args):
-        try:
-            check_tp(args, r.tp)
-        except ValueError as e:
-            out["why_not"] = str(e)
-    else:
-        kv = " --kv-cache-dtype fp8" if r.kv.name.startswith("fp8") else ""
-        tp = f" --tp {r.tp} --dp {r.npus // r.tp}" if r.npus > 1 else ""
-        out["serve"] = (f"ascend-v4 serve --model {src} --npus {r.npus}{tp} --hardware {r.hardware_key}"
-                        f" --max-model-len {r.context}{kv}")
+        return out
+    try:
+        check_tp(args, r.tp)
+    except ValueError as e:  # fits by bytes, but the heads / output groups do not split that way
+        out["why_not"] = str(e)
+        return out
+    kv = " --kv-cache-dtype fp8" if r.kv.name.startswith("fp8") else ""
+    tp = f" --tp {r.tp} --dp {r.npus // r.tp}" if r.npus > 1 else ""
+    out["serve"] = (f"ascend-v4 serve --model {src} --npus {r.npus}{tp} --hardware {r.hardware_key}"
+                    f" --max-model-len {r.context}{kv}")
     return out
 
 
@@ -80,8 +79,8 @@ def run_plan(model: str, fmt: str, npus: int, hardware: str, *, context: int = 1
                          weights=ws) for t in tps]
     # Recommended: the fitting layout with the smallest TP (the most DP groups) that the model can be split into,
     # as `serve --hardware` picks; else the one closest to fitting.
-    runs = {t: i for i, t in enumerate(engine_tps(npus, args))}
-    fitting = sorted((r for r in reports if r.fits), key=lambda r: (runs.get(r.tp, len(runs)), r.tp))
+    runs = engine_tps(npus, args)
+    fitting = sorted((r for r in reports if r.fits), key=lambda r: (r.tp not in runs, r.tp))
     chosen = fitting[0] if fitting else max(reports, key=lambda r: r.free_per_card)
     return chosen, reports
 

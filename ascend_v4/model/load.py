@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,11 +11,11 @@ from ascend_v4.checkpoint.loader import load_checkpoint
 
 from .args import ModelArgs
 from .layers import ModelOptions
+from .placement import EXPERT_TENSOR
 from .tp import TPShard
 from .transformer import Transformer
 
 
-_EXPERT_TENSOR = re.compile(r"^(?:layers|mtp)\.\d+\.ffn\.experts\.(\d+)\.")
 
 
 def expert_skip(experts: range | None) -> Callable[[str], bool] | None:
@@ -26,7 +25,7 @@ def expert_skip(experts: range | None) -> Callable[[str], bool] | None:
     keep = set(experts)
 
     def skip(name: str) -> bool:
-        m = _EXPERT_TENSOR.match(name)
+        m = EXPERT_TENSOR.match(name)
         return m is not None and int(m.group(1)) not in keep
 
     return skip

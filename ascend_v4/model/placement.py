@@ -20,13 +20,14 @@ import re
 from .tp import is_tp_split
 
 ROUTED, TP, REPLICATED = "routed", "tp", "replicated"
-_ROUTED = re.compile(r"^(layers|mtp)\.\d+\.ffn\.experts\.\d+\.")
+# A routed expert's tensor; group 1 is its global expert id (the loader skips other ranks' experts by it).
+EXPERT_TENSOR = re.compile(r"^(?:layers|mtp)\.\d+\.ffn\.experts\.(\d+)\.")
 _WO_A = re.compile(r"^(layers|mtp)\.\d+\.attn\.wo_a\.")
 
 
 def placement(name: str) -> str:
     """`routed`, `tp` or `replicated` for checkpoint key `name`."""
-    if _ROUTED.match(name):
+    if EXPERT_TENSOR.match(name):
         return ROUTED
     return TP if is_tp_split(name) else REPLICATED
 
@@ -41,4 +42,4 @@ def resident_nbytes(name: str, numel: int, stored_nbytes: int, act_bytes: int) -
     return stored_nbytes
 
 
-__all__ = ["placement", "resident_nbytes", "ROUTED", "TP", "REPLICATED"]
+__all__ = ["placement", "resident_nbytes", "EXPERT_TENSOR", "ROUTED", "TP", "REPLICATED"]

@@ -85,7 +85,7 @@ def check_options(opts: ServeOptions) -> None:
 def check_layout(spec: str, opts: ServeOptions) -> int:
     """Refuse, before anything is loaded or written, a deployment the planner says does not fit `opts.hardware`
     (the same memory model the engine's cache uses; ascend_v4.runtime.planner.check_deployment). Returns the
-    attention TP to run (`--tp`, or the largest engine layout that fits)."""
+    attention TP to run (from `--tp` / `--dp`, or the smallest that fits: `runtime.layout.choose_layout`)."""
     from pathlib import Path
 
     from ascend_v4.model import kv_layout
@@ -102,7 +102,8 @@ def check_layout(spec: str, opts: ServeOptions) -> int:
     context = opts.max_model_len or min(args.max_seq_len, 131072)
     act = 4 if opts.dtype == "fp32" else 2  # the pool stores activations in the model dtype (bf16 on a device)
     try:
-        lay = choose_layout(args, opts.npus, resolve_tp(opts.npus, opts.tp, opts.dp), hardware=opts.hardware, output_format=fmt, context=context,
+        lay = choose_layout(args, opts.npus, resolve_tp(opts.npus, opts.tp, opts.dp), hardware=opts.hardware,
+                            output_format=fmt, context=context,
                             kv=kv_layout.runtime_format(args, opts.kv_cache_dtype, act), model=spec)
     except (DeploymentError, ValueError) as e:
         raise ServeError(str(e)) from None
@@ -196,7 +197,8 @@ def build_app(opts: ServeOptions):
     # npus > 1: LLM starts the worker processes and its engine is rank 0's.
     llm = LLM(spec, device=device, dtype=opts.dtype, dummy=opts.dummy, progress=True,
               npus=opts.npus, tp=tp, dp=None if opts.hardware else opts.dp, nnodes=opts.nnodes,
-              master_addr=opts.master_addr, master_port=opts.master_port, engine_config=cfg, check_weights=opts.check_weights,
+              master_addr=opts.master_addr, master_port=opts.master_port, engine_config=cfg,
+              check_weights=opts.check_weights,
               verify_checkpoint=opts.verify_checkpoint)
     engine = AsyncEngine(llm.engine)  # built by LLM with `cfg`: one Engine, or rank 0 of a multi-rank one
     encoder = encoder_version_of(llm.path) if opts.encoder_version == "auto" else opts.encoder_version

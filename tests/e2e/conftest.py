@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,21 +20,11 @@ pytest.importorskip("fastapi")
 pytest.importorskip("openai")
 pytest.importorskip("anthropic")
 
+from ascend_v4.cli import command_line as cli  # noqa: E402
 from ascend_v4.server.launch import serve_in_thread  # noqa: E402
 
 START_TIMEOUT_S = 180
 API_KEY = "sk-e2e"
-
-
-def cli() -> list[str]:
-    """The `ascend-v4` entry point of this environment (not `python -m`: see code-style.md §7.1 trap 2)."""
-    script = Path(sys.executable).with_name("ascend-v4")
-    if script.is_file():
-        return [str(script)]
-    found = shutil.which("ascend-v4")
-    if found:
-        return [found]
-    return [sys.executable, "-c", "import sys; from ascend_v4.cli import main; sys.exit(main())"]
 
 
 class LiveServer:

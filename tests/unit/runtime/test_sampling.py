@@ -29,9 +29,22 @@ def test_batched_rows_equal_one_row_sampling():
     assert [r.plain_greedy for r in rows()] == [True, True, True, True, False, False, False, True]
 
 
+def _list_rebuild(logits, p, prompt, output):
+    """The penalties written out from the id lists (the engine's former per-step rebuild), as the golden."""
+    x = logits.clone()
+    if output and (p.presence_penalty or p.frequency_penalty):
+        ids, counts = torch.tensor(output).unique(return_counts=True)
+        x[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(x.dtype)
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long)
+        v = x[seen]
+        x[seen] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+    return x
+
+
 def test_incremental_penalty_state_equals_the_list_rebuild():
-    """PenaltyState (synced token by token, plus a draft's extra token) gives the very logits apply_penalties
-    computes from the prompt and output lists."""
+    """PenaltyState (synced token by token, plus a draft's extra token) and apply_penalties give the very logits
+    the list rebuild computes from the prompt and output lists."""
     from ascend_v4.runtime.sampling import PenaltyState, apply_penalties
 
     g = torch.Generator().manual_seed(1)
@@ -43,5 +56,7 @@ def test_incremental_penalty_state_equals_the_list_rebuild():
     for n in (0, 5, 6, 32):  # output grows between steps
         st.sync(output[:n])
         logits = torch.randn(V, generator=g) * 4
-        assert torch.equal(st.apply(logits, p), apply_penalties(logits, p, prompt, output[:n]))
-        assert torch.equal(st.apply(logits, p, [7]), apply_penalties(logits, p, prompt, output[:n] + [7]))
+        want = _list_rebuild(logits, p, prompt, output[:n])
+        assert torch.equal(st.apply(logits, p), want)
+        assert torch.equal(apply_penalties(logits, p, prompt, output[:n]), want)
+        assert torch.equal(st.apply(logits, p, [7]), _list_rebuild(logits, p, prompt, output[:n] + [7]))
