@@ -219,6 +219,15 @@ def test_mc2_limits(tnpu, monkeypatch, soc, world, experts, dim, topk, dtype, wh
         assert reason is not None and why in reason, reason
 
 
+def test_choice_with_attention_dp_is_all_to_all(tnpu, caplog, tiny_moe):
+    """Several DP groups hold different batches; Mc2Experts slices one shared batch: all-to-all, one line."""
+    dp_ctx = ParallelContext(0, WORLD, 0, "hccl", "cpu", None, None, 10.0)  # tp_size 1: DP = WORLD groups
+    with caplog.at_level(logging.INFO, logger="ascend_v4.runtime"):
+        d = choose_dispatcher(dp_ctx, ExpertPlacement(8, WORLD), tiny_moe)
+    assert isinstance(d, AllToAllExperts)
+    assert [r.getMessage().count("attention data parallelism") for r in caplog.records] == [1]
+
+
 def test_choice_falls_back_to_all_to_all_with_one_log_line(tnpu, monkeypatch, caplog, tiny_moe):
     pl = ExpertPlacement(8, WORLD)
     with caplog.at_level(logging.INFO, logger="ascend_v4.runtime"):
