@@ -96,9 +96,9 @@ class Attention(nn.Module):
             kv = torch.cat((ops.fp8_roundtrip(kv[:, :self.nope].contiguous(), 64), kv[:, self.nope:]), -1)
         proj: tuple = ()  # per-token compressor (and indexer) projections, all sequences at once
         if self.kind != WINDOW:
-            proj = self.compressor.project(x)  # kv, gate logits [T, c*dc]
+            proj = self.compressor.project(x, batch.positions)  # kv, gate scores [T, c*dc]
         if self.kind == CSA:
-            proj += self.indexer.queries(cqq, x, cos, sin) + self.indexer.compressor.project(x)
+            proj += self.indexer.queries(cqq, x, cos, sin) + self.indexer.compressor.project(x, batch.positions)
 
         groups: dict[int, list] = {}  # sequences by cache pool (the engine has one; standalone caches own one each)
         for s in batch.seqs:
@@ -142,7 +142,7 @@ class Attention(nn.Module):
             if self.kind != WINDOW:
                 cs, ist = cache.states[lid]
                 first = cs.n_entries
-                new, halves = self.compressor(proj[0][sl], proj[1][sl], s.start, cs, self.freqs)
+                new, halves = self.compressor(proj[0][sl], proj[1][sl], cs, self.freqs)
                 n_ent = cs.n_entries
                 erows = batch.entry_rows(i, lid, n_ent)  # [N] rows in the comp region
                 base = pool.comp_base(lid)
@@ -153,7 +153,7 @@ class Attention(nn.Module):
                     e = torch.arange(n_ent, device=dev)[None, :]
                     parts.append(torch.where(e < visible[:, None], base + erows[e], torch.full_like(e, -1)))
                 else:
-                    inew, ihalves = self.indexer.compressor(proj[4][sl], proj[5][sl], s.start, ist, self.freqs)
+                    inew, ihalves = self.indexer.compressor(proj[4][sl], proj[5][sl], ist, self.freqs)
                     pool.ikeys[lid][erows[first:]] = inew.to(pool.ikeys[lid].dtype)
                     self._keep_block_end_state(pool.state[lid], "index", cache, lid, first, ihalves)
                     # The indexer op takes each query's keys as one contiguous run: gather this sequence's.

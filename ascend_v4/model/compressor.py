@@ -32,21 +32,20 @@ class Compressor(nn.Module):
         self.ape = nn.Parameter(torch.empty(ratio, c * dc, dtype=torch.float32), requires_grad=False)
         self.norm = RMSNorm(dc, args.norm_eps, opts.dtype)
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Projections of every token of the step at once (one weight read for the whole batch):
-        x [T, D] -> kv, gate logits [T, c*dc] fp32 (slot bias not yet added)."""
-        return self.wkv(x).float(), self.wgate(x).float()
+        x [T, D], positions [T] -> kv, gate scores [T, c*dc] fp32 (the logits plus the slot bias
+        ape[position mod m])."""
+        return self.wkv(x).float(), self.wgate(x).float() + self.ape[positions % self.ratio]
 
-    def forward(self, kv: torch.Tensor, score: torch.Tensor, start: int, state: CompressorState,
+    def forward(self, kv: torch.Tensor, score: torch.Tensor, state: CompressorState,
                 freqs: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """Feed one sequence's projected tokens at positions start.. (kv, score [n, c*dc] from `project`);
+        """Feed one sequence's next projected tokens (kv, score [n, c*dc] from `project`, slot bias included);
         advances `state` and returns the new entries [k, dc] (in the activation dtype) and, for CSA, the A-half
         (kv, score) [k, m, dc] fp32 of each new window: the state the next entry pools with, which the paged
         cache keeps at block ends so a shared prefix can resume there."""
         m, dc = self.ratio, self.dc
         halves = None
-        pos = torch.arange(start, start + kv.shape[0], device=kv.device)
-        score = score + self.ape[pos % m]
         if state.buf_kv is not None:
             kv, score = torch.cat((state.buf_kv, kv)), torch.cat((state.buf_score, score))
         n_win = kv.shape[0] // m

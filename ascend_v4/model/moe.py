@@ -91,10 +91,12 @@ class MoE(nn.Module):
                                   for e in self.expert_ids})
         self.shared_experts = Expert(args.dim, args.moe_inter_dim, FP8, opts, args.swiglu_limit)
         self._lists: tuple | None = None
+        self._plain_dense = False  # set with _lists: every routed expert a plain dense matrix, one format
         self.expert_parallel = None  # injected by the runtime: (x, ids, w, run_local) -> routed [T, D] fp32
 
     def post_load(self) -> None:
-        self._lists = None  # weights were (re)assigned: rebuild the per-expert lists lazily
+        """Weights were (re)assigned or expanded: rebuild the per-expert lists lazily."""
+        self._lists = None
 
     def _weight_lists(self) -> tuple:
         if self._lists is None:
@@ -104,6 +106,9 @@ class MoE(nn.Module):
                 cols.append([l.weight for l in lins])
                 cols.append([l.scale if l.packed else None for l in lins])
             self._lists = tuple(cols)
+            lins = [l for e in self.experts for l in (e.w1, e.w2, e.w3)]
+            self._plain_dense = not any(l.packed for l in lins) and len({(e.w1.fmt, e.w2.fmt, e.w3.fmt)
+                                                                          for e in self.experts}) == 1
         return self._lists
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -122,11 +127,43 @@ class MoE(nn.Module):
         """Routed experts held here: x [T, D]; ids [T, k] positions in `expert_ids` (-1 = skip); w [T, k] fp32.
         Returns [T, D] fp32."""
         w1, s1, w2, s2, w3, s3 = self._weight_lists()
-        if s1[0] is None:  # dense (dequantized) experts: plain per-expert loop, same maths
+        if s1[0] is None:  # not FP8/FP4-packed: dense (expanded at load) or integer weights
             return self._dense_experts(x, ids, w)
         return ops.moe_experts(x, ids, w, w1, s1, w2, s2, w3, s3, self.args.swiglu_limit, self.opts.quant_sim)
 
     def _dense_experts(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Dense (dequantized) routed experts, the maths of `Expert.forward` for all (token, expert) pairs at
+        once: the activation quantisation is per row (1x128 runs), so quantising x once equals quantising each
+        expert's rows, and the SwiGLU runs once over all pairs. Only the matmuls go expert by expert, each on
+        its contiguous run of pairs (sorted by expert), as before: a GEMM's row results depend on its row
+        count, so a padded batched matmul would make an expert's bits depend on which other experts share the
+        rank, and expert-/data-parallel layouts would stop matching one process."""
+        w1, _, w2, _, w3, _ = self._weight_lists()
+        if not self._plain_dense:  # integer weights kept packed (their own GEMM ops), or mixed formats
+            return self._expert_loop(x, ids, w)
+        lim = self.args.swiglu_limit
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat + 1, minlength=len(w1) + 1).tolist()  # the one host sync
+        order = order[counts[0]:]  # real pairs (-1 = another rank's) sorted by expert, token order within
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        if order.numel() == 0:
+            return out
+        runs = [e for e, n in enumerate(counts[1:]) if n]
+        sizes = [counts[e + 1] for e in runs]
+        tok = order // ids.shape[1]
+        e0 = next(iter(self.experts))  # every expert quantises its inputs the same way (one format)
+        xq = e0.w1.quantize_input(x)[tok].split(sizes)  # the [P, D] pair rows, one run per expert
+
+        def per_expert(ws: list[torch.Tensor], parts) -> torch.Tensor:
+            return torch.cat([F.linear(p, ws[e].to(p.dtype)) for e, p in zip(runs, parts)])
+
+        g, u = per_expert(w1, xq).float(), per_expert(w3, xq).float()
+        a = F.silu(g.clamp(max=lim)) * u.clamp(-lim, lim)  # [P, I] fp32
+        a = e0.w2.quantize_input((a * w.reshape(-1)[order][:, None]).to(x.dtype))
+        return out.index_add_(0, tok, per_expert(w2, a.split(sizes)).float())
+
+    def _expert_loop(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         experts = list(self.experts.values())  # local position -> module
         for e, pairs, tok in expert_groups(ids, len(experts)):

@@ -139,8 +139,8 @@ class Transformer(nn.Module):
                 if isinstance(m, Linear):
                     m.dequantize_(self.opts.dtype)
             for m in self.modules():
-                if hasattr(m, "_lists"):
-                    m._lists = None
+                if isinstance(m, MoE):
+                    m.post_load()
 
     @torch.no_grad()
     def forward(self, batch: StepBatch) -> torch.Tensor:

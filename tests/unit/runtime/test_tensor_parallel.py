@@ -163,7 +163,10 @@ def test_tp2_greedy_tokens_equal_one_process(ckpt, tok, quant_sim, kv):
         got = _results(outs)
         assert [t for t, _ in got] == [t for t, _ in ref]
         diff = max(abs(a - b) for (_, la), (_, lb) in zip(got, ref) for a, b in zip(la, lb))
-        assert diff < (1e-4 if kv == "auto" else 1e-3)
+        # wo_b's partial sums add in another order than one GEMM; with the QAT simulation an activation that
+        # lands next to an FP8 rounding boundary can round the other way, so log-probs move by up to ~1e-2
+        # there (seen: 0.014 on one CPU, < 1e-4 on another); without it they stay at fp32 noise.
+        assert diff < (0.05 if quant_sim else 1e-4 if kv == "auto" else 1e-3)
         st = eng.stats()
         assert st["spec_proposed"] > 0 and st["prefix_hit_rate"] > 0 and st["blocks_used"] == 0
         assert outs[4][-1].cached_tokens >= 128  # the 133-token prompt resumed after its shared 128-token block
