@@ -43,6 +43,12 @@ ENV_VARS: dict[str, EnvVar] = {
         EnvVar("ASCEND_V4_NPU_MX_GEMM", "0",
                "1 = FP8/FP4 expert GEMMs on Ascend 950 use the native MX kernel (written only, never run); "
                "0 = dequantise to BF16 in the vector unit first"),
+        EnvVar("ASCEND_V4_NPU_SELFCHECK", "1",
+               "1 = at the first NPU call, run every usable backend of every op against the CPU reference and "
+               "drop those that fail (ops/npu/selfcheck.py); 0 = trust every usable backend"),
+        EnvVar("ASCEND_V4_NPU_SELFCHECK_DEVICE", "npu",
+               "internal: device of the self-check's inputs (tests run it on cpu through a torch_npu test double)",
+               internal=True),
         EnvVar("ASCEND_V4_DEVICE", None,
                "override device detection: cpu | cuda | npu (optionally with an index, e.g. npu:1)"),
         EnvVar("ASCEND_V4_LOG_LEVEL", "WARNING",
@@ -90,6 +96,16 @@ def op_backend() -> str:
 # nothing from the rest of the project); this getter validates it for `doctor` and the docs.
 def npu_mx_gemm() -> bool:
     return _choice("ASCEND_V4_NPU_MX_GEMM", ("0", "1"), _raw("ASCEND_V4_NPU_MX_GEMM") or "0") == "1"
+
+
+# The NPU op self-check switch ("1" | "0"); ops/npu/selfcheck.py reads it itself, like the MX switch above.
+def npu_selfcheck() -> bool:
+    return _choice("ASCEND_V4_NPU_SELFCHECK", ("0", "1"), _raw("ASCEND_V4_NPU_SELFCHECK") or "1") == "1"
+
+
+# Device of the self-check's inputs (internal: "cpu" in tests that run it through a torch_npu double).
+def npu_selfcheck_device() -> str:
+    return _raw("ASCEND_V4_NPU_SELFCHECK_DEVICE") or "npu"
 
 
 # Device override ("cpu", "cuda", "npu", "npu:1", ...); None = detect.

@@ -156,6 +156,32 @@ def check_op_library(report: Report) -> None:
                "sparse_attn falls back to triton-ascend / the reference and moe_experts to npu_grouped_matmul")
 
 
+def check_ops(report: Report, size: str = "all", timeout: float = 900.0) -> dict | None:
+    """The device self-check (ops/npu/selfcheck.py) in a child process that imports torch_npu: every usable
+    backend of every op against the CPU reference. Returns the child's JSON (rows, chosen backend per op)."""
+    cmd = [sys.executable, "-m", "ascend_v4.ops.npu.selfcheck", "--json", "--size", size]
+    env = dict(os.environ, ASCEND_V4_NPU_SELFCHECK="0")  # the child runs the check itself, once, with a table
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        report.add("op self-check", False, f"timed out after {timeout:.0f} s", "run it again with --ops-size small")
+        return None
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["?"])[-1]
+        report.add("op self-check", False, f"did not run: {last}",
+                   "the self-check needs torch_npu importable and an NPU; without them every op runs the CPU "
+                   "reference")
+        return None
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    failed = [f"{row['op']} on {row['backend']}" for row in out["rows"] if row["status"] == "FAIL"]
+    report.add("op self-check", not failed,
+               f"{len(out['rows'])} (op, backend) pairs on {out['device']}; " +
+               (f"failed: {', '.join(failed)} (not used)" if failed else "every usable backend passed"),
+               "a failed backend is skipped (the next one runs); send the table (ascend-v4 doctor --ops --json) "
+               "with the issue")
+    return out
+
+
 def collect(probe: bool = True, driver_root: Path = DRIVER_ROOT, dev_glob: str = "/dev/davinci*") -> Report:
     """All checks; `probe` imports torch_npu in a child process when it is installed."""
     report = Report()
@@ -196,20 +222,42 @@ def render(report: Report) -> str:
 @click.command("doctor")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @click.option("--no-probe", is_flag=True, help="do not import torch_npu in a child process")
-def doctor(as_json: bool, no_probe: bool) -> None:
-    """Check driver, CANN, torch_npu, the op library, visible NPUs and HCCL settings; say what is missing.
+@click.option("--ops", "run_ops", is_flag=True,
+              help="also run the device self-check: every usable backend of every op (vllm-ascend, torch_npu, "
+                   "our Ascend C, triton-ascend) on small and real V4 shapes against the CPU reference, in a "
+                   "child process; prints which backend each op uses and why the others are not")
+@click.option("--ops-size", type=click.Choice(["small", "real", "all"]), default="all", show_default=True,
+              help="shapes the self-check runs (real = V4-Flash per-device shapes, slower)")
+def doctor(as_json: bool, no_probe: bool, run_ops: bool, ops_size: str) -> None:
+    """Check driver, CANN, torch_npu, the op libraries, visible NPUs and HCCL settings; say what is missing.
+
+    With --ops, also self-check every NPU op backend against the CPU reference (the same check the engine runs
+    at its first NPU call) and list, per op, the backend in use.
 
     \b
     Examples:
       ascend-v4 doctor
       ascend-v4 doctor --json
+      ascend-v4 doctor --ops              # + the op table (needs torch_npu and an NPU)
+      ascend-v4 doctor --ops --json > doctor.json
     """
     if "torch" not in sys.modules and _version("torch-npu") is not None:
         # An unusable torch_npu makes `import torch` itself fail through torch's backend autoload
         # (ascend-notes §9); the doctor imports torch_npu only in its child probe.
         os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
     report = collect(probe=not no_probe)
-    click.echo(json.dumps(asdict(report), indent=2) if as_json else render(report))
+    ops = check_ops(report, ops_size) if run_ops else None
+    if as_json:
+        click.echo(json.dumps({**asdict(report), **({"ops": ops} if run_ops else {})}, indent=2))
+        return
+    click.echo(render(report))
+    if ops is not None:
+        from ascend_v4.ops.npu.selfcheck import Row, render as render_ops
+
+        click.echo("")
+        click.echo(f"op self-check on {ops['device']} (SoC id {ops['soc_version']}; vllm-ascend ops: "
+                   f"{ops['vllm_ascend']}; ascend-v4 op library: {ops['op_library']}):")
+        click.echo(render_ops([Row(**r) for r in ops["rows"]], ops["chosen"]))
 
 
 __all__ = ["doctor", "collect", "render", "Report", "Check"]

@@ -51,7 +51,9 @@ def register(force: bool = False) -> dict[str, str]:
     is decided at the first NPU call (`status()["ops"]` then lists it).
     """
     from . import kernels
+    from ._loader import export_custom_opp_path
 
+    export_custom_opp_path()  # before torch_npu loads, where it has not yet (see its docstring)
     dev = privateuse1_name()
     for op, fn in kernels.kernel_table().items():
         torch.library.register_kernel(f"{NS}::{op}", dev, fn)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,34 @@ def prepend_custom_opp_path(vdir: Path) -> str:
     value = ":".join([str(vdir), *parts])
     os.environ["ASCEND_CUSTOM_OPP_PATH"] = value
     return value
+
+
+def custom_opp_dirs(lib_dir: Path = LIB_DIR) -> list[Path]:
+    """The CANN custom-op package directories this process may call into: ours when built, vllm-ascend's
+    when installed (its `_cann_ops_custom/vendors/custom_transformer`)."""
+    from .vllm_ascend_ops import vendor_dir as vllm_vendor_dir
+
+    ours = vendor_dir(lib_dir)
+    dirs = [ours] if (ours / "op_api" / "lib" / "libcust_opapi.so").is_file() else []
+    theirs = vllm_vendor_dir()
+    return dirs + ([theirs] if theirs is not None else [])
+
+
+def export_custom_opp_path(lib_dir: Path = LIB_DIR) -> list[Path]:
+    """Put the custom-op package directories on ASCEND_CUSTOM_OPP_PATH at `import ascend_v4.ops`. torch_npu
+    and the op bindings read the variable once, when their libraries load, so it must be set before torch_npu
+    is imported: when torch_npu is already in (torch's backend autoload imports it with torch) and the
+    variable lacked a directory, say so once with the fix. Returns the directories added."""
+    dirs = custom_opp_dirs(lib_dir)
+    before = os.environ.get("ASCEND_CUSTOM_OPP_PATH", "").split(":")
+    added = [d for d in dirs if str(d) not in before]
+    for d in reversed(dirs):
+        prepend_custom_opp_path(d)
+    if added and "torch_npu" in sys.modules:
+        log.warning("torch_npu was imported before ascend-v4 could set ASCEND_CUSTOM_OPP_PATH (missing %s); "
+                    "custom NPU ops may not resolve. Export ASCEND_CUSTOM_OPP_PATH=%s before starting Python "
+                    "(docker/Dockerfile.npu does).", ":".join(map(str, added)), os.environ["ASCEND_CUSTOM_OPP_PATH"])
+    return added
 
 
 @functools.lru_cache(maxsize=1)

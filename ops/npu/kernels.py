@@ -1,18 +1,11 @@
 """NPU (PrivateUse1) implementations of the ascend_v4:: ops. Each takes the reference's arguments and returns
 the reference's result (shapes, dtypes), so the seam and the fake impls are shared.
 
-Per op, first match wins (`Backend.describe()` says which one a process uses):
-
-| op            | 1. op library (ops/ascendc)           | 2. triton-ascend    | 3. always available |
-|---------------|---------------------------------------|---------------------|---------------------|
-| sparse_attn   | `ascend_v4::npu_sparse_attn`          | ops/triton launcher | reference           |
-| quant_gemm    | `ascend_v4::npu_moe_gemm`, one group (*) | ops/triton launcher | reference maths, FP8-free weight decode |
-| moe_experts   | torch_npu routing + `npu_moe_gemm` (*) | -                  | torch_npu routing + `npu_grouped_matmul` on BF16-decoded active experts |
-| fp8_roundtrip | -                                     | -                   | float-only e4m3 rounding (bit-exact with the reference) |
-| w8a8_gemm     | -                                     | -                   | `npu_dynamic_quant` + `npu_quant_matmul` (bf16/fp16 x; fp32 x: reference) |
-| w4a8_gemm     | -                                     | -                   | int4 -> int8 unpack per call, then as w8a8_gemm |
-| int8_act_roundtrip | -                                | -                   | `npu_dynamic_quant`, dequantised (bf16/fp16; fp32: reference) |
-| others        | -                                     | ops/triton launcher | reference (registered default) |
+The implementations here are one function per (op, backend); which ones an op has, in which order, and when
+each can run is `candidates.py` (vllm-ascend's ops first, `vllm_ascend_ops.py`; then torch_npu built-ins, our
+op library, triton-ascend, the reference). `Backend` holds what a process has (torch_npu, the libraries, the
+SoC, the self-check's verdicts) and `Backend.run(op, *args)` calls the first candidate that can take the
+inputs; `Backend.describe()` says which one each op uses for bf16 inputs.
 
 torch_npu functions used, with the signatures of torch_npu 2.13.0 (schemas registered in `libtorch_npu.so`,
 semantics from `torch_npu/_op_plugin_docs.py` and the aclnn docs):
@@ -42,34 +35,23 @@ a 950 (`torch_npu.npu.get_soc_version() >= 260`), the op library is loaded and K
 from __future__ import annotations
 
 import functools
-import importlib
-import importlib.metadata
-import importlib.util
 import logging
-import os
 import weakref
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ..reference import formats as _fmt
-from ..reference.attention import sparse_attn as _ref_sparse_attn
 from . import tiling as _tiling
-from ._loader import OpLibrary, load_op_library
+# re-exported: the backend's names were defined here before backend.py existed (tests and doctor use them)
+from .backend import (MX_GEMM_ENV, SOC_ASCEND950, TRITON_OPS, Backend, _triton_ascend_launchers,  # noqa: F401
+                      backend, current, make_backend, mx_gemm_requested, soc_version, use_backend)
 
 log = logging.getLogger("ascend_v4.ops")
 
 GMM_MAX_GROUPS = 128  # npu_grouped_matmul: at most 128 weights per call (single x, weight list, single y)
 FMT_BF16, FMT_FP8, FMT_FP4 = 0, 1, 2  # weight_fmt attribute of npu_moe_gemm (= tiling_rules.h WeightFmt)
-TRITON_OPS = ("sparse_attn", "indexer_topk", "compress_kv", "quant_gemm", "hc_pre", "hc_post", "hc_head")
-# torch_npu.npu.get_soc_version() ids: A2 220-225, A3 250-255, the Ascend 950 family from 260 on
-# (ascend-notes.md §1; torch_npu's SocVersion enum, Ascend950 = 260)
-SOC_ASCEND950 = 260
-# The switch of the 950 native MX grouped GEMM. Ledger: read here with os.environ because ascend_v4.ops imports
-# nothing else from the project; the variable belongs in ascend_v4/envs.py's registry like ASCEND_V4_OP_BACKEND.
-MX_GEMM_ENV = "ASCEND_V4_NPU_MX_GEMM"
 
 
 # ---------------------------------------------------------------------------------------------- FP8-free decode
@@ -108,140 +90,11 @@ def fp8_roundtrip(x: torch.Tensor, block: int) -> torch.Tensor:
     return (q * scale).reshape(shape).to(x.dtype)
 
 
-# ---------------------------------------------------------------------------------------------- backend choice
-def mx_gemm_requested() -> bool:
-    """ASCEND_V4_NPU_MX_GEMM: "1" = use the 950 native MX grouped GEMM, "0" = do not; unset or blank =
-    `tiling.MX_KERNEL_READY` (False while the kernel is written only). Anything else is an error."""
-    raw = os.environ.get(MX_GEMM_ENV, "").strip()
-    if not raw:
-        return _tiling.MX_KERNEL_READY
-    if raw not in ("0", "1"):
-        raise ValueError(f"{MX_GEMM_ENV}={raw!r} is not one of 0, 1")
-    return raw == "1"
-
-
-def soc_version(torch_npu: object) -> int:
-    """torch_npu.npu.get_soc_version(), or -1 when it cannot say (no device, an old torch_npu)."""
-    try:
-        return int(torch_npu.npu.get_soc_version())  # type: ignore[attr-defined]
-    except Exception:  # AttributeError, or the runtime's own error without a device
-        return -1
-
-
-@dataclass
-class Backend:
-    """What this process uses on the NPU; resolved once, at the first NPU call (see `backend()`).
-
-    `mx_gemm`: FP8/FP4 GEMMs through the op library ask for its 950 native MX variant (see `make_backend`)."""
-
-    torch_npu: object
-    lib: OpLibrary
-    triton: dict[str, Callable] = field(default_factory=dict)
-    soc_version: int = -1
-    mx_gemm: bool = False
-
-    def choice(self, op: str) -> str:
-        if op == "quant_gemm" and self.lib.loaded:
-            return "ascendc-mx" if self.mx_gemm else "ascendc"
-        if op == "sparse_attn" and self.lib.loaded:
-            return "ascendc"
-        if op == "moe_experts":
-            if not self.lib.loaded:
-                return "torch_npu+grouped_matmul"
-            return "torch_npu+ascendc-mx" if self.mx_gemm else "torch_npu+ascendc"
-        if op == "fp8_roundtrip":
-            return "fp8-free"
-        if op in ("w8a8_gemm", "w4a8_gemm", "int8_act_roundtrip"):
-            return "torch_npu"
-        if op in self.triton:
-            return "triton-ascend"
-        return "fp8-free-reference" if op == "quant_gemm" else "reference"
-
-    def describe(self) -> dict[str, str]:
-        from .._library import ALL_OPS
-
-        return {op.split("::")[-1]: self.choice(op.split("::")[-1]) for op in ALL_OPS}
-
-
-def _triton_ascend_launchers() -> dict[str, Callable]:
-    """The ops/triton launchers when triton-ascend is installed (never upstream triton on an NPU box)."""
-    try:
-        importlib.metadata.distribution("triton-ascend")
-    except importlib.metadata.PackageNotFoundError:
-        return {}
-    try:
-        from ..triton import launchers
-
-        fns = launchers()
-    except Exception as e:  # ImportError, or triton's own errors when no Ascend driver is active
-        log.warning("triton-ascend is installed but the ascend-v4 Triton kernels do not load (%s)", e)
-        return {}
-    return {op: fn for op, fn in fns.items() if op in TRITON_OPS}
-
-
-def make_backend(torch_npu: object, lib: OpLibrary, triton: dict[str, Callable] | None = None, *,
-                 soc: int | None = None, mx_requested: bool | None = None) -> Backend:
-    """The backend for `torch_npu` and the op library `lib`. `soc` defaults to `soc_version(torch_npu)`,
-    `mx_requested` to `mx_gemm_requested()`; the MX variant is used when it is requested, the op library is
-    loaded and the SoC is a 950."""
-    soc = soc_version(torch_npu) if soc is None else soc
-    want = mx_gemm_requested() if mx_requested is None else mx_requested
-    b = Backend(torch_npu, lib, dict(triton or {}), soc, bool(want and lib.loaded and soc >= SOC_ASCEND950))
-    if not lib.loaded:
-        fallback = "triton-ascend kernels" if b.triton else "reference ops"
-        log.warning("ascend-v4 NPU op library unavailable: %s. sparse_attn / quant_gemm use %s, moe_experts uses "
-                    "torch_npu routing + npu_grouped_matmul on BF16-decoded experts (slower). Run "
-                    "`ascend-v4 doctor` for details.", lib.reason, fallback)
-    elif want and not b.mx_gemm:
-        log.warning("%s=1 asks for the Ascend 950 native MX grouped GEMM, but this SoC (id %d) is not a 950; "
-                    "the FP8/FP4 GEMMs use the vector-dequant kernel", MX_GEMM_ENV, soc)
-    elif b.mx_gemm:
-        log.warning("%s=1: FP8/FP4 GEMMs use the Ascend 950 native MX kernel, which has never been run "
-                    "(written only, docs/npu.md); unset the variable if results look wrong", MX_GEMM_ENV)
-    return b
-
-
-@functools.lru_cache(maxsize=1)
-def backend() -> Backend:
-    """Resolve the NPU backend once per process: torch_npu (already imported, the tensors are on the NPU),
-    the op library (loaded here, warning once if missing), triton-ascend launchers as the next fallback, the
-    SoC id and ASCEND_V4_NPU_MX_GEMM (the 950 native MX GEMM switch)."""
-    tnpu = importlib.import_module("torch_npu")
-    lib = load_op_library()
-    return make_backend(tnpu, lib, {} if lib.loaded else _triton_ascend_launchers())
-
-
-# The backend the kernels below use; tests swap it (torch_npu test double) with `use_backend`.
-_active: list[Backend] = []
-
-
-def current() -> Backend:
-    return _active[-1] if _active else backend()
-
-
-class use_backend:
-    """Context manager: run the NPU kernels against `b` (e.g. a torch_npu test double) instead of `backend()`."""
-
-    def __init__(self, b: Backend):
-        self.b = b
-
-    def __enter__(self) -> Backend:
-        _active.append(self.b)
-        return self.b
-
-    def __exit__(self, *exc) -> None:
-        _active.remove(self.b)
-
-
 # ---------------------------------------------------------------------------------------------- kernels
-def sparse_attn(q, kv, idx, sink, scale):
-    b = current()
-    if b.lib.loaded and q.dtype in (torch.bfloat16, torch.float16) and kv.dtype == q.dtype:
-        return torch.ops.ascend_v4.npu_sparse_attn(q.contiguous(), kv.contiguous(), idx.to(torch.int32).contiguous(),
-                                                   sink.float().contiguous(), float(scale))
-    if "sparse_attn" in b.triton:
-        return b.triton["sparse_attn"](q, kv, idx, sink, scale)
-    return _ref_sparse_attn(q, kv, idx, sink, scale)
+# One function per (op, backend); `candidates.py` orders them and says when each can run.
+def sparse_attn_lib(q, kv, idx, sink, scale):
+    return torch.ops.ascend_v4.npu_sparse_attn(q.contiguous(), kv.contiguous(), idx.to(torch.int32).contiguous(),
+                                               sink.float().contiguous(), float(scale))
 
 
 def _weight_fmt(w: torch.Tensor) -> tuple[int, int, int]:
@@ -271,17 +124,24 @@ def _lib_gemm(b: Backend, x, ws, ss, counts, out_dtype):
     return torch.ops.ascend_v4.npu_moe_gemm(x.contiguous(), wv, sv, counts, fmt, bn, bk, out_dtype)
 
 
-def quant_gemm(x, w, s, act_quant):
-    b = current()
-    if act_quant:
-        # also before the MX kernel: its 1x32 MXFP8 quantisation of a 1x128-round-tripped x is exact, so the
-        # MX path keeps the reference's act_quant numerics (ops/reference/mx.py)
-        x = fp8_roundtrip(x, 128)
-    if b.lib.loaded and x.dtype in (torch.bfloat16, torch.float16):
-        counts = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
-        return _lib_gemm(b, x, [w], [s], counts, x.dtype)
-    if "quant_gemm" in b.triton:
-        return b.triton["quant_gemm"](x, w, s, False)
+def _act(x, act_quant):
+    # also before the MX kernel: its 1x32 MXFP8 quantisation of a 1x128-round-tripped x is exact, so the MX path
+    # keeps the reference's act_quant numerics (ops/reference/mx.py)
+    return fp8_roundtrip(x, 128) if act_quant else x
+
+
+def quant_gemm_lib(x, w, s, act_quant):
+    x = _act(x, act_quant)
+    counts = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+    return _lib_gemm(current(), x, [w], [s], counts, x.dtype)
+
+
+def quant_gemm_triton(x, w, s, act_quant):
+    return current().triton["quant_gemm"](_act(x, act_quant), w, s, False)
+
+
+def quant_gemm_fp8_free(x, w, s, act_quant):
+    x = _act(x, act_quant)
     return F.linear(x, dense_weight(w, s, x.dtype))
 
 
@@ -305,7 +165,17 @@ def _grouped_gemm_bf16(b: Backend, x, ws, ss, counts_dev, rows_total):
     return out
 
 
-def moe_experts(x, topk_ids, topk_weights, w1, s1, w2, s2, w3, s3, swiglu_limit, act_quant):
+def moe_experts_lib(*args):
+    """Routed experts with torch_npu routing and our grouped GEMM (`ascend_v4::npu_moe_gemm`)."""
+    return _moe_experts(True, *args)
+
+
+def moe_experts_gmm(*args):
+    """Routed experts with torch_npu routing and `npu_grouped_matmul` on BF16-decoded active experts."""
+    return _moe_experts(False, *args)
+
+
+def _moe_experts(use_lib, x, topk_ids, topk_weights, w1, s1, w2, s2, w3, s3, swiglu_limit, act_quant):
     """Routed experts (reference.gemm.moe_experts semantics) with torch_npu routing.
 
     Slots with id -1 (experts of other EP ranks) go to a phantom expert E: it sorts last, no GEMM touches
@@ -323,7 +193,7 @@ def moe_experts(x, topk_ids, topk_weights, w1, s1, w2, s2, w3, s3, swiglu_limit,
     counts = counts[:E].to(torch.int64)  # [E] rows per real expert; the phantom's rows are the tail
     ri = row_idx.long()
     wsorted = torch.zeros(T * k, dtype=torch.float32, device=x.device).scatter_(0, ri, topk_weights.reshape(-1).float())
-    if b.lib.loaded and x.dtype in (torch.bfloat16, torch.float16):
+    if use_lib:
         gemm = lambda h, ws, ss: _lib_gemm(b, h, ws, ss, counts, x.dtype)  # noqa: E731  (rows past the groups: 0)
     else:
         gemm = lambda h, ws, ss: _grouped_gemm_bf16(b, h, ws, ss, counts, T * k)  # noqa: E731
@@ -337,65 +207,70 @@ def moe_experts(x, topk_ids, topk_weights, w1, s1, w2, s2, w3, s3, swiglu_limit,
     return tnpu.npu_moe_token_unpermute(y.float(), row_idx, probs=valid.float())
 
 
-_HALF = (torch.bfloat16, torch.float16)  # npu_dynamic_quant takes float16 / bfloat16 only
-
-
 def _int():
     from ..reference import int_gemm  # the integer formats' reference (W8A8 / W4A8), imported when used
 
     return int_gemm
 
 
-def w8a8_gemm(x, w, w_scale):
-    if x.dtype not in _HALF:
-        return _int().w8a8_gemm(x, w, w_scale)
+def w8a8_gemm_npu(x, w, w_scale):
     tnpu = current().torch_npu
     xq, a_scale = tnpu.npu_dynamic_quant(x.contiguous())  # per-token int8, scale [M]
     return tnpu.npu_quant_matmul(xq, w.t(), w_scale.reshape(-1).float(), pertoken_scale=a_scale.reshape(-1),
                                  output_dtype=x.dtype)
 
 
-def w4a8_gemm(x, w_packed, w_scale):
+def w4a8_gemm_npu(x, w_packed, w_scale):
     # int4 rows -> int8 per call (exact); the native int4 npu_quant_matmul path needs an offline repack of the
     # weight into int32 words along K and is not done.
-    return w8a8_gemm(x, _int().unpack_int4_rows(w_packed), w_scale)
+    return w8a8_gemm_npu(x, _int().unpack_int4_rows(w_packed), w_scale)
 
 
-def int8_act_roundtrip(x):
-    if x.dtype not in _HALF:
-        return _int().int8_act_roundtrip(x)
+def int8_act_roundtrip_npu(x):
     shape = x.shape
     q, s = current().torch_npu.npu_dynamic_quant(x.reshape(-1, shape[-1]).contiguous())
     return (q.float() * s.reshape(-1, 1)).reshape(shape).to(x.dtype)
 
 
-def _from_triton_or_reference(op: str) -> Callable:
-    from .._library import REFERENCE
-
-    ref = REFERENCE[op]  # bound now: tests route REFERENCE[op] itself through this table
-
+def _dispatch(op: str) -> Callable:
     def run(*args):
-        fn = current().triton.get(op)
-        return fn(*args) if fn is not None else ref(*args)
+        return current().run(op, *args)
 
     run.__name__ = f"{op}_npu"
     return run
 
 
 def kernel_table() -> dict[str, Callable]:
-    """{op: NPU implementation} for every op registered on PrivateUse1. The choice inside each function is
-    made per call from `current()`, so registering never imports torch_npu or loads the library."""
-    from .._library import REFERENCE
+    """{op: NPU implementation} for every op registered on PrivateUse1: each runs the first candidate of
+    `current()` that accepts its inputs (`candidates.py`), so registering never imports torch_npu or loads a
+    library."""
+    from .candidates import table
 
-    table: dict[str, Callable] = {"sparse_attn": sparse_attn, "quant_gemm": quant_gemm, "moe_experts": moe_experts,
-                                  "fp8_roundtrip": fp8_roundtrip}
-    # integer-format ops, registered only where ops/_library.py defines them
-    for op, fn in (("w8a8_gemm", w8a8_gemm), ("w4a8_gemm", w4a8_gemm), ("int8_act_roundtrip", int8_act_roundtrip)):
-        if op in REFERENCE:
-            table[op] = fn
-    for op in TRITON_OPS:
-        table.setdefault(op, _from_triton_or_reference(op))
-    return table
+    return {op: _dispatch(op) for op in table()}
+
+
+def sparse_attn(*args):
+    return current().run("sparse_attn", *args)
+
+
+def quant_gemm(*args):
+    return current().run("quant_gemm", *args)
+
+
+def moe_experts(*args):
+    return current().run("moe_experts", *args)
+
+
+def w8a8_gemm(*args):
+    return current().run("w8a8_gemm", *args)
+
+
+def w4a8_gemm(*args):
+    return current().run("w4a8_gemm", *args)
+
+
+def int8_act_roundtrip(*args):
+    return current().run("int8_act_roundtrip", *args)
 
 
 __all__ = ["Backend", "backend", "make_backend", "current", "use_backend", "kernel_table", "dense_weight",
