@@ -153,8 +153,8 @@ def choose_dispatcher(ctx: ParallelContext, placement: ExpertPlacement, moe: MoE
     name = mc2.hccl_comm_name(group, ctx.rank)
     log.info("expert parallelism: MC2 dispatch/combine on %s (communicator %s, at most %d tokens per rank "
              "per call)", lim.chip, name, lim.max_bs)
-    return Mc2Experts(ctx, placement, tnpu, mc2.Mc2Group(name, ctx.world_size, ctx.rank, placement.num_experts),
-                      lim.max_bs)
+    return Mc2Experts(ctx, placement, tnpu, mc2.Mc2Group(name, ctx.world_size, ctx.rank, placement.num_experts,
+                                                         lim.comm_alg), lim.max_bs)
 
 
 __all__ = ["Mc2Experts", "choose_dispatcher", "mc2_blocker", "MC2_OPS"]

@@ -15,7 +15,8 @@ semantics from `torch_npu/_op_plugin_docs.py` and the aclnn docs):
   flattened row-major and key-value sorted (deterministic), expanded_x[i] = x[sorted_row_idx[i] // k],
   expanded_row_idx[sorted_row_idx[i]] = i (row_idx_type 0, "gather" index).
 * `npu_moe_token_unpermute(permuted_tokens, sorted_indices, probs)` -> out[t] = sum_j probs[t, j] *
-  permuted_tokens[sorted_indices[t*k + j]]; indices unique in [0, T*k).
+  permuted_tokens[sorted_indices[t*k + j]]; indices unique in [0, T*k); permuted_tokens bfloat16 / float16 (the
+  `_op_plugin_docs` example runs float16; no float32 in the docs): fp32 takes the same sum in plain torch.
 * `npu_grouped_matmul([x], weights, *, group_list, split_item=3, group_type=0, group_list_type=1)`: one x,
   one weight [K, N] per group (transposed views allowed), counts per group, one output; at most 128 groups.
 * `npu_dynamic_quant(x)` -> (int8 y, fp32 scale [rows]): scale = rowmax|x| / 127, y = round(x / scale);
@@ -204,7 +205,12 @@ def _moe_experts(use_lib, x, topk_ids, topk_weights, w1, s1, w2, s2, w3, s3, swi
     if act_quant:
         a = fp8_roundtrip(a, 128)
     y = gemm(a, w2, s2)
-    return tnpu.npu_moe_token_unpermute(y.float(), row_idx, probs=valid.float())
+    if y.dtype in (torch.bfloat16, torch.float16):
+        # documented for half-precision permuted tokens (and probs of their dtype); the 0/1 probs are exact
+        return tnpu.npu_moe_token_unpermute(y, row_idx, probs=valid.to(y.dtype)).float()
+    # fp32 (parity runs): the same sum in plain torch
+    rows = y.float()[row_idx.long()].view(T, k, -1)  # row_idx[t*k + j] = the sorted row of slot (t, j)
+    return (rows * valid.float()[..., None]).sum(1)
 
 
 def _int():

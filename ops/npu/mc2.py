@@ -2,9 +2,13 @@
 `torch_npu.npu_moe_distribute_dispatch_v2` / `npu_moe_distribute_combine_v2`, plus the documented size limits
 per chip. Called by runtime/expert_parallel_mc2.py (the MC2 strategy of expert parallelism).
 
-Source of every fact below: the torch_npu API pages `torch_npu-npu_moe_distribute_dispatch_v2.md` /
-`..._combine_v2.md` (Ascend op-plugin docs); where the two pages differ (e.g. A3 hidden size, expert count),
-the intersection is used.
+Source of every fact below: the torch_npu API pages `docs/context/torch_npu-npu_moe_distribute_dispatch_v2.md`
+(Ascend/op-plugin at 01c0a119) and `..._combine_v2.md` (the stored version, op-plugin at 0576042b, older); both
+ops must accept a call, so where the pages differ the intersection is used: A2 EP sizes 16..256 with
+`comm_alg="fullmesh"` (dispatch page; 16..64 with "hierarchy", which `comm_alg=""` picks when
+HCCL_INTRA_PCIE_ENABLE=1 and HCCL_INTRA_ROCE_ENABLE=0, so A2 passes "fullmesh" explicitly), A3 EP 2..384 and
+H 1024..7168 (combine page; the dispatch page allows 2..768 and 1024..8192), experts <= 512 (combine; dispatch
+1024). A2 EP sizes below 16 appear in neither page.
 
   dispatch_v2(x [BS, H] bf16/fp16, expert_ids [BS, K] int32 (distinct per row, in [0, moe_expert_num)),
       group_ep: str, ep_world_size, ep_rank_id, moe_expert_num, *, x_active_mask, expert_scales, quant_mode=0,
@@ -56,6 +60,7 @@ class Mc2Limits:
         ep_world_sizes: allowed EP group sizes.
         h_min / h_max / h_multiple: hidden size H range and granularity.
         max_local_experts: routed experts per rank (None: no extra limit).
+        comm_alg: the `comm_alg` both ops are called with (the EP sizes depend on it on A2).
     """
 
     chip: str
@@ -65,12 +70,13 @@ class Mc2Limits:
     h_max: int
     h_multiple: int
     max_local_experts: int | None
+    comm_alg: str = ""
 
 
-A2_LIMITS = Mc2Limits("A2", max_bs=256, ep_world_sizes=(16, 32, 64), h_min=32, h_max=7168, h_multiple=32,
-                      max_local_experts=24)
+A2_LIMITS = Mc2Limits("A2", max_bs=256, ep_world_sizes=(16, 32, 64, 128, 256), h_min=32, h_max=7168,
+                      h_multiple=32, max_local_experts=24, comm_alg="fullmesh")
 A3_LIMITS = Mc2Limits("A3", max_bs=512, ep_world_sizes=range(2, 385), h_min=1024, h_max=7168, h_multiple=1,
-                      max_local_experts=None)
+                      max_local_experts=None, comm_alg="")
 # torch_npu.npu.get_soc_version() ids (ascend-notes.md §1). Ascend 950 (260) is absent on purpose: the
 # dispatch_v2 / combine_v2 pages list A2 and A3 only, so its limits are not documented.
 _SOC_FAMILIES = ((range(220, 226), A2_LIMITS), (range(250, 256), A3_LIMITS))
@@ -117,6 +123,7 @@ class Mc2Group:
         comm_name: HCCL communicator name of a group used by MC2 only (the pages forbid other ops on it).
         world_size / rank: EP group size and this rank's index in it.
         n_experts: global routed experts (moe_expert_num), split evenly over the ranks.
+        comm_alg: passed to both ops (A2: "fullmesh", the algorithm whose EP sizes the limits list).
 
     Raises:
         ValueError: a field violates the ops' documented ranges (the message names the field).
@@ -126,6 +133,7 @@ class Mc2Group:
     world_size: int
     rank: int
     n_experts: int
+    comm_alg: str = ""  # the chip's `Mc2Limits.comm_alg`
 
     def __post_init__(self) -> None:
         if not isinstance(self.comm_name, str) or not 1 <= len(self.comm_name) <= MAX_COMM_NAME:
@@ -190,7 +198,7 @@ def dispatch(torch_npu, g: Mc2Group, x: torch.Tensor, expert_ids: torch.Tensor) 
     _check_ids("dispatch", g, x, expert_ids)
     out = torch_npu.npu_moe_distribute_dispatch_v2(
         x, expert_ids.to(torch.int32), g.comm_name, g.world_size, g.rank, g.n_experts,
-        quant_mode=0, global_bs=0, expert_token_nums_type=1)
+        quant_mode=0, global_bs=0, expert_token_nums_type=1, comm_alg=g.comm_alg)
     return Dispatched(*out[:7])
 
 
@@ -215,7 +223,8 @@ def combine(torch_npu, g: Mc2Group, expert_out: torch.Tensor, d: Dispatched, exp
     _check(expert_scales.is_floating_point(), fn, f"expert_scales must be floating point, got {expert_scales.dtype}")
     return torch_npu.npu_moe_distribute_combine_v2(
         expert_out, expert_ids.to(torch.int32), d.assist_info, d.ep_recv_counts, expert_scales.float(),
-        g.comm_name, g.world_size, g.rank, g.n_experts, expand_scales=d.expand_scales, global_bs=0)
+        g.comm_name, g.world_size, g.rank, g.n_experts, expand_scales=d.expand_scales, global_bs=0,
+        comm_alg=g.comm_alg)
 
 
 __all__ = ["Mc2Limits", "A2_LIMITS", "A3_LIMITS", "limits_for_soc", "unsupported_reason", "Mc2Group",

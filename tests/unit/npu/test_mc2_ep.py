@@ -92,7 +92,9 @@ def rank_main(rank: int, ckpt: str, store_path: str, torch_npu) -> dict:
     ctx = init_process_groups(dist.FileStore(store_path, WORLD), rank, WORLD, rank, device_type="cpu", timeout_s=60,
                               tp=WORLD)
     torch_npu.register_mc2_group(COMM, dist.new_group(backend="gloo"))  # MC2's own group, as on HCCL
-    mc2_ep = Mc2Experts(ctx, pl, torch_npu, mc2.Mc2Group(COMM, WORLD, rank, pl.num_experts), MAX_BS)
+    # comm_alg as on an A2 (mc2.A2_LIMITS): the double accepts only the values the dispatch_v2 page lists
+    mc2_ep = Mc2Experts(ctx, pl, torch_npu, mc2.Mc2Group(COMM, WORLD, rank, pl.num_experts,
+                                                         mc2.A2_LIMITS.comm_alg), MAX_BS)
     a2a = AllToAllExperts(ctx, pl)
     out: dict = {"calls": {}}
     for layer in LAYERS:
@@ -106,6 +108,7 @@ def rank_main(rank: int, ckpt: str, store_path: str, torch_npu) -> dict:
     assert isinstance(model.layers[0].ffn.expert_parallel, AllToAllExperts)
     out["a2a"] = greedy(model)
     out["op_calls"] = dict(torch_npu.CALLS)
+    out["comm_algs"] = dict(torch_npu.COMM_ALGS_SEEN)
     return out
 
 
@@ -173,6 +176,7 @@ def test_mc2_ep_matches_one_device_and_all_to_all(ckpt, tmp_path, one_thread, tn
 
     for r in ranks:
         assert r["op_calls"]["npu_moe_distribute_dispatch_v2"] == r["op_calls"]["npu_moe_distribute_combine_v2"] > 0
+        assert set(r["comm_algs"]) == {"fullmesh"}  # A2's algorithm reached both ops on every call
     for (layer, T), (one, formula) in calls.items():
         got_mc2, got_a2a = ranks[0]["calls"][layer, T]
         for r in ranks[1:]:  # the all-gather hands every rank the same [T, D]
@@ -204,7 +208,9 @@ def tiny_moe(ckpt):
     (-1, 16, 256, 4096, 6, torch.bfloat16, "SoC id -1 is not an Atlas A2/A3"),
     (250, 16, 256, 4096, 6, torch.bfloat16, None),  # Flash EP16 on A3
     (223, 16, 384, 7168, 6, torch.bfloat16, None),  # Pro EP16 on A2: 24 experts per rank
-    (223, 8, 256, 4096, 6, torch.bfloat16, "EP size 8"),  # A2: EP 16 / 32 / 64 only
+    (223, 8, 256, 4096, 6, torch.bfloat16, "EP size 8"),  # A2: EP 16 .. 256 (fullmesh) only
+    (223, 128, 256, 4096, 6, torch.bfloat16, None),  # A2 fullmesh: EP 128 (dispatch_v2 page, op-plugin 01c0a119)
+    (250, 512, 512, 4096, 6, torch.bfloat16, "EP size 512"),  # A3: 2..384 (combine_v2 page)
     (223, 16, 512, 4096, 6, torch.bfloat16, "32 experts per rank"),
     (250, 2, 8, 128, 2, torch.bfloat16, "hidden size 128"),  # the tiny preset
     (250, 16, 256, 4096, 6, torch.float32, "model dtype torch.float32"),

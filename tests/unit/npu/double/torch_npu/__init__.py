@@ -112,7 +112,10 @@ def npu_moe_token_unpermute(permuted_tokens, sorted_indices, probs=None, padded_
     _check(not padded_mode and restore_shape is None, "padded_mode must be False and restore_shape None")
     _check(permuted_tokens.dim() == 2 and sorted_indices.dim() == 1, "permuted_tokens 2-D, sorted_indices 1-D")
     _check(sorted_indices.dtype == torch.int32, f"sorted_indices must be int32, got {sorted_indices.dtype}")
-    _check(permuted_tokens.dtype in (torch.float16, torch.bfloat16, torch.float32), "permuted_tokens dtype")
+    # the _op_plugin_docs example runs float16; the review of the docs found no float32 (issue 12, finding 14)
+    _check(permuted_tokens.dtype in (torch.float16, torch.bfloat16),
+           f"permuted_tokens must be float16/bfloat16, got {permuted_tokens.dtype}")
+    _check(probs is None or probs.dtype == permuted_tokens.dtype, "probs must have permuted_tokens' dtype")
     topk = 1 if probs is None else probs.shape[1]
     n = sorted_indices.numel()
     _check(n % topk == 0, "sorted_indices length must be tokens_num * topK")
@@ -273,9 +276,17 @@ def _mc2_exchange(g, tensors: list, send_counts: torch.Tensor) -> tuple[list, li
     return out, rc
 
 
+# comm_alg values the dispatch_v2 page lists: A2 "", "fullmesh", "hierarchy"; A3 "", "fullmesh_v1", "fullmesh_v2"
+_COMM_ALGS = ("", "fullmesh", "hierarchy", "fullmesh_v1", "fullmesh_v2")
+COMM_ALGS_SEEN: collections.Counter = collections.Counter()  # comm_alg per call, for tests
+
+
 def _mc2_common(fn: str, expert_ids, moe_expert_num, ep_world_size, x_active_mask, group_tp, tp_world_size,
-                shared_expert_rank_num, elastic_info, zero_expert_num, copy_expert_num, const_expert_num) -> int:
+                shared_expert_rank_num, elastic_info, zero_expert_num, copy_expert_num, const_expert_num,
+                comm_alg: str = "") -> int:
     """Checks shared by dispatch and combine; returns the number of active tokens."""
+    _check(comm_alg in _COMM_ALGS, f"{fn}: comm_alg={comm_alg!r} is not one of {_COMM_ALGS}")
+    COMM_ALGS_SEEN[comm_alg] += 1
     _check(expert_ids.dim() == 2 and expert_ids.dtype == torch.int32,
            f"{fn}: expert_ids must be a 2-D int32 tensor [BS, K], got {expert_ids.dtype} {tuple(expert_ids.shape)}")
     bs, k = expert_ids.shape
@@ -320,7 +331,8 @@ def npu_moe_distribute_dispatch_v2(x, expert_ids, group_ep, ep_world_size, ep_ra
     _check(quant_mode == 0 and scales is None, f"{fn}: only quant_mode=0 (no quantisation) is implemented")
     _check(expert_token_nums_type in (0, 1), f"{fn}: expert_token_nums_type must be 0 or 1")
     active = _mc2_common(fn, expert_ids, moe_expert_num, ep_world_size, x_active_mask, group_tp, tp_world_size,
-                         shared_expert_rank_num, elastic_info, zero_expert_num, copy_expert_num, const_expert_num)
+                         shared_expert_rank_num, elastic_info, zero_expert_num, copy_expert_num, const_expert_num,
+                         comm_alg)
     g = _mc2_group(fn, group_ep, ep_world_size, ep_rank_id)
     bs, k = expert_ids.shape
     h = x.shape[1]
@@ -383,7 +395,8 @@ def npu_moe_distribute_combine_v2(expand_x, expert_ids, assist_info_for_combine,
     _check(expand_x.dim() == 2 and expand_x.dtype in _MC2_DTYPES,
            f"{fn}: expand_x must be a 2-D bfloat16/float16 tensor, got {expand_x.dtype} {tuple(expand_x.shape)}")
     active = _mc2_common(fn, expert_ids, moe_expert_num, ep_world_size, x_active_mask, group_tp, tp_world_size,
-                         shared_expert_rank_num, elastic_info, zero_expert_num, copy_expert_num, const_expert_num)
+                         shared_expert_rank_num, elastic_info, zero_expert_num, copy_expert_num, const_expert_num,
+                         comm_alg)
     _check(comm_quant_mode == 0 and shared_expert_x is None and ori_x is None and const_expert_v is None,
            f"{fn}: comm_quant_mode / shared_expert_x / special experts are not implemented by this double")
     bs, k = expert_ids.shape
