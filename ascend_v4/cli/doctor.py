@@ -25,7 +25,8 @@ import click
 
 DRIVER_ROOT = Path("/usr/local/Ascend/driver")
 CANN_DEFAULT = Path("/usr/local/Ascend/ascend-toolkit/latest")
-PINNED = {"torch": "2.13.0", "torch-npu": "2.13.0", "CANN": "9.1.0"}  # docker/Dockerfile.npu
+# the set docker/Dockerfile.npu inherits from vllm-ascend 0.23.0.post1's image (its requirements.txt, Dockerfile)
+PINNED = {"torch": "2.10.0", "torch-npu": "2.10.0.post4", "CANN": "9.1.0"}
 HCCL_VARS = ("HCCL_BUFFSIZE", "HCCL_IF_IP", "HCCL_SOCKET_IFNAME", "HCCL_CONNECT_TIMEOUT", "HCCL_EXEC_TIMEOUT",
              "HCCL_OP_EXPANSION_MODE", "HCCL_INTRA_PCIE_ENABLE", "HCCL_INTRA_ROCE_ENABLE", "GLOO_SOCKET_IFNAME")
 RUNTIME_VARS = ("ASCEND_RT_VISIBLE_DEVICES", "ASCEND_CUSTOM_OPP_PATH", "TASK_QUEUE_ENABLE", "PYTORCH_NPU_ALLOC_CONF",
@@ -228,7 +229,15 @@ def render(report: Report) -> str:
                    "child process; prints which backend each op uses and why the others are not")
 @click.option("--ops-size", type=click.Choice(["small", "real", "all"]), default="all", show_default=True,
               help="shapes the self-check runs (real = V4-Flash per-device shapes, slower)")
-def doctor(as_json: bool, no_probe: bool, run_ops: bool, ops_size: str) -> None:
+@click.option("--first-run", "first_run", is_flag=True,
+              help="day-one kit for a new Atlas machine: this report, the op self-check, a tiny dummy generate, "
+                   "a 2-device expert-parallel generate and a `small` throughput figure, each in its own process "
+                   "with a time limit, all into one report directory to send back (docs/npu.md)")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("ascend-v4-first-run"),
+              show_default=True, help="with --first-run: the report directory")
+@click.option("--quick", is_flag=True, help="with --first-run: small self-check shapes, no throughput step")
+def doctor(as_json: bool, no_probe: bool, run_ops: bool, ops_size: str, first_run: bool, out: Path,
+           quick: bool) -> None:
     """Check driver, CANN, torch_npu, the op libraries, visible NPUs and HCCL settings; say what is missing.
 
     With --ops, also self-check every NPU op backend against the CPU reference (the same check the engine runs
@@ -240,7 +249,14 @@ def doctor(as_json: bool, no_probe: bool, run_ops: bool, ops_size: str) -> None:
       ascend-v4 doctor --json
       ascend-v4 doctor --ops              # + the op table (needs torch_npu and an NPU)
       ascend-v4 doctor --ops --json > doctor.json
+      ascend-v4 doctor --first-run --out report/   # day one on an Atlas box: send report/ back
     """
+    if first_run:
+        from ascend_v4.cli.first_run import first_run as run_kit
+
+        path = run_kit(out, quick=quick)
+        click.echo(f"first-run report: {path} and {path.with_suffix('.txt')}")
+        return
     if "torch" not in sys.modules and _version("torch-npu") is not None:
         # An unusable torch_npu makes `import torch` itself fail through torch's backend autoload
         # (ascend-notes §9); the doctor imports torch_npu only in its child probe.
