@@ -218,7 +218,31 @@ def int8_act_roundtrip(x: Tensor) -> Tensor:
     return _call("int8_act_roundtrip", x)
 
 
-__all__ += ["w8a8_gemm", "w4a8_gemm", "int8_act_roundtrip"]
+def moe_experts_int(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w1: list[Tensor], s1: list[Tensor],
+                    w2: list[Tensor], s2: list[Tensor], w3: list[Tensor], s3: list[Tensor], swiglu_limit: float,
+                    int4: bool) -> Tensor:
+    """Routed experts with integer weights (W8A8 / W4A8 of `ascend-v4 quantize`), the maths of `moe_experts` with
+    every projection a `w8a8_gemm` (`w4a8_gemm` when `int4`).
+
+    Args:
+        x: [T, D]; topk_ids: [T, k] expert positions in the lists (-1 = skip); topk_weights: [T, k] fp32.
+        w1/w3: per expert int8 [I, D] (int4: [I/2, D], packed along the output dim); w2: [D, I] ([D/2, I]);
+        s*: per expert fp32 per-channel scales [N, 1].
+    Returns:
+        [T, D] fp32. On the NPU each projection is one grouped `npu_grouped_matmul` call for all experts.
+    """
+    E = len(w1)
+    _check(E > 0 and all(len(t) == E for t in (s1, w2, s2, w3, s3)), "moe_experts_int",
+           f"w1, s1, w2, s2, w3, s3 must be lists of the same length E > 0, got "
+           f"{[len(t) for t in (w1, s1, w2, s2, w3, s3)]}")
+    _check(all(w.dtype == torch.int8 for w in (*w1, *w2, *w3)), "moe_experts_int", "weights must be int8 tensors")
+    _check(topk_ids.shape == topk_weights.shape and topk_ids.shape[0] == x.shape[0], "moe_experts_int",
+           f"topk_ids and topk_weights must both be [T={x.shape[0]}, k], got {tuple(topk_ids.shape)} and "
+           f"{tuple(topk_weights.shape)}")
+    return _call("moe_experts_int", x, topk_ids, topk_weights, w1, s1, w2, s2, w3, s3, swiglu_limit, int4)
+
+
+__all__ += ["w8a8_gemm", "w4a8_gemm", "int8_act_roundtrip", "moe_experts_int"]
 
 
 # ---------------------------------------------------------------------------------------------- FP8 KV cache

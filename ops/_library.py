@@ -186,9 +186,21 @@ def _(x):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op(f"{NS}::moe_experts_int", mutates_args=())
+def moe_experts_int(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w1: list[Tensor], s1: list[Tensor],
+                    w2: list[Tensor], s2: list[Tensor], w3: list[Tensor], s3: list[Tensor], swiglu_limit: float,
+                    int4: bool) -> Tensor:
+    return _int.moe_experts_int(x, topk_ids, topk_weights, w1, s1, w2, s2, w3, s3, swiglu_limit, int4)
+
+
+@moe_experts_int.register_fake
+def _(x, topk_ids, topk_weights, w1, s1, w2, s2, w3, s3, swiglu_limit, int4):
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
 REFERENCE.update({"w8a8_gemm": _int.w8a8_gemm, "w4a8_gemm": _int.w4a8_gemm,
-                  "int8_act_roundtrip": _int.int8_act_roundtrip})
-ALL_OPS.update({f._name: f for f in (w8a8_gemm, w4a8_gemm, int8_act_roundtrip)})
+                  "int8_act_roundtrip": _int.int8_act_roundtrip, "moe_experts_int": _int.moe_experts_int})
+ALL_OPS.update({f._name: f for f in (w8a8_gemm, w4a8_gemm, int8_act_roundtrip, moe_experts_int)})
 
 
 # ---------------------------------------------------------------------------------------------- FP8 KV cache

@@ -48,6 +48,15 @@ from .tensor_parallel import attach_tensor_parallel, resident_bytes
 from .sampling import Sampled
 
 # collective errors caused by another rank (dead peer, timeout): reported in one line
+def _debug() -> bool:
+    from ascend_v4 import envs
+
+    try:
+        return envs.debug()
+    except ValueError:  # a malformed ASCEND_V4_DEBUG must not hide the worker's own error
+        return False
+
+
 _PEER_ERRORS = ("Connection closed", "Connection reset", "Timed out", "Broken pipe", "Connection refused")
 # messages from rank 0, one per broadcast
 STEP, PING, INFO, STOP = "step", "ping", "info", "stop"
@@ -191,8 +200,10 @@ def main(argv: list[str] | None = None) -> None:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if isinstance(e, RuntimeError) and any(s in first for s in _PEER_ERRORS):  # a consequence, not a cause
             print(f"ascend-v4 worker rank {rank}: collective failed ({first}); exiting", file=sys.stderr, flush=True)
-        else:
-            print(f"ascend-v4 worker rank {rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        else:  # one line that names the error; the traceback only when asked for (ASCEND_V4_DEBUG=1)
+            print(f"ascend-v4 worker rank {rank} failed: {type(e).__name__}: {first}", file=sys.stderr, flush=True)
+            if _debug():
+                print(traceback.format_exc(), file=sys.stderr, flush=True)
         os._exit(1)  # skip destructors that could block on a broken process group
     sys.stdout.flush()
     os._exit(code)

@@ -18,7 +18,7 @@ from ascend_v4 import ops
 from ascend_v4.ops.reference.gemm import expert_groups
 
 from .args import ModelArgs
-from .layers import FP4, FP8, Linear, ModelOptions
+from .layers import FP4, FP8, INT4, Linear, ModelOptions
 
 
 class Gate(nn.Module):
@@ -92,6 +92,7 @@ class MoE(nn.Module):
         self.shared_experts = Expert(args.dim, args.moe_inter_dim, FP8, opts, args.swiglu_limit)
         self._lists: tuple | None = None
         self._plain_dense = False  # set with _lists: every routed expert a plain dense matrix, one format
+        self._int_lists: tuple | None = None  # set with _lists: (w1, s1, w2, s2, w3, s3, int4) of integer experts
         self.expert_parallel = None  # injected by the runtime: (x, ids, w, run_local) -> routed [T, D] fp32
 
     def post_load(self) -> None:
@@ -109,6 +110,12 @@ class MoE(nn.Module):
             lins = [l for e in self.experts for l in (e.w1, e.w2, e.w3)]
             self._plain_dense = not any(l.packed for l in lins) and len({(e.w1.fmt, e.w2.fmt, e.w3.fmt)
                                                                           for e in self.experts}) == 1
+            fmts = {l.fmt for l in lins}
+            self._int_lists = None
+            if all(l.is_int for l in lins) and len(fmts) == 1:  # integer weights, one format for all
+                cols = [[getattr(getattr(e, w), a) for e in self.experts] for w in ("w1", "w2", "w3")
+                        for a in ("weight", "weight_scale")]
+                self._int_lists = (*cols, fmts == {INT4})
         return self._lists
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -127,7 +134,10 @@ class MoE(nn.Module):
         """Routed experts held here: x [T, D]; ids [T, k] positions in `expert_ids` (-1 = skip); w [T, k] fp32.
         Returns [T, D] fp32."""
         w1, s1, w2, s2, w3, s3 = self._weight_lists()
-        if s1[0] is None:  # not FP8/FP4-packed: dense (expanded at load) or integer weights
+        if self._int_lists is not None:  # W8A8 / W4A8 experts kept packed: one seam op for all of them
+            iw1, is1, iw2, is2, iw3, is3, int4 = self._int_lists
+            return ops.moe_experts_int(x, ids, w, iw1, is1, iw2, is2, iw3, is3, self.args.swiglu_limit, int4)
+        if s1[0] is None:  # not FP8/FP4-packed: dense (expanded at load)
             return self._dense_experts(x, ids, w)
         return ops.moe_experts(x, ids, w, w1, s1, w2, s2, w3, s3, self.args.swiglu_limit, self.opts.quant_sim)
 

@@ -106,6 +106,9 @@ def table() -> dict[str, list[Candidate]]:
                    ("int8_act_roundtrip", k.int8_act_roundtrip_npu)):
         if op in REFERENCE:  # registered only where ops/_library.py defines the op
             t[op] = [Candidate("torch_npu", fn, accepts=_half_x), Candidate("reference", REFERENCE[op], checked=False)]
+    if "moe_experts_int" in REFERENCE:
+        t["moe_experts_int"] = [Candidate("torch_npu+grouped_matmul", k.moe_experts_int_gmm, accepts=_half_x),
+                                Candidate("reference", REFERENCE["moe_experts_int"], checked=False)]
     for op in TRITON_OPS:
         t.setdefault(op, triton_or(op))
     for op, cand in va.candidates().items():  # vllm-ascend first wherever it maps one of our ops

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from ..reference import formats as _fmt
 from . import tiling as _tiling
 # re-exported: the backend's names were defined here before backend.py existed (tests and doctor use them)
-from .backend import (MX_GEMM_ENV, SOC_ASCEND950, TRITON_OPS, Backend, _triton_ascend_launchers,  # noqa: F401
+from .backend import (MX_GEMM_ENV, SOC_ASCEND950, Backend, _triton_ascend_launchers,  # noqa: F401
                       backend, current, make_backend, mx_gemm_requested, soc_version, use_backend)
 
 log = logging.getLogger("ascend_v4.ops")
@@ -211,6 +211,53 @@ def _moe_experts(use_lib, x, topk_ids, topk_weights, w1, s1, w2, s2, w3, s3, swi
     # fp32 (parity runs): the same sum in plain torch
     rows = y.float()[row_idx.long()].view(T, k, -1)  # row_idx[t*k + j] = the sorted row of slot (t, j)
     return (rows * valid.float()[..., None]).sum(1)
+
+
+def moe_experts_int_gmm(x, topk_ids, topk_weights, w1, s1, w2, s2, w3, s3, swiglu_limit, int4):
+    """W8A8 / W4A8 routed experts (reference.int_gemm.moe_experts_int semantics): torch_npu routing, one
+    `npu_dynamic_quant` per activation and ONE `npu_grouped_matmul` per projection for all active experts
+    ("pertoken full quantisation": int8 x, int8 weights as [K, N] transposed views, per-channel scales, per-token
+    scales; <= 128 experts per call). int4 weights are unpacked to int8 per call (the native int4 layout needs an
+    offline repack, not done)."""
+    b = current()
+    tnpu = b.torch_npu
+    T, k = topk_ids.shape
+    E = len(w1)
+    valid = topk_ids >= 0
+    ids = torch.where(valid, topk_ids, torch.full_like(topk_ids, E)).to(torch.int32)
+    xs, row_idx, counts, _ = tnpu.npu_moe_init_routing_v2(
+        x, ids, active_num=T * k, expert_num=E + 1, expert_tokens_num_type=1, expert_tokens_num_flag=True,
+        quant_mode=-1, active_expert_range=[0, E + 1], row_idx_type=0)
+    counts = counts[:E].tolist()  # the one host sync: which experts got rows
+    active = [e for e, c in enumerate(counts) if c]
+    wsorted = torch.zeros(T * k, dtype=torch.float32, device=x.device).scatter_(
+        0, row_idx.long(), topk_weights.reshape(-1).float())
+    # scale dtype decides the output dtype (docs table 2): bf16 scales -> bf16 out; fp32 scales -> fp16 out
+    sdt = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+
+    def gmm(hq, pt, ws, ss):
+        n = ws[0].shape[0] * (2 if int4 else 1)
+        out = torch.zeros(T * k, n, dtype=x.dtype, device=x.device)  # the phantom's rows stay zero
+        r0 = 0
+        for i in range(0, len(active), GMM_MAX_GROUPS):
+            chunk = active[i:i + GMM_MAX_GROUPS]
+            rows = sum(counts[e] for e in chunk)
+            wl = [(_int().unpack_int4_rows(ws[e]) if int4 else ws[e]).t() for e in chunk]  # [K, N] views
+            sl = [ss[e].reshape(-1).to(sdt) for e in chunk]
+            gl = torch.tensor([counts[e] for e in chunk], dtype=torch.int64, device=x.device)
+            out[r0:r0 + rows] = tnpu.npu_grouped_matmul(
+                [hq[r0:r0 + rows]], wl, scale=sl, per_token_scale=[pt[r0:r0 + rows]], group_list=gl,
+                split_item=3, group_type=0, group_list_type=1, output_dtype=x.dtype)[0]
+            r0 += rows
+        return out
+
+    xq, xpt = tnpu.npu_dynamic_quant(xs.contiguous())  # shared by w1 and w3
+    g = gmm(xq, xpt, w1, s1).float().clamp(max=swiglu_limit)
+    u = gmm(xq, xpt, w3, s3).float().clamp(-swiglu_limit, swiglu_limit)
+    a = (F.silu(g) * u * wsorted[:, None]).to(x.dtype)  # routing weight before w2, as the reference
+    aq, apt = tnpu.npu_dynamic_quant(a)
+    y = gmm(aq, apt, w2, s2)
+    return tnpu.npu_moe_token_unpermute(y, row_idx, probs=valid.to(y.dtype)).float()
 
 
 def _int():

@@ -138,6 +138,21 @@ def _int(M: int, N: int, K: int, int4: bool):
     return make
 
 
+def _moe_int(T: int, E: int, k: int, D: int, inter: int, int4: bool):
+    def make(g):
+        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+        ids[::3, -1] = -1
+        lists = [[], [], [], [], [], []]
+        for _ in range(E):
+            for j, (n, kk) in enumerate(((inter, D), (D, inter), (inter, D))):
+                w = _int(1, n, kk, int4)(g)
+                lists[2 * j].append(w[1])
+                lists[2 * j + 1].append(w[2])
+        w1, s1, w2, s2, w3, s3 = lists
+        return (_randn(g, T, D), ids, torch.rand(T, k, generator=g), w1, s1, w2, s2, w3, s3, 10.0, int4)
+    return make
+
+
 _SMALL_HC, _REAL_HC = _hc(5, 4, 256), _hc(16, 4, 4096)
 # op -> {size: [(label, make(generator) -> CPU args)]}; "real": V4-Flash's per-device shapes (H = 64 heads,
 # D = 512, window 128 + top-k 512 entries, hidden 4096, expert inter 2048), a few experts only.
@@ -160,13 +175,16 @@ CASES: dict[str, dict[str, list[tuple[str, Callable]]]] = {
     "compress_kv": {"small": [("N5 L8 d64", _compress(5, 8, 64))], "real": [("N32 L128 d512", _compress(32, 128, 512))]},
     "w8a8_gemm": {"small": [("M3 N64 K128", _int(3, 64, 128, False))], "real": [("M16 N4096 K4096", _int(16, 4096, 4096, False))]},
     "w4a8_gemm": {"small": [("M3 N64 K128", _int(3, 64, 128, True))], "real": [("M16 N4096 K4096", _int(16, 4096, 4096, True))]},
+    "moe_experts_int": {"small": [("int8 T6 E4 k2 D128 I128", _moe_int(6, 4, 2, 128, 128, False)),
+                                  ("int4 T6 E4 k2 D128 I128", _moe_int(6, 4, 2, 128, 128, True))],
+                        "real": [("int8 T16 E4 k2 D4096 I2048", _moe_int(16, 4, 2, 4096, 2048, False))]},
     "int8_act_roundtrip": {"small": [("[5, 128]", lambda g: (_randn(g, 5, 128),))],
                            "real": [("[64, 4096]", lambda g: (_randn(g, 64, 4096),))]},
 }
 # Relative tolerance on max |out - ref| / max |ref| (bf16 inputs; device kernels accumulate in another order,
 # round P to bf16 before the second matmul, ...). fp8_roundtrip must be exact; indexer_topk is compared as the
 # share of each query's selected entries the reference also selects.
-TOL = {"fp8_roundtrip": 0.0, "indexer_topk": 0.95, "moe_experts": 3e-2}
+TOL = {"fp8_roundtrip": 0.0, "indexer_topk": 0.95, "moe_experts": 3e-2, "moe_experts_int": 3e-2}
 DEFAULT_TOL = 2e-2
 
 

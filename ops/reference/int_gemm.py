@@ -71,3 +71,24 @@ def w8a8_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.
 def w4a8_gemm(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """As `w8a8_gemm` with an int4 weight packed along the output dim (int8 [N/2, K])."""
     return _int_gemm(x, unpack_int4_rows(w_packed), w_scale)
+
+
+def moe_experts_int(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w1: list[torch.Tensor],
+                    s1: list[torch.Tensor], w2: list[torch.Tensor], s2: list[torch.Tensor], w3: list[torch.Tensor],
+                    s3: list[torch.Tensor], swiglu_limit: float, int4: bool) -> torch.Tensor:
+    """Routed experts with W8A8 (int8 [N, K]) or W4A8 (int4 packed along N, int8 [N/2, K]) weights and per-channel
+    fp32 scales [N, 1]: each projection is `w8a8_gemm` / `w4a8_gemm` (per-token int8 activations), with the
+    clamped SwiGLU and the routing weight before w2 as in the FP8/FP4 experts. x [T, D]; topk_ids [T, k] local
+    expert positions (-1 = another rank's); topk_weights [T, k] fp32. Returns [T, D] fp32."""
+    from .gemm import expert_groups
+
+    gemm = w4a8_gemm if int4 else w8a8_gemm
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e, pairs, tok in expert_groups(topk_ids, len(w1)):
+        h = x[tok]
+        g = gemm(h, w1[e], s1[e]).float().clamp(max=swiglu_limit)
+        u = gemm(h, w3[e], s3[e]).float().clamp(-swiglu_limit, swiglu_limit)
+        a = torch.nn.functional.silu(g) * u * topk_weights.reshape(-1)[pairs].float()[:, None]
+        out.index_add_(0, tok, gemm(a.to(x.dtype), w2[e], s2[e]).float())
+    return out
+

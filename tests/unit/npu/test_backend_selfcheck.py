@@ -190,3 +190,27 @@ def test_doctor_ops_without_torch_npu_says_why_it_did_not_run():
     r = _doctor("--ops", "--json", env_extra={})
     check = next(c for c in json.loads(r.stdout)["checks"] if c["name"] == "op self-check")
     assert not check["ok"] and "did not run" in check["detail"] and "torch_npu" in check["detail"] + check["fix"]
+
+
+@pytest.mark.parametrize("int4", [False, True])
+def test_integer_experts_take_one_grouped_matmul_per_projection(tnpu, int4):
+    """W8A8 / W4A8 experts on the NPU path: torch_npu routing, one npu_dynamic_quant per activation and ONE
+    npu_grouped_matmul per projection for all experts (pertoken full quantisation), against the reference."""
+    from ascend_v4.ops.reference import int_gemm
+
+    args = selfcheck._moe_int(9, 6, 3, 256, 128, int4)(torch.Generator().manual_seed(4))
+    ref = int_gemm.moe_experts_int(*args)
+    b = _backend(tnpu, vllm_ascend_ops.VllmAscendLib.absent())
+    assert b.choice("moe_experts_int") == "torch_npu+grouped_matmul"
+    with kernels.use_backend(b):
+        out = kernels.kernel_table()["moe_experts_int"](*args)
+    assert tnpu.CALLS["npu_grouped_matmul"] == 3 and tnpu.CALLS["npu_dynamic_quant"] == 2
+    assert tnpu.CALLS["npu_moe_init_routing_v2"] == 1 and tnpu.CALLS["npu_moe_token_unpermute"] == 1
+    assert out.dtype == torch.float32
+    # bf16 scales and epilogues vs the fp32-scaled reference: errors scale with the row, not the element
+    ok, detail = selfcheck.compare("moe_experts_int", out, ref)
+    assert ok, detail
+    fp32 = (args[0].float(), *args[1:])  # npu_dynamic_quant takes half only: fp32 goes to the reference
+    with kernels.use_backend(b):
+        assert torch.equal(kernels.kernel_table()["moe_experts_int"](*fp32), int_gemm.moe_experts_int(*fp32))
+    assert tnpu.CALLS["npu_grouped_matmul"] == 3

@@ -139,24 +139,44 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
                        activation_quant_scale=None, activation_quant_offset=None, split_item=0, group_type=None,
                        group_list_type=0, act_type=0, tuning_config=None, output_dtype=None, x_dtype=None,
                        weight_dtype=None, scale_dtype=None, per_token_scale_dtype=None):
-    """Non-quantised grouped matmul y_i = x_i @ weight_i (weight_i is [K, N]; transposed views are allowed).
+    """Grouped matmul y_i = x_i @ weight_i (weight_i is [K, N]; transposed views are allowed).
 
     Scenarios implemented (group_list a tensor): group_type 0 with one x, a weight list and split_item 2/3
     ("single-multi-single": rows of x split by group_list, one output, equal N, at most 128 weights), and
-    group_type -1 with x and weight lists of equal length, split_item 0/1 (one output per group)."""
-    _check(all(q is None for q in (scale, offset, antiquant_scale, antiquant_offset, per_token_scale,
-                                   activation_input, activation_quant_scale, activation_quant_offset)),
-           "only the non-quantised scenario is implemented by this double")
+    group_type -1 with x and weight lists of equal length, split_item 0/1 (one output per group). Non-quantised,
+    or "pertoken full quantisation" (docs table 2): x int8, weight int8, scale per weight 1-D [N] bfloat16 (output
+    bfloat16) or float32 (output float16), per_token_scale [1-D fp32 [M]]: y = (x @ w) * scale * per_token_scale."""
+    _check(all(q is None for q in (offset, antiquant_scale, antiquant_offset, activation_input,
+                                   activation_quant_scale, activation_quant_offset)),
+           "offset / antiquant / activation inputs are not implemented by this double")
+    quant = scale is not None or per_token_scale is not None
+    if quant:
+        _check(scale is not None and per_token_scale is not None and len(per_token_scale) == 1,
+               "pertoken quantisation needs scale (one per weight) and per_token_scale (one tensor)")
+        _check(len(scale) == len(weight) and all(t.dim() == 1 for t in scale), "scale: one 1-D [N] per weight")
+        _check(all(t.dtype == scale[0].dtype for t in scale), "scale tensors must share one dtype")
+        want = {torch.bfloat16: torch.bfloat16, torch.float32: torch.float16}.get(scale[0].dtype)
+        _check(want is not None and output_dtype == want, f"pertoken: scale {scale[0].dtype} needs output_dtype "
+               f"{want}, got {output_dtype}")
+        _check(x[0].dtype == torch.int8 and all(w.dtype == torch.int8 for w in weight), "pertoken: int8 x, int8 w")
+        _check(per_token_scale[0].dtype == torch.float32 and per_token_scale[0].shape == (x[0].shape[0],),
+               "per_token_scale must be fp32 [M]")
     _check(act_type == 0, "act_type must be 0 (no activation) in the non-quantised scenario")
     _check(isinstance(x, (list, tuple)) and isinstance(weight, (list, tuple)), "x and weight are lists")
     _check(len(weight) <= 128, f"at most 128 weights per call, got {len(weight)}")
     for w in weight:
-        _check(w.dim() == 2 and w.dtype in _GMM_DTYPES, "each weight must be a 2-D float tensor [K, N]")
+        _check(w.dim() == 2 and (w.dtype in _GMM_DTYPES or quant), "each weight must be a 2-D tensor [K, N]")
     out_dtype = x[0].dtype if output_dtype is None else output_dtype
+    rows_seen = [0]
 
-    def mm(a, w, b):
+    def mm(a, w, b, i=0):
         _check(a.dtype == w.dtype, f"x {a.dtype} and weight {w.dtype} dtypes differ")
         _check(a.shape[-1] == w.shape[0], f"K mismatch: x {tuple(a.shape)} weight {tuple(w.shape)}")
+        if quant:  # exact integer sums (float64), then the per-channel and per-token scales in fp32
+            y = (a.double() @ w.double()).float() * scale[i].float()[None, :]
+            r0 = rows_seen[0]
+            rows_seen[0] += a.shape[0]
+            return (y * per_token_scale[0][r0:r0 + a.shape[0], None]).to(out_dtype)
         y = a.float() @ w.float()
         if b is not None:
             y = y + b.float()
@@ -175,7 +195,7 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
         _check(sum(counts) == x[0].shape[0], f"groups cover {sum(counts)} rows, x has {x[0].shape[0]}")
         outs, r = [], 0
         for i, (w, c) in enumerate(zip(weight, counts)):
-            outs.append(mm(x[0][r:r + c], w, None if bias is None else bias[i]))
+            outs.append(mm(x[0][r:r + c], w, None if bias is None else bias[i], i))
             r += c
         return [torch.cat(outs)]
     _check(group_type in (None, -1) and split_item in (0, 1) and group_list is None,
