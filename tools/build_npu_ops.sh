@@ -80,6 +80,11 @@ for op in sparse_attn moe_gemm; do
     cp "$SRC/$op"/op_host/* "$OUT/opp/op_host/"
     cp "$SRC/$op"/op_kernel/* "$OUT/opp/op_kernel/"
 done
+# the rm above also drops msopgen's stub op_kernel/sparse_attn_kv_quant.cpp: ours must have replaced it (one
+# kernel entry per OpDef, opFile.value in sparse_attn_def.cpp), or the SparseAttnKvQuant build has no kernel
+for f in sparse_attn.cpp sparse_attn_kv_quant.cpp; do
+    [[ -f "$OUT/opp/op_kernel/$f" ]] || { echo "missing kernel entry op_kernel/$f" >&2; exit 1; }
+done
 cp "$SRC/common/tiling_rules.h" "$OUT/opp/op_host/"
 cp "$SRC/common/tiling_rules.h" "$OUT/opp/op_kernel/"  # tiling data layout shared by host and kernel
 echo "include($SRC/CMakeLists.txt)" >>"$OUT/opp/op_kernel/CMakeLists.txt"

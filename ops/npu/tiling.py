@@ -143,13 +143,18 @@ class SparseAttnTiling:
     workspace_bytes: int
     tiling_key: int
     buffers: tuple[Buffer, ...] = field(repr=False)
+    workspace: SparseAttnWorkspace | None = field(repr=False, default=None)  # GM layout (sparse_attn_workspace)
 
     def usage(self) -> dict[str, int]:
         return _usage(self.buffers)
 
 
 def sparse_attn_buffers(h_tile: int, kv_block: int, d_qk: int, d_pv: int, D: int, kv_fp8: bool) -> tuple[Buffer, ...]:
-    """Every on-chip buffer of one (cube + 2 vector) block, in bytes. UB figures are per vector core."""
+    """Every on-chip buffer of one (cube + 2 vector) block, in bytes. UB figures are per vector core.
+
+    The UB entries are the kernel's own InitBuffer list (op_kernel/sparse_attn_kernel.h and, FP8 KV,
+    sparse_attn_kv_fp8.h: each InitBuffer line carries a `// tiling: <name>` tag); test_tiling.py parses those
+    lines and checks that names and sizes equal this list. L1 / L0 are the Matmul API's estimated staging."""
     r = h_tile // 2  # head rows per vector core
     a = lambda n: align(n, UB_ALIGN)  # noqa: E731
     bufs = [
@@ -164,14 +169,17 @@ def sparse_attn_buffers(h_tile: int, kv_block: int, d_qk: int, d_pv: int, D: int
         Buffer("idx", "ub", DOUBLE * a(kv_block * INT32)),
         Buffer("o_blk", "ub", DOUBLE * a(r * d_pv * FP32)),
         Buffer("o_acc", "ub", a(r * D * FP32)),
-        Buffer("stats", "ub", 4 * a(r * FP32)),  # running max, running sum, rescale factor, sink
+        Buffer("stats", "ub", 4 * a(r * FP32)),  # running max, running sum, rescale factor, scratch
+        Buffer("row_out", "ub", DOUBLE * a(D * BF16)),  # one output / zero row on its way to GM (VECOUT)
     ]
-    if kv_fp8:  # vector cores dequantise gathered e4m3 rows (+ UE8M0 per 64 dims) to bf16 for the cube
+    if kv_fp8:  # vector cores decode one gathered FP8 entry at a time to bf16 for the cube
         bufs += [
-            Buffer("dq_in", "ub", DOUBLE * a(DQ_ROWS * D)),
-            Buffer("dq_scale", "ub", DOUBLE * a(DQ_ROWS * (D // FP8_SCALE_BLOCK))),
+            Buffer("dq_in", "ub", DOUBLE * a(DQ_ROWS * D)),  # entry bytes (AlignUp(entry, 32) <= DQ_ROWS * D)
+            Buffer("dq_f32", "ub", a(D * FP32)),  # fp32 scratch of the decode (nope e4m3 and rope bf16 -> fp32)
             Buffer("dq_out", "ub", DOUBLE * a(DQ_ROWS * D * BF16)),
         ]
+    else:  # GM -> UB -> GM row copy of the gather (TQueBind<VECIN, VECOUT>: MTE2 -> MTE3 ordering)
+        bufs.append(Buffer("row_copy", "ub", DOUBLE * a(D * BF16)))
     return tuple(bufs)
 
 
@@ -217,14 +225,59 @@ def _sparse_split(caps, T, H, D, K, core_num, kv_fp8, h, kb, dq, dp, bufs) -> Sp
     splits = ceil_div(n_kvblk, bps)  # no empty split
     units = base * splits
     used = min(core_num, units)
-    ws = used * DOUBLE * (h * kb * FP32 + h * kb * BF16 + h * dp * FP32)  # S, P, O-block exchange per core
-    if kv_fp8:
-        ws += used * DOUBLE * kb * D * BF16  # dequantised kv block
-    if splits > 1:
-        ws += base * splits * h * (D + 2) * FP32  # partial O, m, l per split
+    ws = sparse_attn_workspace(h, kb, D, used, units, splits)
     key = (SPARSE_KEY_FP8_KV if kv_fp8 else SPARSE_KEY_BF16) + (SPARSE_KEY_SPLIT if splits > 1 else 0)
     return SparseAttnTiling(T, H, D, K, kv_fp8, core_num, h, kb, dq, dp, n_hblk, n_kvblk, splits, bps, units,
-                            used, ws, key, bufs)
+                            used, ws.total, key, bufs, ws)
+
+
+# GM workspace of sparse_attn (bytes; every region starts on a SPARSE_WS_ALIGN boundary). One table, used by
+# the host tiling in Python and C++ (tiling_rules.h ComputeSparseAttnWorkspace) and passed to the kernel as
+# offsets in the tiling data (wsPerCore, wsKvOff, wsSOff, wsPOff, wsOOff, wsPartOOff, wsPartStatOff), so the
+# kernel does no layout arithmetic of its own. Per core c, at c * per_core:
+#   kv [2][kv_block][D]    16-bit  gathered (FP8 KV: decoded) kv tile, ping-pong   (AIV MTE3 -> AIC mm1/mm2)
+#   s  [2][h_tile][kv_block] fp32  mm1 output S, row stride kv_block              (AIC -> AIV)
+#   p  [2][h_tile][kv_block] 16-bit softmax P, row stride kv_block                 (AIV -> AIC mm2)
+#   o  [2][h_tile][D]       fp32   mm2 output O block, row stride D                (AIC -> AIV)
+# then, with kv_splits > 1, after every core's area: partial O [units][h_tile][D] fp32 and partial (m, l)
+# [units][2][h_tile] fp32 (unit u = (t * n_hblk + hb) * kv_splits + s), merged by the combine pass.
+SPARSE_WS_ALIGN = 512
+SPARSE_WS_CORE_REGIONS = ("kv", "s", "p", "o")
+
+
+@dataclass(frozen=True)
+class SparseAttnWorkspace:
+    kv: int  # offsets inside one core's area
+    s: int
+    p: int
+    o: int
+    per_core: int
+    part_o: int  # offsets from the workspace start (0 size when kv_splits == 1)
+    part_stats: int
+    total: int
+    sizes: dict = field(repr=False, compare=False)  # region name -> bytes
+
+
+def sparse_attn_workspace(h_tile: int, kv_block: int, D: int, used_cores: int, units: int,
+                          kv_splits: int) -> SparseAttnWorkspace:
+    al = lambda n: align(n, SPARSE_WS_ALIGN)  # noqa: E731
+    sizes = {
+        "kv": DOUBLE * kv_block * D * BF16,
+        "s": DOUBLE * h_tile * kv_block * FP32,
+        "p": DOUBLE * h_tile * kv_block * BF16,
+        "o": DOUBLE * h_tile * D * FP32,
+        "part_o": units * h_tile * D * FP32 if kv_splits > 1 else 0,
+        "part_stats": units * 2 * h_tile * FP32 if kv_splits > 1 else 0,
+    }
+    off, cur = {}, 0
+    for name in SPARSE_WS_CORE_REGIONS:
+        off[name] = cur
+        cur += al(sizes[name])
+    per_core = cur
+    part_o = used_cores * per_core
+    part_stats = part_o + al(sizes["part_o"])
+    total = part_stats + al(sizes["part_stats"])
+    return SparseAttnWorkspace(off["kv"], off["s"], off["p"], off["o"], per_core, part_o, part_stats, total, sizes)
 
 
 @dataclass(frozen=True)
@@ -327,9 +380,12 @@ def moe_gemm_buffers(m: int, n: int, k: int, step: int, fmt: str) -> tuple[Buffe
             Buffer("w_scale", "ub", DOUBLE * a(scale_rows * scale_cols)),
             Buffer("w_work", "ub", a(half * k * FP32)),  # codes -> fp32 values -> times scale
             Buffer("w_out", "ub", DOUBLE * a(half * k * BF16)),
+            # table decode, one row's k tile at a time (no fp8 Cast on A2/A3): bytes as fp16 (FP4: then the
+            # gathered fp16 pairs), Gather byte offsets, and the 256-entry table (fp32 / fp16 pair per byte)
+            Buffer("w_cvt", "ub", a(k * BF16)),
+            Buffer("w_idx", "ub", a(k * INT32)),
+            Buffer("lut", "ub", a(256 * FP32)),
         ]
-        if fmt == "fp4":
-            bufs.append(Buffer("lut", "ub", a(16 * FP32)))
     return tuple(bufs)
 
 
@@ -528,4 +584,5 @@ def moe_gemm_schedule(tl: MoeGemmTiling, counts: list[int]) -> Iterator[GemmWork
 __all__ = ["SocCaps", "SOCS", "MEMS", "TilingError", "Buffer", "SparseAttnTiling", "sparse_attn_tiling",
            "sparse_attn_buffers", "sparse_attn_schedule", "AttnWork", "MoeGemmTiling", "moe_gemm_tiling",
            "moe_gemm_buffers", "moe_gemm_mx_tiling", "moe_gemm_mx_buffers", "mx_applicable", "mx_workspace",
-           "MxWorkspace", "moe_gemm_schedule", "GemmWork", "ceil_div", "align"]
+           "MxWorkspace", "moe_gemm_schedule", "GemmWork", "ceil_div", "align",
+           "sparse_attn_workspace", "SparseAttnWorkspace", "SPARSE_WS_ALIGN", "SPARSE_WS_CORE_REGIONS"]

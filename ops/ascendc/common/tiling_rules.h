@@ -59,12 +59,47 @@ constexpr int64_t SPARSE_KEY_BF16 = 0;
 constexpr int64_t SPARSE_KEY_FP8_KV = 1;
 constexpr int64_t SPARSE_KEY_SPLIT = 10;
 
+// GM workspace layout (tiling.py sparse_attn_workspace, same table): per core [kv | s | p | o], each region on a
+// SPARSE_WS_ALIGN boundary; after every core's area the split partials O [units][hTile][D] fp32 and (m, l)
+// [units][2][hTile] fp32. The op_host tiling copies the offsets into the tiling data and the kernel uses only
+// those, so host and kernel cannot disagree on it.
+constexpr int64_t SPARSE_WS_ALIGN = 512;
+
+struct SparseAttnWorkspace {
+    int64_t kv = 0, s = 0, p = 0, o = 0;  // offsets inside one core's area (bytes)
+    int64_t perCore = 0;
+    int64_t partO = 0, partStats = 0;     // offsets from the workspace start (bytes)
+    int64_t total = 0;
+};
+
+inline SparseAttnWorkspace ComputeSparseAttnWorkspace(int64_t h, int64_t kb, int64_t D, int64_t usedCores,
+                                                      int64_t units, int64_t kvSplits)
+{
+    SparseAttnWorkspace w;
+    const int64_t kvBytes = DOUBLE * kb * D * BF16;  // [2][kb][D] 16-bit kv tile (gathered / decoded)
+    const int64_t sBytes = DOUBLE * h * kb * FP32;   // [2][h][kb] fp32 S
+    const int64_t pBytes = DOUBLE * h * kb * BF16;   // [2][h][kb] 16-bit P
+    const int64_t oBytes = DOUBLE * h * D * FP32;    // [2][h][D] fp32 O block
+    const int64_t partOBytes = kvSplits > 1 ? units * h * D * FP32 : 0;
+    const int64_t partStatBytes = kvSplits > 1 ? units * 2 * h * FP32 : 0;
+    w.kv = 0;
+    w.s = w.kv + Align(kvBytes, SPARSE_WS_ALIGN);
+    w.p = w.s + Align(sBytes, SPARSE_WS_ALIGN);
+    w.o = w.p + Align(pBytes, SPARSE_WS_ALIGN);
+    w.perCore = w.o + Align(oBytes, SPARSE_WS_ALIGN);
+    w.partO = usedCores * w.perCore;
+    w.partStats = w.partO + Align(partOBytes, SPARSE_WS_ALIGN);
+    w.total = w.partStats + Align(partStatBytes, SPARSE_WS_ALIGN);
+    return w;
+}
+
 struct SparseAttnTiling {
     bool ok = false;
     int64_t hTile = 0, kvBlock = 0, dQk = 0, dPv = 0;
     int64_t nHBlk = 0, nKvBlk = 0, kvSplits = 0, blocksPerSplit = 0;
     int64_t units = 0, usedCores = 0, workspaceBytes = 0, tilingKey = 0;
     Usage usage;
+    SparseAttnWorkspace ws;
 };
 
 inline Usage SparseAttnUsage(int64_t h, int64_t kb, int64_t dq, int64_t dp, int64_t D, bool kvFp8)
@@ -75,12 +110,15 @@ inline Usage SparseAttnUsage(int64_t h, int64_t kb, int64_t dq, int64_t dp, int6
     u.l0a = DOUBLE * std::max(h * dq, h * kb) * BF16;
     u.l0b = DOUBLE * std::max(dq * kb, kb * dp) * BF16;
     u.l0c = DOUBLE * std::max(h * kb, h * dp) * FP32;
+    // UB: the kernel's InitBuffer list (tiling.py sparse_attn_buffers, same order)
     u.ub = DOUBLE * Align(r * kb * FP32, UB_ALIGN) + DOUBLE * Align(r * kb * BF16, UB_ALIGN) +
            DOUBLE * Align(kb * INT32, UB_ALIGN) + DOUBLE * Align(r * dp * FP32, UB_ALIGN) +
-           Align(r * D * FP32, UB_ALIGN) + 4 * Align(r * FP32, UB_ALIGN);
-    if (kvFp8) {
-        u.ub += DOUBLE * Align(DQ_ROWS * D, UB_ALIGN) + DOUBLE * Align(DQ_ROWS * (D / FP8_SCALE_BLOCK), UB_ALIGN) +
+           Align(r * D * FP32, UB_ALIGN) + 4 * Align(r * FP32, UB_ALIGN) + DOUBLE * Align(D * BF16, UB_ALIGN);
+    if (kvFp8) {  // dq_in, dq_f32, dq_out
+        u.ub += DOUBLE * Align(DQ_ROWS * D, UB_ALIGN) + Align(D * FP32, UB_ALIGN) +
                 DOUBLE * Align(DQ_ROWS * D * BF16, UB_ALIGN);
+    } else {  // row_copy
+        u.ub += DOUBLE * Align(D * BF16, UB_ALIGN);
     }
     return u;
 }
@@ -124,10 +162,8 @@ inline SparseAttnTiling ComputeSparseAttnTiling(const SocCaps &caps, int64_t T, 
                     t.kvSplits = CeilDiv(t.nKvBlk, t.blocksPerSplit);
                     t.units = base * t.kvSplits;
                     t.usedCores = std::min(coreNum, t.units);
-                    int64_t ws = t.usedCores * DOUBLE * (h * kb * FP32 + h * kb * BF16 + h * dp * FP32);
-                    if (kvFp8) ws += t.usedCores * DOUBLE * kb * D * BF16;
-                    if (t.kvSplits > 1) ws += base * t.kvSplits * h * (D + 2) * FP32;
-                    t.workspaceBytes = ws;
+                    t.ws = ComputeSparseAttnWorkspace(h, kb, D, t.usedCores, t.units, t.kvSplits);
+                    t.workspaceBytes = t.ws.total;
                     t.tilingKey = (kvFp8 ? SPARSE_KEY_FP8_KV : SPARSE_KEY_BF16) + (t.kvSplits > 1 ? SPARSE_KEY_SPLIT : 0);
                     return t;
                 }
@@ -173,8 +209,8 @@ inline Usage MoeGemmUsage(int64_t m, int64_t n, int64_t k, int64_t step, WeightF
         const int64_t scaleCols = CeilDiv(k, ScaleBlockK(fmt));
         const int64_t scaleRows = CeilDiv(half, ScaleBlockN(fmt));
         u.ub = DOUBLE * Align(half * k * bits / 8, UB_ALIGN) + DOUBLE * Align(scaleRows * scaleCols, UB_ALIGN) +
-               Align(half * k * FP32, UB_ALIGN) + DOUBLE * Align(half * k * BF16, UB_ALIGN);
-        if (fmt == WeightFmt::FP4) u.ub += Align(16 * FP32, UB_ALIGN);
+               Align(half * k * FP32, UB_ALIGN) + DOUBLE * Align(half * k * BF16, UB_ALIGN) +
+               Align(k * BF16, UB_ALIGN) + Align(k * INT32, UB_ALIGN) + Align(256 * FP32, UB_ALIGN);  // table decode
     }
     return u;
 }

@@ -4,6 +4,8 @@
   conversion (FP4 widening, FP8 scale expansion), and how far it is from the dequant reference: equal up to
   fp32 summation order with the 1x128 activation round-trip (act_quant=True), ~2.7 % relative with none;
 * constants shared by the Ascend C kernel and the Python tiling / golden (parsed from the kernel header);
+* the A2/A3 dequant kernel's decode tables (op_kernel/moe_gemm_decode.h, compiled with the host g++) against
+  torch's float8_e4m3fn and the FP4 table, and that the kernel compiled for A2/A3 names no fp8 / fp4 type;
 * a CPU replay of the kernel's schedule (pre-pass, per-unit slabs as each vector core prepares its half, k tiles
   of whole MX blocks, fp32 accumulation) against the golden;
 * the selection in ops/npu/kernels.py under the torch_npu test double: SoC id, ASCEND_V4_NPU_MX_GEMM, op library,
@@ -17,6 +19,8 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -31,6 +35,7 @@ from ascend_v4.ops.reference import mx
 
 ROOT = Path(__file__).resolve().parents[3]
 MX_KERNEL = ROOT / "ops/ascendc/moe_gemm/op_kernel/moe_gemm_mx_kernel.h"
+OP_KERNEL = MX_KERNEL.parent
 DOUBLE = Path(__file__).with_name("double")
 NO_LIB = OpLibrary(False, Path("/nonexistent/vendors/ascend_v4"), Path("/nonexistent/lib.so"), "not built (test)")
 LIB = OpLibrary(True, Path("/model/vendors/ascend_v4"), Path("/model/lib.so"), "kernel model (test)")
@@ -160,6 +165,42 @@ def test_kernel_header_constants_match_python():
     assert _header_int("MX_BLOCK") == tl.MX_BLOCK == mx.MX_BLOCK
     assert _header_int("MX_ACT_ROWS") == tl.MX_ACT_ROWS and _header_int("MX_ACT_COLS") == tl.MX_ACT_COLS
     assert _header_int("MX_WIDEN_BYTES") == tl.MX_WIDEN_BYTES
+
+
+def test_dequant_kernel_has_no_fp8_types():
+    """Keys 1 / 2 are built for A2/A3, whose Cast has no fp8 / fp4 pairs (asc-devkit Cast.md): table decode only."""
+    for name in ("moe_gemm_kernel.h", "moe_gemm_decode.h"):
+        code = re.sub(r"//[^\n]*", "", (OP_KERNEL / name).read_text())  # comments may name the types
+        assert not re.search(r"fp8_e\w+_t|fp4x2_\w+_t|hifloat8_t", code), name
+
+
+def test_dequant_decode_tables_match_torch(tmp_path):
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ not installed: moe_gemm_decode.h cannot be compiled here")
+    src = tmp_path / "decode.cpp"
+    src.write_text('#include <cstdint>\n#include <cstdio>\n#include "moe_gemm_decode.h"\n'
+                   'int main() { for (uint32_t b = 0; b < 256; ++b) std::printf("%u %u\\n", '
+                   'ascend_v4::E4m3ToF32Bits(b), ascend_v4::Fp4PairF16Bits(b)); return 0; }\n')
+    exe = tmp_path / "decode"
+    r = subprocess.run([gxx, "-std=c++17", "-Wall", "-Werror", "-D__aicore__=", f"-I{OP_KERNEL}", str(src), "-o",
+                        str(exe)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = [tuple(map(int, ln.split())) for ln in subprocess.run([str(exe)], capture_output=True, text=True,
+                                                                   timeout=60, check=True).stdout.splitlines()]
+    assert len(rows) == 256
+    f8, pairs = torch.tensor([r[0] for r in rows], dtype=torch.int64), torch.tensor([r[1] for r in rows])
+    got8 = f8.to(torch.int32).view(torch.float32)  # bit patterns, wrapped to int32 first
+    want8 = torch.arange(256).to(torch.uint8).view(torch.float8_e4m3fn).float()
+    nan = torch.isnan(want8)
+    assert nan.sum() == 2 and torch.equal(torch.isnan(got8), nan)
+    assert torch.equal(got8[~nan], want8[~nan]) and torch.equal(got8.signbit(), want8.signbit())  # -0 kept
+    lo = (pairs & 0xFFFF).to(torch.int16).view(torch.float16).float()
+    hi = (pairs >> 16).to(torch.int16).view(torch.float16).float()
+    b = torch.arange(256)
+    for got, codes in ((lo, b & 0xF), (hi, b >> 4)):
+        want = fmt.FP4_LUT[codes]
+        assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
 
 
 # ------------------------------------------------------------------------------------------ kernel replay

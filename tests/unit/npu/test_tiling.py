@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -64,6 +65,7 @@ def test_buffer_formulas_match_declared_usage():
     t = tl.sparse_attn_tiling(tl.SOCS["ascend910b"], 1, 64, 512, 640, 24)
     r = t.h_tile // 2
     ub = 2 * r * t.kv_block * 4 + 2 * r * t.kv_block * 2 + 2 * t.kv_block * 4 + 2 * r * t.d_pv * 4 + r * 512 * 4 + 4 * r * 4
+    ub += 2 * 512 * 2 + 2 * 512 * 2  # row_out, row_copy (one 16-bit row each, double-buffered)
     assert t.usage()["ub"] == ub
     assert t.usage()["l0c"] == 2 * max(t.h_tile * t.kv_block, t.h_tile * t.d_pv) * 4
 
@@ -112,6 +114,160 @@ def test_fp8_kv_variant_only_on_950():
         tl.sparse_attn_tiling(tl.SOCS["ascend910b"], 1, 64, 512, 640, 24, kv_fp8=True)
     t = tl.sparse_attn_tiling(tl.SOCS["ascend950"], 1, 64, 512, 640, 24, kv_fp8=True)
     assert t.tiling_key % 10 == tl.SPARSE_KEY_FP8_KV
+
+
+# ------------------------------------------------------------------------------------------------ sparse_attn kernel
+# The host tiling against the kernel's own buffer lists: op_kernel/sparse_attn_kernel.h (+ sparse_attn_kv_fp8.h)
+# declare every UB buffer with `// tiling: <name>` and every GM workspace tensor with `td-><offset field>`; these
+# tests read those lines, evaluate their sizes for real tilings and compare them with ops/npu/tiling.py.
+SA_DIR = ROOT / "ops/ascendc/sparse_attn"
+SA_KERNEL = SA_DIR / "op_kernel/sparse_attn_kernel.h"
+SA_FP8 = SA_DIR / "op_kernel/sparse_attn_kv_fp8.h"
+WS_FIELDS = {"wsKvOff": ("kv", "kv"), "wsSOff": ("s", "s"), "wsPOff": ("p", "p"), "wsOOff": ("o", "o"),
+             "wsPartOOff": ("part_o", "partO"), "wsPartStatOff": ("part_stats", "partStats")}
+C_SIZES = {"float": 4, "int32_t": 4, "T": 2, "bfloat16_t": 2, "uint8_t": 1}
+
+
+def _code(path: Path) -> str:
+    return re.sub(r"//[^\n]*", "", path.read_text())  # comments may name what the code must not use
+
+
+def _cpp_eval(expr: str, env: dict) -> int:
+    py = re.sub(r"sizeof\((\w+)\)", lambda m: str(C_SIZES[m.group(1)]), expr).replace("td->", "")
+    return int(eval(py, {"AlignUp": tl.align, "__builtins__": {}}, dict(env)))  # noqa: S307 (our own header)
+
+
+def _kernel_env(t: tl.SparseAttnTiling) -> dict:
+    return dict(rows_=t.h_tile // 2, kvBlock_=t.kv_block, dPv_=t.d_pv, D_=t.D, hTile_=t.h_tile, units=t.units,
+                DQ_ROWS=tl.DQ_ROWS)
+
+
+def _kernel_ub(t: tl.SparseAttnTiling) -> dict[str, int]:
+    """name -> bytes of every InitBuffer the kernel runs for this variant (TQue: num x 32-byte aligned len)."""
+    got = {}
+    for path in (SA_KERNEL, SA_FP8) if t.kv_fp8 else (SA_KERNEL,):
+        lines = path.read_text().splitlines()
+        for i, ln in enumerate(lines):
+            m = re.search(r"InitBuffer\((\w+), (?:(\d+), )?(.+)\);\s*// tiling: (\w+)", ln)
+            if not m:
+                continue
+            if t.kv_fp8 and "!KvDec::PACKED" in lines[i - 1]:
+                continue  # the BF16 row-copy queue, not initialised for the FP8 decoder
+            num = int(m.group(2) or 1)
+            got[m.group(4)] = num * tl.align(_cpp_eval(m.group(3), _kernel_env(t)), tl.UB_ALIGN)
+    return got
+
+
+def _sa_tilings():
+    for caps in SOCS:
+        for (T, H, D, K), cores in itertools.product(ATTN_CASES[::5], CORES):
+            for fp8 in (False, True) if caps.native_mx else (False,):
+                yield tl.sparse_attn_tiling(caps, T, H, D, K, cores, kv_fp8=fp8)
+
+
+def test_kernel_ub_buffers_are_the_host_list():
+    assert int(re.search(r"DQ_ROWS = (\d+);", SA_KERNEL.read_text()).group(1)) == tl.DQ_ROWS
+    n = 0
+    for t in _sa_tilings():
+        host = {b.name: b.nbytes for b in t.buffers if b.mem == "ub"}
+        assert _kernel_ub(t) == host, (t.kv_fp8, t.h_tile, t.kv_block)
+        n += 1
+    assert n > 100
+
+
+def test_kernel_workspace_tensors_are_the_host_layout():
+    """Each workspace GlobalTensor starts at a host-computed offset field and its extent fits that region."""
+    decl = re.findall(r"(\w+)\.SetGlobalBuffer\(\(__gm__ (\w+) \*\)\((base|ws) \+ td->(\w+)\), (.+?)\);",
+                      _code(SA_KERNEL))
+    assert sorted(d[3] for d in decl) == sorted(WS_FIELDS), decl
+    for _, ctype, origin, field_, _ in decl:
+        assert (origin == "ws") == field_.startswith("wsPart"), field_  # partials: from the workspace start
+    tiling_cpp = (SA_DIR / "op_host/sparse_attn_tiling.cpp").read_text()
+    tiling_h = (SA_DIR / "op_host/sparse_attn_tiling.h").read_text()
+    for field_, (_, cpp) in {**WS_FIELDS, "wsPerCore": (None, "perCore")}.items():
+        assert f"data.set_{field_}(t.ws.{cpp});" in tiling_cpp, field_
+        assert f"TILING_DATA_FIELD_DEF(uint64_t, {field_})" in tiling_h, field_
+    assert "base = ws + core * td->wsPerCore;" in _code(SA_KERNEL)
+    for t in _sa_tilings():
+        w = t.workspace
+        for _, ctype, _, field_, extent in decl:
+            region = WS_FIELDS[field_][0]
+            if region.startswith("part") and t.kv_splits == 1:
+                continue  # only the split kernels (SPLIT = true) set these tensors
+            assert _cpp_eval(extent, _kernel_env(t)) * C_SIZES[ctype] <= w.sizes[region], (field_, t)
+
+
+def _kernel_accesses(t: tl.SparseAttnTiling):
+    """Largest byte end each workspace index expression of sparse_attn_kernel.h reaches (buf, sub in {0, 1},
+    r < rows, j < kvBlock, u < units), region by region."""
+    h, kb, D, rows = t.h_tile, t.kv_block, t.D, t.h_tile // 2
+    yield "kv", ((1 * kb + (kb - 1)) * D + D) * 2                      # kvWs_[(buf * kvBlock + r) * D] + D
+    yield "s", ((1 * h + 1 * rows) * kb + rows * kb) * 4               # sWs_[sOff], nRows * kvBlock values
+    yield "p", ((1 * h + 1 * rows) * kb + rows * kb) * 2               # pWs_[sOff]
+    yield "o", ((1 * h + 1 * rows + rows - 1) * D + D) * 4             # oWs_[oOff + r * D + d0]
+    if t.kv_splits > 1:
+        u = t.units - 1
+        yield "part_o", ((u * h + rows) * D + (rows - 1) * D + D) * 4  # partO_[oBase + r * D], D values
+        yield "part_stats", (u * 2 * h + rows + h + rows) * 4          # partStat_[sBase + hTile], rows values
+
+
+def test_sparse_workspace_regions_are_disjoint_and_hold_every_access():
+    n = 0
+    for t in _sa_tilings():
+        w = t.workspace
+        spans = []
+        for c in range(t.used_cores):
+            for name in tl.SPARSE_WS_CORE_REGIONS:
+                start = c * w.per_core + getattr(w, name)
+                spans.append((start, start + w.sizes[name], f"core{c}.{name}"))
+        if t.kv_splits > 1:
+            spans += [(w.part_o, w.part_o + w.sizes["part_o"], "part_o"),
+                      (w.part_stats, w.part_stats + w.sizes["part_stats"], "part_stats")]
+        spans.sort()
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), "two workspace regions overlap"
+        assert spans[-1][1] <= w.total == t.workspace_bytes
+        assert all(s0 % tl.SPARSE_WS_ALIGN == 0 for s0, _, _ in spans) and w.per_core % tl.SPARSE_WS_ALIGN == 0
+        for region, end in _kernel_accesses(t):
+            assert end <= w.sizes[region], (region, end, w.sizes[region], t)
+        n += 1
+    assert n > 100
+
+
+def test_sparse_kernel_sync_and_build_rules():
+    """Static guards for the review findings on the sparse-attention kernel (see the cited asc-devkit docs in
+    the kernel sources): they check the text, not that it compiles or runs."""
+    kernel, entry, entry8 = _code(SA_KERNEL), _code(SA_DIR / "op_kernel/sparse_attn.cpp"), \
+        _code(SA_DIR / "op_kernel/sparse_attn_kv_quant.cpp")
+    # FP8 only in the 950-only entry: no fp8 type in what A2/A3 compile; the decoder is included by KvQuant only
+    for code in (kernel, entry):
+        assert not re.search(r"fp8_e\w+_t|hifloat8_t|sparse_attn_kv_fp8\.h", code)
+    assert '#include "sparse_attn_kv_fp8.h"' in entry8 and "fp8_e4m3fn_t" in _code(SA_FP8)
+    op_def = (SA_DIR / "op_host/sparse_attn_def.cpp").read_text()
+    kvq = op_def[op_def.index("class SparseAttnKvQuant"):]
+    assert re.findall(r'AddConfig\("(\w+)"', kvq) == ["ascend950"]
+    assert 'MakeConfig("sparse_attn_kv_quant")' in kvq and 'MakeConfig("sparse_attn")' in op_def
+    # Matmul objects registered in the entry scope, before Init (its InitBuffer calls)
+    assert "REGIST_MATMUL_OBJ" not in kernel
+    for code in (entry, entry8):
+        regs, inits = [m.start() for m in re.finditer("REGIST_MATMUL_OBJ", code)], \
+            [m.start() for m in re.finditer(r"op\.Init\(", code)]
+        assert len(regs) == len(inits) == 2 and all(r < i for r, i in zip(regs, inits))
+    # cross-core flag outside Matmul [0, 2N-1], SyncAll [11, 14] and the KFC sync id 15; wait = set's <mode, pipe>
+    flag = int(re.search(r"GATHER_FLAG = (\d+);", kernel).group(1))
+    n_mm = len(re.findall(r"matmul::Matmul<", kernel))
+    assert flag >= 2 * max(n_mm, 4) and flag not in range(11, 16)
+    sets = re.findall(r"CrossCoreSetFlag<(\d), (PIPE_\w+)>", kernel)
+    waits = re.findall(r"CrossCoreWaitFlag<(\d), (PIPE_\w+)>", kernel)
+    assert sets and sets == waits and "CrossCoreWaitFlag(" not in kernel
+    assert all(pipe != "PIPE_S" for mode, pipe in waits if mode in "012")
+    # tail blocks: mm1's N, mm2's K and the S / P row stride are all kvBlock_
+    assert "mm1.SetOrgShape(nRows, kvBlock_, D_);" in kernel and "mm2.SetOrgShape(nRows, D_, kvBlock_);" in kernel
+    # split path: no scalar GM writes of partials; SyncAll kernels get batch mode from the host
+    assert not re.search(r"part\w*_\.SetValue", kernel) and "SyncAll<true>()" in kernel
+    assert "context->SetScheduleMode(1);" in (SA_DIR / "op_host/sparse_attn_tiling.cpp").read_text()
+    # compiler-inserted scalar <-> vector / MTE syncs stay on
+    cmake = re.sub(r"#[^\n]*", "", (SA_DIR / "CMakeLists.txt").read_text())
+    assert "--cce-auto-sync=off" not in cmake and cmake.count("--cce-auto-sync=on") == 2
 
 
 # ------------------------------------------------------------------------------------------------ moe_gemm
@@ -315,9 +471,10 @@ def test_cpp_rules_match_python(rules_binary):
                 lines.append(f"S {caps.soc} {T} {H} {D} {K} {cores} {int(fp8)}")
                 t = tl.sparse_attn_tiling(caps, T, H, D, K, cores, kv_fp8=fp8)
                 u = t.usage()
+                w = t.workspace
                 expect.append(["S", 1, t.h_tile, t.kv_block, t.d_qk, t.d_pv, t.n_hblk, t.n_kvblk, t.kv_splits,
                                t.blocks_per_split, t.units, t.used_cores, t.workspace_bytes, t.tiling_key,
-                               *(u[m] for m in tl.MEMS)])
+                               *(u[m] for m in tl.MEMS), w.kv, w.s, w.p, w.o, w.per_core, w.part_o, w.part_stats])
         moe = itertools.product(MOE_CASES + MX_CASES[::7] + [(6, 2048, 96, 8, "fp4")], (20, 24), (False, True))
         for (M, N, K, E, fmt), cores, mx in moe:
             lines.append(f"M {caps.soc} {M} {N} {K} {E} {FMT_ID[fmt]} {cores} {int(mx)}")

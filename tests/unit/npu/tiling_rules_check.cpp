@@ -2,7 +2,8 @@
 // ops/ascendc/moe_gemm/op_host/moe_gemm_mx_rules.h on the cases read from stdin and prints one line of fields per
 // case (compiled with the host g++, no CANN).
 //   in : "S <soc> <T> <H> <D> <K> <cores> <kv_fp8 0|1>"  or  "M <soc> <M> <N> <K> <E> <fmt 0|1|2> <cores> <allow_mx 0|1>"
-//   out: "S ok hTile kvBlock dQk dPv nHBlk nKvBlk kvSplits blocksPerSplit units usedCores ws key ub l1 l0a l0b l0c"
+//   out: "S ok hTile kvBlock dQk dPv nHBlk nKvBlk kvSplits blocksPerSplit units usedCores ws key ub l1 l0a l0b l0c
+//         wsKv wsS wsP wsO wsPerCore wsPartO wsPartStats"
 //        "M ok mx mTile nTile kTile kStep nNTile maxUnits ws key ub l1 l0a l0b l0c wsXq wsXs wsSlab wsSlabPerCore"
 #include <iostream>
 #include <string>
@@ -33,6 +34,8 @@ int main()
                       << t.nHBlk << ' ' << t.nKvBlk << ' ' << t.kvSplits << ' ' << t.blocksPerSplit << ' ' << t.units
                       << ' ' << t.usedCores << ' ' << t.workspaceBytes << ' ' << t.tilingKey;
             PrintUsage(t.usage);
+            std::cout << ' ' << t.ws.kv << ' ' << t.ws.s << ' ' << t.ws.p << ' ' << t.ws.o << ' ' << t.ws.perCore << ' '
+                      << t.ws.partO << ' ' << t.ws.partStats;
         } else {
             int64_t M, N, K, E, fmt, cores, mx;
             std::cin >> M >> N >> K >> E >> fmt >> cores >> mx;

@@ -48,6 +48,8 @@ constexpr uint32_t MX_FP8_WEIGHT_BLOCK = 128;
 constexpr uint32_t MX_UB_BLOCK = 32;            // bytes per UB block
 constexpr uint32_t MX_MAX_REPEAT = 128;         // repeats per vector instruction (limit 255; 128 keeps offsets even)
 constexpr int32_t MX_READY_FLAG = 6;            // cross-AIV barrier: both halves of the unit's slab are in GM
+// (outside the Matmul API's flag IDs [0, 1] for one object -- asc-devkit docs/zh/api/SIMD-API/高阶API/矩阵计算/
+// Matmul-Kernel侧接口/REGIST_MATMUL_OBJ.md -- and KFC_SYNC_ID 15, impl/basic_api/dav_3510/kfc/kfc_comm.h)
 constexpr float MX_AMAX_FLOOR = 1e-4f;          // as the 1x128 activation quantisation (model-spec §8.5)
 // e2m1 code -> e4m3fn byte of the same value (0, .5, 1, 1.5, 2, 3, 4, 6, then the negatives); equals
 // ops/reference/mx.py FP4_TO_E4M3_BYTES (checked by tests/unit/npu/test_moe_gemm_mx.py).
@@ -83,10 +85,14 @@ public:
                     AscendC::Impl::Detail::MatmulWithScalePolicy>
         mm;
 
+    // `pipe`: the entry's TPipe, on which REGIST_MATMUL_OBJ(pipe, ..., mm, ...) already ran (moe_gemm.cpp): the
+    // macro's KfcCommClient must live in the entry's scope until Process() is done, and on the AIC the macro
+    // runs the cube server and returns from the entry (asc-devkit impl/adv_api/detail/kfc/kfc_register_obj.h).
     __aicore__ inline void Init(GM_ADDR x, GM_ADDR weight, GM_ADDR scale, GM_ADDR groupList, GM_ADDR y, GM_ADDR ws,
-                                const MoeGemmTilingData *td)
+                                const MoeGemmTilingData *td, TPipe *pipe)
     {
         td_ = td;
+        pipe_ = pipe;
         const uint64_t M = td->M, N = td->N, K = td->K;
         const uint64_t rows = (M + 15) / 16 * 16;
         xGm_.SetGlobalBuffer((__gm__ T *)x, M * K);
@@ -100,10 +106,9 @@ public:
         core_ = GetBlockIdx() / GetTaskRation();
         slab_ = ws + td->wsSlab + static_cast<uint64_t>(core_) * td->slabPerCore;
         slabRow_ = FMT == FMT_FP4 ? K : K / MX_BLOCK;  // bytes per slab row
-        if ASCEND_IS_AIV {
+        if ASCEND_IS_AIV {  // UB buffers and the scalar-filled table: vector cores only (impl/utils/sys_macros.h)
             InitBuffers();
         }
-        REGIST_MATMUL_OBJ(&pipe_, GetSysWorkSpacePtr(), mm, &td->mmTiling);
     }
 
     __aicore__ inline void Process()
@@ -136,19 +141,19 @@ private:
     __aicore__ inline void InitBuffers()
     {
         const uint32_t cnt = MX_ACT_ROWS * MX_ACT_COLS;
-        pipe_.InitBuffer(xIn_, 2, cnt * sizeof(T));
-        pipe_.InitBuffer(xF32_, cnt * sizeof(float));
-        pipe_.InitBuffer(xAbs_, cnt * sizeof(float));
-        pipe_.InitBuffer(xAmax_, MxAlign(cnt / MX_BLOCK * sizeof(float), MX_UB_BLOCK));
-        pipe_.InitBuffer(xInv_, cnt / MX_BLOCK * MX_UB_BLOCK);
-        pipe_.InitBuffer(xOut_, 2, cnt);
-        pipe_.InitBuffer(xScale_, 2, MX_ACT_ROWS * MxAlign(MX_ACT_COLS / MX_BLOCK, MX_UB_BLOCK));
+        pipe_->InitBuffer(xIn_, 2, cnt * sizeof(T));
+        pipe_->InitBuffer(xF32_, cnt * sizeof(float));
+        pipe_->InitBuffer(xAbs_, cnt * sizeof(float));
+        pipe_->InitBuffer(xAmax_, MxAlign(cnt / MX_BLOCK * sizeof(float), MX_UB_BLOCK));
+        pipe_->InitBuffer(xInv_, cnt / MX_BLOCK * MX_UB_BLOCK);
+        pipe_->InitBuffer(xOut_, 2, cnt);
+        pipe_->InitBuffer(xScale_, 2, MX_ACT_ROWS * MxAlign(MX_ACT_COLS / MX_BLOCK, MX_UB_BLOCK));
         if constexpr (FMT == FMT_FP4) {
-            pipe_.InitBuffer(wIn_, 2, MX_WIDEN_BYTES);
-            pipe_.InitBuffer(wF16_, MX_WIDEN_BYTES * sizeof(half));
-            pipe_.InitBuffer(wIdx_, MX_WIDEN_BYTES * sizeof(int32_t));
-            pipe_.InitBuffer(wOut_, 2, MX_WIDEN_BYTES * 2);
-            pipe_.InitBuffer(table_, 256 * sizeof(uint16_t));
+            pipe_->InitBuffer(wIn_, 2, MX_WIDEN_BYTES);
+            pipe_->InitBuffer(wF16_, MX_WIDEN_BYTES * sizeof(half));
+            pipe_->InitBuffer(wIdx_, MX_WIDEN_BYTES * sizeof(int32_t));
+            pipe_->InitBuffer(wOut_, 2, MX_WIDEN_BYTES * 2);
+            pipe_->InitBuffer(table_, 256 * sizeof(uint16_t));
             // byte b (element 2j in the low nibble, 2j+1 in the high one) -> the e4m3 pair as one little-endian
             // uint16: low byte = element 2j, so the widened row keeps the element order
             LocalTensor<uint16_t> t = table_.Get<uint16_t>();
@@ -158,8 +163,8 @@ private:
             PipeBarrier<PIPE_ALL>();  // scalar table writes done before any vector Gather reads them
         } else {
             const uint32_t kIn = (td_->K + MX_FP8_WEIGHT_BLOCK - 1) / MX_FP8_WEIGHT_BLOCK;
-            pipe_.InitBuffer(sIn_, MxAlign(kIn, MX_UB_BLOCK));
-            pipe_.InitBuffer(sOut_, 2 * MxAlign(td_->K / MX_BLOCK, MX_UB_BLOCK));
+            pipe_->InitBuffer(sIn_, MxAlign(kIn, MX_UB_BLOCK));
+            pipe_->InitBuffer(sOut_, 2 * MxAlign(td_->K / MX_BLOCK, MX_UB_BLOCK));
         }
     }
 
@@ -203,7 +208,7 @@ private:
             WholeReduceMax(amax[b0], xa[b0 * MX_BLOCK], MX_BLOCK, n, 1, 1, MX_BLOCK * sizeof(float) / MX_UB_BLOCK,
                            ReduceOrder::ORDER_ONLY_VALUE);
         }
-        event_t vs = static_cast<event_t>(pipe_.FetchEventID(HardEvent::V_S));
+        event_t vs = static_cast<event_t>(pipe_->FetchEventID(HardEvent::V_S));
         SetFlag<HardEvent::V_S>(vs);
         WaitFlag<HardEvent::V_S>(vs);
         // per block (scalar, r * c / 32 <= 256 of them): exponent, e8m0 byte, and 2^-e in place of amax
@@ -215,7 +220,7 @@ private:
             sc.SetValue((j / bpr) * pitch + j % bpr, static_cast<uint8_t>(e + 127));
             amax.SetValue(j, MxPow2(-e));
         }
-        event_t sv = static_cast<event_t>(pipe_.FetchEventID(HardEvent::S_V));
+        event_t sv = static_cast<event_t>(pipe_->FetchEventID(HardEvent::S_V));
         SetFlag<HardEvent::S_V>(sv);
         WaitFlag<HardEvent::S_V>(sv);
         // each 2^-e to a whole 32-byte block, then x * 2^-e block by block (multiplier block stride 0): exact
@@ -236,7 +241,7 @@ private:
         xOut_.FreeTensor(q);
         xScale_.EnQue(sc);
         sc = xScale_.DeQue<uint8_t>();
-        event_t sm = static_cast<event_t>(pipe_.FetchEventID(HardEvent::S_MTE3));  // sc was written by scalar
+        event_t sm = static_cast<event_t>(pipe_->FetchEventID(HardEvent::S_MTE3));  // sc was written by scalar
         SetFlag<HardEvent::S_MTE3>(sm);
         WaitFlag<HardEvent::S_MTE3>(sm);
         DataCopyPad(xsOut_[row0 * (K / MX_BLOCK) + c0 / MX_BLOCK], sc,
@@ -373,7 +378,7 @@ private:
     GM_ADDR weightList_;  // GM_ADDR is a macro (__gm__ uint8_t *): one declaration per pointer
     GM_ADDR scaleList_;
     GM_ADDR slab_;
-    TPipe pipe_;
+    TPipe *pipe_;
     TQue<QuePosition::VECIN, 2> xIn_, wIn_;
     TQue<QuePosition::VECOUT, 2> xOut_, xScale_, wOut_;
     TBuf<TPosition::VECCALC> xF32_, xAbs_, xAmax_, xInv_, wF16_, wIdx_, table_, sIn_, sOut_;

@@ -9,7 +9,12 @@
 
 namespace ops {
 
-static OpAICoreConfig MakeConfig()
+// opFile: the kernel entry file op_kernel/<opFile>.cpp of each op. Each op has its own file: the FP8 code of
+// SparseAttnKvQuant must not be compiled for the A2/A3 SoCs SparseAttn is built for. ExtendCfgInfo("opFile.value",
+// ...) as in hicann/ops-nn activation/threshold_grad_v2_d/op_host/threshold_grad_v2_d_def.cpp; OpAICoreConfig::
+// ExtendCfgInfo: asc-devkit docs/zh/api/Utils-API/原型注册与管理/OpAICoreConfig/ExtendCfgInfo-284.md (that page
+// documents only aclnnSupport.value; opFile.value is taken from the ops-nn op defs).
+static OpAICoreConfig MakeConfig(const char *opFile)
 {
     OpAICoreConfig config;
     config.DynamicCompileStaticFlag(true)
@@ -18,6 +23,7 @@ static OpAICoreConfig MakeConfig()
         .DynamicShapeSupportFlag(true)
         .NeedCheckSupportFlag(false)
         .PrecisionReduceFlag(true)
+        .ExtendCfgInfo("opFile.value", opFile)
         .ExtendCfgInfo("aclnnSupport.value", "support_aclnn");
     return config;
 }
@@ -40,7 +46,7 @@ public:
 
         this->SetInferShape(ge::InferShapeSparseAttn).SetInferDataType(ge::InferDataTypeSparseAttn);
         this->AICore().SetTiling(optiling::TilingSparseAttn);
-        OpAICoreConfig config = MakeConfig();
+        OpAICoreConfig config = MakeConfig("sparse_attn");  // op_kernel/sparse_attn.cpp: no fp8 code
         this->AICore().AddConfig("ascend910b", config);
         this->AICore().AddConfig("ascend910_93", config);
         this->AICore().AddConfig("ascend950", config);
@@ -62,7 +68,8 @@ public:
 
         this->SetInferShape(ge::InferShapeSparseAttn).SetInferDataType(ge::InferDataTypeSparseAttn);
         this->AICore().SetTiling(optiling::TilingSparseAttnKvQuant);
-        this->AICore().AddConfig("ascend950", MakeConfig());  // FP8 exists only on 950 (ascend-notes §0.1)
+        // FP8 exists only on 950 (ascend-notes §0.1): op_kernel/sparse_attn_kv_quant.cpp, compiled for 950 alone
+        this->AICore().AddConfig("ascend950", MakeConfig("sparse_attn_kv_quant"));
     }
 };
 

@@ -105,11 +105,15 @@ static ge::graphStatus DoTiling(gert::TilingContext *context, bool kvFp8)
     data.set_usedCores(t.usedCores);
     data.set_ropeDim(static_cast<uint32_t>(ropeDim));
     data.set_entryBytes(static_cast<uint32_t>(entryBytes));
-    const uint64_t perCore = tr::DOUBLE * (t.hTile * t.kvBlock * tr::FP32 + t.hTile * t.kvBlock * tr::BF16 +
-                                           t.hTile * t.dPv * tr::FP32) +
-                             (kvFp8 ? tr::DOUBLE * t.kvBlock * q.GetDim(2) * tr::BF16 : 0);
-    data.set_wsPerCore(perCore);
-    data.set_wsPartialOffset(perCore * t.usedCores);
+    // GM workspace: the one layout table (tiling_rules.h ComputeSparseAttnWorkspace = tiling.py
+    // sparse_attn_workspace); test_tiling.py checks these set_ calls and the kernel's SetGlobalBuffer lines.
+    data.set_wsPerCore(t.ws.perCore);
+    data.set_wsKvOff(t.ws.kv);
+    data.set_wsSOff(t.ws.s);
+    data.set_wsPOff(t.ws.p);
+    data.set_wsOOff(t.ws.o);
+    data.set_wsPartOOff(t.ws.partO);
+    data.set_wsPartStatOff(t.ws.partStats);
     // Cube tiling of the two matmuls, pinned to the blocks chosen above (base M/N/K = the L0 tiles checked
     // against capacity by the rules; each AIV multiplies its hTile/2 rows, padded to the 16-row fractal).
     const auto dt = context->GetInputDesc(Q_INDEX)->GetDataType() == ge::DT_FLOAT16 ? matmul_tiling::DataType::DT_FLOAT16
@@ -139,6 +143,13 @@ static ge::graphStatus DoTiling(gert::TilingContext *context, bool kvFp8)
 
     context->SetBlockDim(t.usedCores);  // MIX 1:2: block dim counts cube cores
     context->SetTilingKey(t.tilingKey);
+    if (t.kvSplits > 1) {
+        // The split kernels (keys 10 / 11) run SyncAll: batch mode, so every core of the op is started together
+        // (asc-devkit docs .../核间同步/SyncAll.md 约束说明: "通过TilingContext的SetScheduleMode接口来设置
+        // batchmode模式"; gert::TilingContext::SetScheduleMode(uint32_t), 1 = batch mode; same call in
+        // hicann/ops-nn index/scatter_elements_v2/op_host/arch22/scatter_elements_v2_tiling.cpp).
+        context->SetScheduleMode(1);
+    }
     size_t *ws = context->GetWorkspaceSizes(1);
     ws[0] = static_cast<size_t>(t.workspaceBytes) + plat.GetLibApiWorkSpaceSize();
     return ge::GRAPH_SUCCESS;

@@ -26,8 +26,15 @@ TILING_DATA_FIELD_DEF(uint32_t, kvSplits)      // > 1: partial results + combine
 TILING_DATA_FIELD_DEF(uint32_t, blocksPerSplit)
 TILING_DATA_FIELD_DEF(uint32_t, units)         // T * nHBlk * kvSplits
 TILING_DATA_FIELD_DEF(uint32_t, usedCores)
-TILING_DATA_FIELD_DEF(uint64_t, wsPerCore)     // S / P / O-block exchange area per core (bytes)
-TILING_DATA_FIELD_DEF(uint64_t, wsPartialOffset)  // start of the split partials (bytes)
+// GM workspace layout (bytes), copied from tiling_rules.h ComputeSparseAttnWorkspace; the kernel does no layout
+// arithmetic of its own. Per core c at c * wsPerCore: kv tile, S, P, O block; then the split partials.
+TILING_DATA_FIELD_DEF(uint64_t, wsPerCore)     // one core's exchange area
+TILING_DATA_FIELD_DEF(uint64_t, wsKvOff)       // [2][kvBlock][D] 16-bit, inside a core's area
+TILING_DATA_FIELD_DEF(uint64_t, wsSOff)        // [2][hTile][kvBlock] fp32
+TILING_DATA_FIELD_DEF(uint64_t, wsPOff)        // [2][hTile][kvBlock] 16-bit
+TILING_DATA_FIELD_DEF(uint64_t, wsOOff)        // [2][hTile][D] fp32
+TILING_DATA_FIELD_DEF(uint64_t, wsPartOOff)    // [units][hTile][D] fp32, from the workspace start (split keys)
+TILING_DATA_FIELD_DEF(uint64_t, wsPartStatOff) // [units][2][hTile] fp32 (m, l), from the workspace start
 TILING_DATA_FIELD_DEF(uint32_t, ropeDim)       // KvQuant: trailing bf16 dims of an entry (0 for SparseAttn)
 TILING_DATA_FIELD_DEF(uint32_t, entryBytes)    // KvQuant: bytes per cache entry, 584 for D 512 (0 for SparseAttn)
 TILING_DATA_FIELD_DEF_STRUCT(TCubeTiling, mm1Tiling)  // S = Q K^T, per AIV: [hTile/2, kvBlock, D]
