@@ -258,6 +258,9 @@ def check_backend(b, sizes: tuple[str, ...] = ("small", "real")) -> list[Row]:
     from .candidates import table
 
     rows: list[Row] = []
+    t0 = time.perf_counter()
+    log.warning("NPU self-check: checking %d ops' backends against the CPU reference (%s shapes; "
+                "ASCEND_V4_NPU_SELFCHECK=0 skips it) ...", len(table()), "/".join(sizes))
     for op, cands in table().items():
         for c in cands:
             why = c.usable(b)
@@ -274,6 +277,9 @@ def check_backend(b, sizes: tuple[str, ...] = ("small", "real")) -> list[Row]:
     b._ranked.clear()
     for op in table():
         log.info("NPU self-check: %s runs on %s", op, b.choice(op))
+    failed = sum(r.status == "FAIL" for r in rows)
+    log.warning("NPU self-check: done in %.1f s, %d backend(s) failed and will not be used%s",
+                time.perf_counter() - t0, failed, " (ascend-v4 doctor --ops lists them)" if failed else "")
     return rows
 
 
