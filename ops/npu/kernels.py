@@ -302,28 +302,10 @@ def kernel_table() -> dict[str, Callable]:
     return {op: _dispatch(op) for op in table()}
 
 
-def sparse_attn(*args):
-    return current().run("sparse_attn", *args)
-
-
-def quant_gemm(*args):
-    return current().run("quant_gemm", *args)
-
-
-def moe_experts(*args):
-    return current().run("moe_experts", *args)
-
-
-def w8a8_gemm(*args):
-    return current().run("w8a8_gemm", *args)
-
-
-def w4a8_gemm(*args):
-    return current().run("w4a8_gemm", *args)
-
-
-def int8_act_roundtrip(*args):
-    return current().run("int8_act_roundtrip", *args)
+# the ops as module functions (tests and sparse_attn_fp8.py call them directly): each dispatches like the table
+sparse_attn, quant_gemm, moe_experts = _dispatch("sparse_attn"), _dispatch("quant_gemm"), _dispatch("moe_experts")
+w8a8_gemm, w4a8_gemm = _dispatch("w8a8_gemm"), _dispatch("w4a8_gemm")
+int8_act_roundtrip = _dispatch("int8_act_roundtrip")
 
 
 __all__ = ["Backend", "backend", "make_backend", "current", "use_backend", "kernel_table", "dense_weight",
