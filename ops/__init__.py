@@ -137,6 +137,27 @@ def hc_pre(x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, norm_eps: float, 
     return _call("hc_pre", x, fn, base, scale, norm_eps, hc_eps, sinkhorn_iters)
 
 
+def moe_gate(logits: Tensor, bias: Tensor | None, tid2eid: Tensor | None, tokens: Tensor, topk: int,
+             route_scale: float) -> tuple[Tensor, Tensor]:
+    """V4 MoE router: sqrt(softplus) scores, top-k of scores + bias (selection only) or the hash table's experts.
+
+    Args:
+        logits: [T, E] router logits (x @ gate.weight^T, fp32).
+        bias: [E] fp32 selection bias (scored layers), or None in a hash-routed layer.
+        tid2eid: [V, k] int64 token -> experts table (hash-routed layers), or None.
+        tokens: [T] token ids (read in hash-routed layers).
+        topk, route_scale: experts per token; scale of the normalised weights.
+    Returns:
+        (ids [T, k] int64, weights [T, k] fp32 summing to route_scale per row).
+    """
+    _check((bias is None) != (tid2eid is None), "moe_gate", "give exactly one of bias (scored layers) and tid2eid "
+           "(hash-routed layers)")
+    _check(logits.dim() == 2 and tokens.shape == (logits.shape[0],), "moe_gate",
+           f"logits must be [T, E] and tokens [T]; got {tuple(logits.shape)} and {tuple(tokens.shape)}")
+    _check(0 < topk <= logits.shape[1], "moe_gate", f"topk must be in 1..E={logits.shape[1]}, got {topk}")
+    return _call("moe_gate", logits, bias, tid2eid, tokens, topk, route_scale)
+
+
 def hc_post(f: Tensor, residual: Tensor, post: Tensor, comb: Tensor) -> Tensor:
     """mHC post-mix: X'_j = post_j * f + sum_i comb[i, j] * residual_i. f [T, D]; residual [T, n, D]."""
     _check(residual.dim() == 3 and f.shape == (residual.shape[0], residual.shape[2]), "hc_post",
@@ -170,7 +191,7 @@ def hadamard(x: Tensor) -> Tensor:
     return _call("hadamard", x)
 
 
-__all__ = ["sparse_attn", "indexer_topk", "compress_kv", "quant_gemm", "moe_experts", "hc_pre", "hc_post",
+__all__ = ["sparse_attn", "indexer_topk", "compress_kv", "quant_gemm", "moe_experts", "moe_gate", "hc_pre", "hc_post",
            "hc_head", "fp8_roundtrip", "fp4_roundtrip", "hadamard", "OpInputError", "active_backends"]
 
 

@@ -75,6 +75,18 @@ def _(x, topk_ids, topk_weights, w1, s1, w2, s2, w3, s3, swiglu_limit, act_quant
 
 
 # ---------------------------------------------------------------------------------------------- mHC
+@torch.library.custom_op(f"{NS}::moe_gate", mutates_args=())
+def moe_gate(logits: Tensor, bias: Tensor | None, tid2eid: Tensor | None, tokens: Tensor, topk: int,
+             route_scale: float) -> tuple[Tensor, Tensor]:
+    return _gemm.moe_gate(logits, bias, tid2eid, tokens, topk, route_scale)
+
+
+@moe_gate.register_fake
+def _(logits, bias, tid2eid, tokens, topk, route_scale):
+    t = logits.shape[0]
+    return logits.new_empty((t, topk), dtype=torch.long), logits.new_empty((t, topk), dtype=torch.float32)
+
+
 @torch.library.custom_op(f"{NS}::hc_pre", mutates_args=())
 def hc_pre(x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, norm_eps: float, hc_eps: float,
            sinkhorn_iters: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -142,12 +154,13 @@ def _(x):
 # The pure-torch implementation of each op, by name (what the ops above call).
 REFERENCE = {
     "sparse_attn": _attn.sparse_attn, "indexer_topk": _attn.indexer_topk, "compress_kv": _attn.compress_kv,
-    "quant_gemm": _gemm.quant_gemm, "moe_experts": _gemm.moe_experts, "hc_pre": _mhc.hc_pre,
+    "quant_gemm": _gemm.quant_gemm, "moe_experts": _gemm.moe_experts, "moe_gate": _gemm.moe_gate,
+    "hc_pre": _mhc.hc_pre,
     "hc_post": _mhc.hc_post, "hc_head": _mhc.hc_head, "fp8_roundtrip": _fmt.fp8_roundtrip,
     "fp4_roundtrip": _fmt.fp4_roundtrip, "hadamard": _fmt.hadamard,
 }
 
-ALL_OPS = {f._name: f for f in (sparse_attn, indexer_topk, compress_kv, quant_gemm, moe_experts, hc_pre,
+ALL_OPS = {f._name: f for f in (sparse_attn, indexer_topk, compress_kv, quant_gemm, moe_experts, moe_gate, hc_pre,
                                    hc_post, hc_head, fp8_roundtrip, fp4_roundtrip, hadamard)}
 
 

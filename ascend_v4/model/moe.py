@@ -36,13 +36,9 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (expert ids [T, k], weights [T, k] fp32)."""
-        scores = torch.sqrt(F.softplus(F.linear(x.float(), self.weight.float())))  # [T, E]
-        if self.hash:
-            ids = self.tid2eid[tokens]
-        else:
-            ids = torch.topk(scores + self.bias, self.topk, dim=-1).indices  # bias picks, never weighs
-        w = scores.gather(1, ids)
-        return ids, w / w.sum(-1, keepdim=True) * self.route_scale
+        logits = F.linear(x.float(), self.weight.float())  # [T, E] fp32
+        return ops.moe_gate(logits, None if self.hash else self.bias, self.tid2eid if self.hash else None, tokens,
+                            self.topk, self.route_scale)
 
 
 class Expert(nn.Module):

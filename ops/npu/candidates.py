@@ -111,6 +111,7 @@ def table() -> dict[str, list[Candidate]]:
                                 Candidate("reference", REFERENCE["moe_experts_int"], checked=False)]
     for op in TRITON_OPS:
         t.setdefault(op, triton_or(op))
+    t["moe_gate"] = [Candidate("reference", REFERENCE["moe_gate"], checked=False)]  # plain torch ops run anywhere
     for op, cand in va.candidates().items():  # vllm-ascend first wherever it maps one of our ops
         t[op] = [Candidate("vllm-ascend", cand.run, _vllm(op), cand.accepts), *t[op]]
     return t

@@ -153,6 +153,17 @@ def _moe_int(T: int, E: int, k: int, D: int, inter: int, int4: bool):
     return make
 
 
+def _gate(T: int, E: int, k: int, hashed: bool, vocab: int = 1000):
+    def make(g):
+        logits = torch.randn(T, E, generator=g) * 2
+        # distinct experts per token: k consecutive ids from a random start (vocab rows, cheap at 129,280)
+        start = torch.randint(0, E, (vocab, 1), generator=g)
+        tid2eid = (start + torch.arange(k)) % E if hashed else None
+        bias = None if hashed else torch.randn(E, generator=g) * 0.1
+        return (logits, bias, tid2eid, torch.randint(0, vocab, (T,), generator=g), k, 1.5)
+    return make
+
+
 _SMALL_HC, _REAL_HC = _hc(5, 4, 256), _hc(16, 4, 4096)
 # op -> {size: [(label, make(generator) -> CPU args)]}; "real": V4-Flash's per-device shapes (H = 64 heads,
 # D = 512, window 128 + top-k 512 entries, hidden 4096, expert inter 2048), a few experts only.
@@ -167,6 +178,9 @@ CASES: dict[str, dict[str, list[tuple[str, Callable]]]] = {
                     "real": [("fp4 T16 E4 k2 D4096 I2048", _moe(16, 4, 2, 4096, 2048, True))]},
     "fp8_roundtrip": {"small": [("[7, 256]", lambda g: (_randn(g, 7, 256, scale=30.0), 128))],
                       "real": [("[64, 4096]", lambda g: (_randn(g, 64, 4096, scale=30.0), 128))]},
+    "moe_gate": {"small": [("scored T5 E16 k4", _gate(5, 16, 4, False)), ("hash T5 E16 k4", _gate(5, 16, 4, True))],
+                 "real": [("scored T64 E256 k6", _gate(64, 256, 6, False)),
+                          ("hash T64 E256 k6", _gate(64, 256, 6, True, 129280))]},
     "hc_pre": {"small": [("T5 n4 D256", _SMALL_HC[0])], "real": [("T16 n4 D4096", _REAL_HC[0])]},
     "hc_post": {"small": [("T5 n4 D256", _SMALL_HC[1])], "real": [("T16 n4 D4096", _REAL_HC[1])]},
     "hc_head": {"small": [("T5 n4 D256", _SMALL_HC[2])], "real": [("T16 n4 D4096", _REAL_HC[2])]},

@@ -16,8 +16,9 @@ Mapped so far (our contract -> theirs; each candidate's `accepts` is the op's do
 |---------|--------|----------------------------------------|
 | hc_pre  | `npu_hc_pre_v2(x, hc_fn, hc_scale, hc_base, hc_mult, hc_sinkhorn_iters, norm_eps, hc_eps)` -> (y, post, comb) | x bf16 [T, 4, D], D in {4096, 7168}, fn/scale/base fp32 |
 | hc_post | `npu_hc_post(x, residual, post, comb)` on [1, T, ...] views -> [1, T, 4, D] | x and residual one dtype (fp32/fp16/bf16), post and comb one dtype |
+| moe_gate | `moe_gating_top_k_hash(logits, k, bias=, input_ids=, tid2eid=, ..., norm_type=2)` -> (weights, ids int32, _) | logits fp16/fp32/bf16 [T, E], E <= 2048, bias of the logits' dtype |
 Not mapped yet: `npu_sparse_attn_sharedkv` (+ metadata), `compressor`, `npu_vllm_quant_lightning_indexer`,
-`moe_gating_top_k_hash`, `grouped_matmul_swiglu_quant*`: they work on the paged cache with block tables and
+`grouped_matmul_swiglu_quant*`: the first three work on the paged cache with block tables and
 per-step metadata ops, a contract one level above our flat `sparse_attn` / `compress_kv` / `indexer_topk` ops
 (docs/npu.md, "What the vllm-ascend mapping still needs").
 """
@@ -40,7 +41,9 @@ log = logging.getLogger("ascend_v4.ops")
 PACKAGE = "vllm_ascend"
 VENDOR = Path("_cann_ops_custom") / "vendors" / "custom_transformer"
 # our op -> the _C_ascend op it needs
-NEEDS = {"hc_pre": "npu_hc_pre_v2", "hc_post": "npu_hc_post"}
+NEEDS = {"hc_pre": "npu_hc_pre_v2", "hc_post": "npu_hc_post", "moe_gate": "moe_gating_top_k_hash"}
+GATE_MAX_EXPERTS = 2048  # moe_gating_top_k_hash: E <= 2048 (its host checks)
+SQRT_SOFTPLUS = 2  # its norm_type for sqrt(softplus(x)) (op_kernel/moe_gating_top_k_hash_without_group.h)
 HC_MULT, HC_DIMS = 4, (4096, 7168)
 
 
@@ -139,6 +142,25 @@ def _hc_post_accepts(f, residual, post, comb) -> bool:
             and residual.dim() == 3)
 
 
+def moe_gate(logits, bias, tid2eid, tokens, topk, route_scale):
+    # Arguments as vllm-ascend's experts_selector.py passes them for scoring_func "sqrtsoftplus" (one expert group,
+    # group_select_mode 1, renorm 0, eps 1e-20); a hash-routed layer passes the token ids and the table instead
+    # of the bias. Their weights: chosen scores / (sum + eps) * routed_scaling_factor (eps 1e-20 is below fp32's
+    # resolution of the sums here), in the logits' dtype.
+    hashed = tid2eid is not None
+    y, ids, _ = torch.ops._C_ascend.moe_gating_top_k_hash(
+        logits.contiguous(), int(topk), bias=None if hashed else bias.to(logits.dtype).contiguous(),
+        input_ids=tokens.long().contiguous() if hashed else None,
+        tid2eid=tid2eid.to(torch.int32).contiguous() if hashed else None, k_group=1, group_count=1,
+        routed_scaling_factor=float(route_scale), eps=1e-20, group_select_mode=1, renorm=0,
+        norm_type=SQRT_SOFTPLUS, out_flag=False)
+    return ids.long(), y.float()
+
+
+def _moe_gate_accepts(logits, *_rest) -> bool:
+    return logits.dtype in (torch.float32, torch.float16, torch.bfloat16) and logits.shape[1] <= GATE_MAX_EXPERTS
+
+
 @dataclass(frozen=True)
 class Mapping:
     run: Callable
@@ -147,4 +169,5 @@ class Mapping:
 
 def candidates() -> dict[str, Mapping]:
     """{our op: its vllm-ascend mapping} (candidates.py puts them first)."""
-    return {"hc_pre": Mapping(hc_pre, _hc_pre_accepts), "hc_post": Mapping(hc_post, _hc_post_accepts)}
+    return {"hc_pre": Mapping(hc_pre, _hc_pre_accepts), "hc_post": Mapping(hc_post, _hc_post_accepts),
+            "moe_gate": Mapping(moe_gate, _moe_gate_accepts)}

@@ -71,3 +71,16 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
         y = quant_gemm(a.to(x.dtype), w2[e], s2[e], act_quant)
         out.index_add_(0, tok, y.float())
     return out
+
+
+def moe_gate(logits: torch.Tensor, bias: torch.Tensor | None, tid2eid: torch.Tensor | None, tokens: torch.Tensor,
+             topk: int, route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """V4 router (model-spec §6): scores = sqrt(softplus(logits)) in fp32; experts = top-k of scores + bias (the
+    bias only picks), or tid2eid[token] in the hash-routed layers; weights = the chosen scores normalised to sum 1,
+    times route_scale. logits [T, E]; bias [E] or tid2eid [V, k] (exactly one); tokens [T].
+    Returns (ids [T, k] int64, weights [T, k] fp32)."""
+    scores = torch.sqrt(F.softplus(logits.float()))
+    ids = tid2eid[tokens] if tid2eid is not None else torch.topk(scores + bias, topk, dim=-1).indices
+    w = scores.gather(1, ids)
+    return ids, w / w.sum(-1, keepdim=True) * route_scale
+

@@ -3,7 +3,9 @@
 What `vllm_ascend/vllm_ascend_C*.so` registers when loaded, for the ops we map (ops/npu/vllm_ascend_ops.py):
 the schemas exactly as in vllm-ascend 0.23.0.post1 csrc/torch_binding.cpp, the input checks of its host
 wrappers (x bf16 [T, 4, D] with D in {4096, 7168} for hc_pre; matching dtypes for hc_post) and the maths of
-its kernels and of vllm_ascend/ops/mhc.py, written here from their description in docs/npu.md. `install()`
+its kernels and of vllm_ascend/ops/mhc.py, written here from their description in docs/npu.md; moe_gating_top_k_hash
+from its kernel's description (sqrt(log(1 + exp(x))) for norm_type 2, ids looked up as tid2eid[input_ids * k + j]
+in hash-routed layers, weights / (sum + eps) * routed_scaling_factor in x's dtype). `install()`
 registers them once per process; `BUG` makes one of them wrong on purpose (the self-check must catch it).
 Nothing in the package imports this module.
 """
@@ -19,6 +21,11 @@ SCHEMAS = {
                       "int hc_sinkhorn_iters, float norm_eps, float hc_eps) -> (Tensor out0, Tensor out1, "
                       "Tensor out2)"),
     "npu_hc_post": "npu_hc_post(Tensor x, Tensor residual, Tensor post, Tensor comb) -> (Tensor out)",
+    "moe_gating_top_k_hash": ("moe_gating_top_k_hash(Tensor x, int k, Tensor? bias=None, Tensor? input_ids=None, "
+                              "Tensor? tid2eid=None, int k_group=1, int group_count=1, "
+                              "float routed_scaling_factor=1.0, float eps=1e-20, int group_select_mode=0, "
+                              "int renorm=0, int norm_type=0, bool out_flag=False) -> (Tensor y, Tensor expert_idx, "
+                              "Tensor out)"),
 }
 CALLS: collections.Counter = collections.Counter()
 BUG: set[str] = set()  # op names to compute wrongly (tests of the self-check)
@@ -53,6 +60,28 @@ def _hc_post(x, residual, post, comb):
     return (post.float().unsqueeze(-1) * x.float().unsqueeze(2) + mixed).to(residual.dtype)
 
 
+def _gating(x, k, bias=None, input_ids=None, tid2eid=None, k_group=1, group_count=1, routed_scaling_factor=1.0,
+            eps=1e-20, group_select_mode=0, renorm=0, norm_type=0, out_flag=False):
+    CALLS["moe_gating_top_k_hash"] += 1
+    if x.dim() != 2 or x.shape[1] > 2048 or renorm != 0 or norm_type not in (0, 1, 2):
+        raise RuntimeError("moe_gating_top_k_hash: x [rows, E<=2048], renorm 0, norm_type 0/1/2")
+    if bias is not None and bias.dtype != x.dtype:
+        raise RuntimeError("moe_gating_top_k_hash: bias must have x's dtype")
+    xf = x.float()
+    scores = {0: lambda: torch.softmax(xf, -1), 1: lambda: torch.sigmoid(xf),
+              2: lambda: torch.sqrt(torch.log1p(torch.exp(xf)))}[norm_type]()
+    if input_ids is not None and tid2eid is not None:  # hash-routed: ids looked up, not chosen
+        ids = tid2eid.reshape(-1)[(input_ids.long()[:, None] * k + torch.arange(k)).reshape(-1)].view(-1, k).long()
+    else:
+        sel = scores if bias is None else scores + bias.float()
+        ids = torch.topk(sel, k, dim=-1).indices
+    w = scores.gather(1, ids)
+    if norm_type in (1, 2):
+        w = w / (w.sum(-1, keepdim=True) + eps)
+    out = scores if out_flag else torch.full_like(scores, float("nan"))  # undefined unless out_flag
+    return (w * routed_scaling_factor).to(x.dtype), ids.to(torch.int32), out
+
+
 def install() -> None:
     """Register the _C_ascend ops (once per process), as loading the .so would."""
     global _lib
@@ -63,3 +92,4 @@ def install() -> None:
         _lib.define(schema)
     _lib.impl("npu_hc_pre_v2", _hc_pre, "CPU")
     _lib.impl("npu_hc_post", _hc_post, "CPU")
+    _lib.impl("moe_gating_top_k_hash", _gating, "CPU")

@@ -214,3 +214,36 @@ def test_integer_experts_take_one_grouped_matmul_per_projection(tnpu, int4):
     with kernels.use_backend(b):
         assert torch.equal(kernels.kernel_table()["moe_experts_int"](*fp32), int_gemm.moe_experts_int(*fp32))
     assert tnpu.CALLS["npu_grouped_matmul"] == 3
+
+
+def test_router_maps_to_moe_gating_top_k_hash_scored_and_hashed(tnpu, va, monkeypatch):
+    """ops.moe_gate on vllm-ascend's moe_gating_top_k_hash (norm_type 2 = sqrt(softplus)), both layer kinds, against
+    the reference; and the tiny model end to end with the router on it."""
+    from ascend_v4.ops.reference.gemm import moe_gate as ref_gate
+
+    b = _backend(tnpu, _loaded())
+    assert b.choice("moe_gate") == "vllm-ascend"
+    for hashed in (False, True):
+        args = selfcheck._gate(9, 16, 4, hashed)(torch.Generator().manual_seed(6))
+        with kernels.use_backend(b):
+            ids, w = kernels.kernel_table()["moe_gate"](*args)
+        rids, rw = ref_gate(*args)
+        assert torch.equal(ids, rids) and ids.dtype == torch.int64
+        torch.testing.assert_close(w, rw, rtol=1e-5, atol=1e-6)
+    assert va.CALLS["moe_gating_top_k_hash"] == 2
+
+    from ascend_v4.checkpoint.dummy import ensure_dummy_checkpoint
+    from ascend_v4.model.layers import ModelOptions
+    from ascend_v4.model.load import load_model
+
+    from .test_npu_double import PROMPTS, _greedy, _route_seam_through_npu
+
+    model = load_model(ensure_dummy_checkpoint("tiny"), ModelOptions(dtype=torch.float32))
+    ref = _greedy(model, PROMPTS, 2)
+    _route_seam_through_npu(monkeypatch)
+    with kernels.use_backend(b):
+        toks, logits = _greedy(model, PROMPTS, 2)
+    assert va.CALLS["moe_gating_top_k_hash"] > 2  # every MoE layer, hash-routed and scored
+    torch.testing.assert_close(logits, ref[1], rtol=1e-4, atol=1e-4)
+    assert toks == ref[0]
+
