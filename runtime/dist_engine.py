@@ -69,6 +69,18 @@ def _heartbeat_loop(ref: "weakref.ref[DistEngine]", stop: threading.Event, perio
         del engine
 
 
+def aggregate_stats(groups: list[dict]) -> dict:
+    """One server's engine stats from its DP groups' `Engine.stats()`: numbers summed (queue lengths, blocks,
+    bytes, token and request counters), the ratios recomputed from the sums (cache usage, prefix hit rate)."""
+    if len(groups) == 1:
+        return dict(groups[0])
+    out = {k: sum(g[k] for g in groups) for k, v in groups[0].items() if isinstance(v, (int, float))}
+    out["cache_usage"] = out["blocks_used"] / out["blocks_total"] if out["blocks_total"] else 0.0
+    q = out.get("prefix_query_tokens", 0)
+    out["prefix_hit_rate"] = out.get("prefix_hit_tokens", 0) / q if q else 0.0
+    return out
+
+
 class DistEngine:
     """Rank 0 of an N-rank expert-parallel engine (N - 1 local worker processes started here, or fewer with
     other nodes joining through MASTER_ADDR / MASTER_PORT; see `runtime/worker.py`)."""
@@ -84,6 +96,7 @@ class DistEngine:
         self._pending: list[tuple] = []
         self._group: dict[str, int] = {}  # unfinished request id -> its DP group
         self._load = [0] * p.dp  # unfinished requests per DP group
+        self._group_stats: list[dict] = []  # every group's engine stats after the last step (dp > 1)
         config = config or EngineConfig()
         self.router = DPRouter(p.dp, config.block_size, prefix_aware=config.enable_prefix_caching,
                                slack=max(1, config.max_num_seqs // 2))
@@ -214,9 +227,11 @@ class DistEngine:
             cmds, self._pending = self._pending, []
             try:
                 broadcast_object(self.ctx, (STEP, cmds))
-                outs = step_group(self.engine, self.ctx, cmds)
+                outs, group_stats = step_group(self.engine, self.ctx, cmds)
             except Exception as e:  # noqa: BLE001 - a collective or the step failed: the ranks are out of step
                 raise self._fail(f"step failed: {type(e).__name__}: {e}") from e
+            if group_stats is not None:
+                self._group_stats = group_stats
             outs = [o for o in outs if o.request_id in self._group]  # not aborted meanwhile
             for o in outs:
                 if o.finished:
@@ -227,11 +242,17 @@ class DistEngine:
             return outs
 
     def stats(self) -> dict:
-        """Rank 0's engine counters (DP group 0), plus the layout and every group's unfinished requests."""
+        """The engine counters of the whole server: with several DP groups, every group's counters and gauges
+        summed (each group leader's, as of the last step; rank 0's own group live), ratios recomputed from the
+        sums, and the per-group figures under "per_dp_group"; plus the layout and each group's unfinished
+        requests."""
         p = self.parallel
-        return {**self.engine.stats(), "world_size": p.world_size, "tp": p.tp, "dp": p.dp,
+        own = self.engine.stats()
+        groups = [own, *self._group_stats[1:]] if len(self._group_stats) == p.dp else [own]
+        return {**aggregate_stats(groups), "world_size": p.world_size, "tp": p.tp, "dp": p.dp,
                 "unfinished_per_dp_group": list(self._load), "dp_prefix_routed": self.router.prefix_routed,
-                "experts_per_rank": self.engine.model.args.n_routed_experts // p.world_size}
+                "experts_per_rank": self.engine.model.args.n_routed_experts // p.world_size,
+                **({"per_dp_group": groups} if p.dp > 1 else {})}
 
     def health(self) -> dict:
         ok = self.error is None and not self._closed
@@ -356,4 +377,4 @@ class DistEngine:
         self.shutdown()
 
 
-__all__ = ["DistEngine", "WorkerError"]
+__all__ = ["DistEngine", "WorkerError", "aggregate_stats"]

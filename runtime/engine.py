@@ -379,6 +379,8 @@ class Engine:
         return {"waiting": len(s.waiting), "running": len(s.running), "blocks_total": self.blocks.num_blocks,
                 "blocks_used": self.blocks.used, "cache_usage": self.blocks.used / self.blocks.num_blocks,
                 "prefix_hit_rate": self.prefix.hit_rate if self.prefix else 0.0,
+                "prefix_hit_tokens": self.prefix.hit_tokens if self.prefix else 0,
+                "prefix_query_tokens": self.prefix.query_tokens if self.prefix else 0,
                 "prefix_cached_bytes": cached, "cache_bytes": self.pool.nbytes(), **u,
                 "preemptions": s.num_preemptions, **self.counters}
 

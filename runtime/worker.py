@@ -124,15 +124,19 @@ def apply_commands(engine: Engine, cmds: list[tuple], group: int) -> None:
             raise ValueError(f"unknown engine command {cmd[0]!r}")
 
 
-def step_group(engine: Engine, ctx: ParallelContext, cmds: list[tuple]) -> list | None:
-    """One step of this rank's DP group; with several groups, the outputs of every group's leader are gathered
-    on rank 0 (returned there, in group order; None elsewhere)."""
+def step_group(engine: Engine, ctx: ParallelContext, cmds: list[tuple]) -> tuple[list, list[dict] | None] | None:
+    """One step of this rank's DP group. On rank 0: (the step's outputs, in group order; every group's engine
+    stats after the step, in group order, or None with one group, where rank 0's engine is the group). With
+    several groups the leaders' outputs and stats ride on one gather; None on the other ranks."""
     apply_commands(engine, cmds, ctx.dp_rank)
     outs = engine.step()
     if ctx.dp_size == 1:
-        return outs if ctx.is_driver else None
-    got = gather_to_driver(ctx, outs if ctx.tp_rank == 0 else None)
-    return None if got is None else [o for r in range(0, ctx.world_size, ctx.tp_size) for o in got[r]]
+        return (outs, None) if ctx.is_driver else None
+    got = gather_to_driver(ctx, (outs, engine.stats()) if ctx.tp_rank == 0 else None)
+    if got is None:
+        return None
+    leaders = [got[r] for r in range(0, ctx.world_size, ctx.tp_size)]
+    return [o for outs_g, _ in leaders for o in outs_g], [st for _, st in leaders]
 
 
 def _watch_parent(ppid: int) -> None:

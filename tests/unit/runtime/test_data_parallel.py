@@ -86,6 +86,13 @@ def test_dp_greedy_tokens_equal_one_process(ckpt, tok, world, tp, quant_sim):
             0.05 if quant_sim else 1e-4)
         st = eng.stats()
         assert (st["tp"], st["dp"]) == (tp, world // tp) and st["unfinished_per_dp_group"] == [0] * (world // tp)
+        # the server's counters cover every DP group (each leader's stats ride on the step's gather)
+        groups = st["per_dp_group"]
+        assert len(groups) == world // tp and all(g["finished"] > 0 for g in groups)
+        assert st["finished"] == len(prompts) == sum(g["finished"] for g in groups)
+        assert st["generation_tokens"] == sum(len(t) for t, _ in got)
+        assert st["blocks_total"] == sum(g["blocks_total"] for g in groups)
+        assert st["cache_usage"] == st["blocks_used"] / st["blocks_total"]
         assert st["spec_proposed"] > 0  # group 0's MTP drafts were verified
         info = eng.rank_info()
         assert [i["tp_rank"] for i in info] == [r % tp for r in range(world)]
