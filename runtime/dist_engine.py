@@ -97,6 +97,7 @@ class DistEngine:
         self._group: dict[str, int] = {}  # unfinished request id -> its DP group
         self._load = [0] * p.dp  # unfinished requests per DP group
         self._group_stats: list[dict] = []  # every group's engine stats after the last step (dp > 1)
+        self._usage: dict[str, tuple[int, int, int]] = {}  # request -> (prompt, cached, completion) tokens so far
         config = config or EngineConfig()
         self.router = DPRouter(p.dp, config.block_size, prefix_aware=config.enable_prefix_caching,
                                slack=max(1, config.max_num_seqs // 2))
@@ -199,6 +200,7 @@ class DistEngine:
             self.engine.validate(prompt_ids, params)  # every group's engine adds it at the next step
             g = self.router.route(list(prompt_ids), self._load)
             self._group[request_id] = g
+            self._usage[request_id] = (len(prompt_ids), 0, 0)
             self._load[g] += 1
             self._pending.append(("add", g, request_id, list(prompt_ids), params))
 
@@ -209,8 +211,11 @@ class DistEngine:
                 return None
             self._load[g] -= 1
             self._pending.append(("abort", g, request_id))
+            prompt, cached, done = self._usage.pop(request_id)
             out = self.engine.abort(request_id) if g == 0 else None  # rank 0's own group: at once
-            return out or StepOutput(request_id, [], "", True, "abort")
+            # another group's request ends at its next step there; its usage so far is known here
+            return out or StepOutput(request_id, [], "", True, "abort", prompt_tokens=prompt, cached_tokens=cached,
+                                     completion_tokens=done)
 
     def has_unfinished(self) -> bool:
         return bool(self._group)
@@ -234,8 +239,10 @@ class DistEngine:
                 self._group_stats = group_stats
             outs = [o for o in outs if o.request_id in self._group]  # not aborted meanwhile
             for o in outs:
+                self._usage[o.request_id] = (o.prompt_tokens, o.cached_tokens, o.completion_tokens)
                 if o.finished:
                     self._load[self._group.pop(o.request_id)] -= 1
+                    self._usage.pop(o.request_id, None)
             self._last_sync = time.monotonic()
             if self._dead():
                 raise self._fail("a worker exited during the step")

@@ -124,7 +124,16 @@ def test_an_idle_group_steps_empty_batches_and_routing_balances(ckpt, tok):
             eng.step()
         eng.add_request("d", short_p, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
         assert eng.stats()["unfinished_per_dp_group"] == [1, 1]
-        assert eng.abort("d").finish_reason == "abort" and eng.stats()["unfinished_per_dp_group"] == [1, 0]
+        ab = eng.abort("d")  # group 1's, not stepped yet: its usage comes from rank 0's bookkeeping
+        assert ab.finish_reason == "abort" and eng.stats()["unfinished_per_dp_group"] == [1, 0]
+        assert (ab.prompt_tokens, ab.completion_tokens) == (len(short_p), 0)
+        fresh = [0] + list(range(3000, 3040))  # no shared prefix: the least loaded group (1) takes it
+        eng.add_request("e", fresh, SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+        assert eng.stats()["unfinished_per_dp_group"] == [1, 1]
+        for _ in range(3):
+            eng.step()
+        ab = eng.abort("e")  # mid-generation in the other group: the tokens it already produced are counted
+        assert ab.prompt_tokens == len(fresh) and ab.completion_tokens >= 2, ab
         while eng.has_unfinished():
             eng.step()
     finally:
