@@ -129,6 +129,8 @@ class Attention(nn.Module):
         lid, W, dev = self.layer_id, self.window, q.device
         idx_rows, ipool, i_start, i_len, i_map = [], [], [], [], []
         off, ibase = 0, 0
+        if offset == 0:  # the whole batch on this pool: the step's KV rows in one write (rows memoised per step)
+            pool.write_kv(lid, batch.token_rows(W), kv)
         for i, s in zip(which, seqs):
             o0 = s.offset if offset == 0 else off
             off += s.n
@@ -137,7 +139,8 @@ class Attention(nn.Module):
             cache = s.cache
             # Query t sees positions [t-W+1, t] (negative ones are empty); the last column is t's own row.
             win = batch.window_rows(i, W)  # [n, W]
-            pool.write_kv(lid, win[:, -1], kv[sl])
+            if offset is None:
+                pool.write_kv(lid, win[:, -1], kv[sl])
             parts = [win]
             if self.kind != WINDOW:
                 cs, ist = cache.states[lid]

@@ -363,6 +363,14 @@ class StepBatch:
             self.memo[key] = s.cache.window_rows(pos[:, None] + rel[None, :])
         return self.memo[key]
 
+    def token_rows(self, window: int) -> torch.Tensor:
+        """Pool rows [T] of the step's own tokens, in batch order (the last column of every window): where each
+        layer writes the step's new KV rows, in one write for the whole batch."""
+        key = ("tok", window)
+        if key not in self.memo:
+            self.memo[key] = torch.cat([self.window_rows(i, window)[:, -1] for i in range(len(self.seqs))])
+        return self.memo[key]
+
     def entry_rows(self, i: int, layer: int, n_entries: int) -> torch.Tensor:
         """Rows (in the compressed region) of sequence i's entries 0 .. n_entries-1 of `layer`: shared by all
         layers with the same entries per block."""
