@@ -1,0 +1,89 @@
+"""The flat batch of one forward step: the tokens of several sequences back to back, each sequence's slice of it,
+and the step's addressing (window rows, compressed-entry rows, the rows of the step's own tokens), computed once
+per step and shared by every layer (block tables do not change during a forward pass). Built by the engine's
+model runner (or `StepBatch.build` for standalone caches); read by `Attention`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .cache import SeqCache
+
+
+@dataclass
+class SeqSlice:
+    """One sequence's part of a step: rows [offset, offset+n) of the flat batch, positions start..start+n-1."""
+
+    cache: SeqCache
+    offset: int
+    start: int
+    n: int
+
+
+@dataclass
+class StepBatch:
+    """Flat batch for one forward step: tokens of several sequences back to back."""
+
+    tokens: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    seqs: list[SeqSlice] = field(default_factory=list)
+    # Per-step addressing shared by every layer (window rows, compressed-entry rows), computed on first use:
+    # block tables do not change during a forward pass (blocks are reserved before it, trimmed after).
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def window_rows(self, i: int, window: int) -> torch.Tensor:
+        """Pool rows [n, window] of the window each query of sequence i sees (positions t-window+1 .. t; -1 for
+        positions before 0), the same in every layer's window region."""
+        key = ("win", i, window)
+        if key not in self.memo:
+            s = self.seqs[i]
+            pos = torch.arange(s.start, s.start + s.n, device=self.positions.device)
+            rel = torch.arange(1 - window, 1, device=pos.device)
+            self.memo[key] = s.cache.window_rows(pos[:, None] + rel[None, :])
+        return self.memo[key]
+
+    def token_rows(self, window: int) -> torch.Tensor:
+        """Pool rows [T] of the step's own tokens, in batch order (the last column of every window): where each
+        layer writes the step's new KV rows, in one write for the whole batch."""
+        key = ("tok", window)
+        if key not in self.memo:
+            self.memo[key] = torch.cat([self.window_rows(i, window)[:, -1] for i in range(len(self.seqs))])
+        return self.memo[key]
+
+    def entry_rows(self, i: int, layer: int, n_entries: int) -> torch.Tensor:
+        """Rows (in the compressed region) of sequence i's entries 0 .. n_entries-1 of `layer`: shared by all
+        layers with the same entries per block."""
+        cache = self.seqs[i].cache
+        key = ("ent", i, cache.pool.entries_per_block(layer), n_entries)
+        if key not in self.memo:
+            self.memo[key] = cache.entry_rows(layer, torch.arange(n_entries, device=self.positions.device))
+        return self.memo[key]
+
+    @classmethod
+    def build(cls, chunks: list[tuple[SeqCache, list[int]]], device: torch.device | str = "cpu") -> "StepBatch":
+        """chunks: (cache, new token ids) per sequence; positions continue from each cache's length. Makes
+        room in each cache (a no-op when the scheduler already reserved the blocks)."""
+        toks, poss, seqs, off = [], [], [], 0
+        for cache, ids in chunks:
+            n = len(ids)
+            if n == 0:
+                raise ValueError("StepBatch.build: a sequence chunk has no tokens")
+            cache.reserve(cache.length + n)
+            toks.extend(ids)
+            poss.extend(range(cache.length, cache.length + n))
+            seqs.append(SeqSlice(cache, off, cache.length, n))
+            off += n
+        return cls(torch.tensor(toks, dtype=torch.long, device=device),
+                   torch.tensor(poss, dtype=torch.long, device=device), seqs)
+
+    def commit(self) -> None:
+        """Advance every sequence's length after the forward pass wrote its cache."""
+        for s in self.seqs:
+            s.cache.length = s.start + s.n
+            if s.cache.auto_trim:
+                s.cache.trim()
