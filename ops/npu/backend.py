@@ -144,16 +144,22 @@ def make_backend(torch_npu: object, lib: OpLibrary, triton: dict[str, Callable] 
     return b
 
 
+def build_backend() -> Backend:
+    """A backend for this process, not yet self-checked: imports torch_npu, loads our op library and vllm-ascend's
+    (triton-ascend launchers only where ours is missing). `backend()` caches one; the doctor's check builds its own."""
+    tnpu = importlib.import_module("torch_npu")
+    lib = load_op_library()
+    return make_backend(tnpu, lib, {} if lib.loaded else _triton_ascend_launchers(),
+                        vllm=_vllm_ops().load_vllm_ascend_ops())
+
+
 @functools.lru_cache(maxsize=1)
 def backend() -> Backend:
     """Resolve the NPU backend once per process: torch_npu (already imported, the tensors are on the NPU),
     vllm-ascend's op library and ours (loaded here, warning once if neither is there), triton-ascend
     launchers as the next fallback, the SoC id and ASCEND_V4_NPU_MX_GEMM (the 950 native MX GEMM switch);
     then the device self-check (`selfcheck.py`, unless ASCEND_V4_NPU_SELFCHECK=0) on every op."""
-    tnpu = importlib.import_module("torch_npu")
-    lib = load_op_library()
-    b = make_backend(tnpu, lib, {} if lib.loaded else _triton_ascend_launchers(),
-                     vllm=_vllm_ops().load_vllm_ascend_ops())
+    b = build_backend()
     from .selfcheck import self_check_enabled, check_backend
 
     if self_check_enabled():
@@ -184,5 +190,5 @@ class use_backend:
 
 
 
-__all__ = ["Backend", "backend", "make_backend", "current", "use_backend", "mx_gemm_requested", "soc_version",
+__all__ = ["Backend", "backend", "build_backend", "make_backend", "current", "use_backend", "mx_gemm_requested", "soc_version",
            "SOC_ASCEND950", "MX_GEMM_ENV", "TRITON_OPS"]

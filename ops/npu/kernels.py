@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from ..reference import formats as _fmt
 from . import tiling as _tiling
 # re-exported: the backend's names were defined here before backend.py existed (tests and doctor use them)
-from .backend import (MX_GEMM_ENV, SOC_ASCEND950, Backend, _triton_ascend_launchers,  # noqa: F401
+from .backend import (MX_GEMM_ENV, SOC_ASCEND950, Backend,  # noqa: F401
                       backend, current, make_backend, mx_gemm_requested, soc_version, use_backend)
 
 log = logging.getLogger("ascend_v4.ops")
@@ -146,24 +146,59 @@ def quant_gemm_fp8_free(x, w, s, act_quant):
     return F.linear(x, dense_weight(w, s, x.dtype))
 
 
-def _grouped_gemm_bf16(b: Backend, x, ws, ss, counts_dev, rows_total):
-    """npu_grouped_matmul over the experts that received rows, their weights decoded to x.dtype.
-    One host sync (the counts): fine eagerly, not capturable in an ACL graph (the op library path is)."""
-    counts = counts_dev.tolist()
-    n = ws[0].shape[0]
-    out = x.new_zeros(rows_total, n)
+def _expert_chunks(counts: list[int]):
+    """The experts that received rows, at most GMM_MAX_GROUPS per npu_grouped_matmul call (its limit for a weight
+    list): yields (expert ids, first row, end row) of each call, rows sorted by expert as routing left them."""
     active = [e for e, c in enumerate(counts) if c]
     r0 = 0
     for i in range(0, len(active), GMM_MAX_GROUPS):
         chunk = active[i:i + GMM_MAX_GROUPS]
-        rows = sum(counts[e] for e in chunk)
+        r1 = r0 + sum(counts[e] for e in chunk)
+        yield chunk, r0, r1
+        r0 = r1
+
+
+def _group_list(counts: list[int], chunk: list[int], device) -> torch.Tensor:
+    return torch.tensor([counts[e] for e in chunk], dtype=torch.int64, device=device)
+
+
+def _grouped_gemm_bf16(b: Backend, x, ws, ss, counts_dev, rows_total):
+    """npu_grouped_matmul over the experts that received rows, their weights decoded to x.dtype.
+    One host sync (the counts): fine eagerly, not capturable in an ACL graph (the op library path is)."""
+    counts = counts_dev.tolist()
+    out = x.new_zeros(rows_total, ws[0].shape[0])
+    for chunk, r0, r1 in _expert_chunks(counts):
         wl = [dense_weight(ws[e], ss[e], x.dtype).t() for e in chunk]  # [K, N] views, "weight transposed"
-        gl = torch.tensor([counts[e] for e in chunk], dtype=torch.int64, device=x.device)
-        y = b.torch_npu.npu_grouped_matmul([x[r0:r0 + rows]], wl, group_list=gl, split_item=3, group_type=0,
-                                           group_list_type=1)[0]
-        out[r0:r0 + rows] = y
-        r0 += rows
+        out[r0:r1] = b.torch_npu.npu_grouped_matmul([x[r0:r1]], wl, group_list=_group_list(counts, chunk, x.device),
+                                                    split_item=3, group_type=0, group_list_type=1)[0]
     return out
+
+
+def _route(tnpu, x, topk_ids, topk_weights, n_experts: int):
+    """torch_npu routing of the (token, slot) pairs: (rows of x sorted by expert [T*k, D], row_idx, rows per real
+    expert [E] (device), valid slots [T, k], routing weight of each sorted row [T*k] fp32). Slots with id -1
+    (experts of other EP ranks) go to a phantom expert E: it sorts last, no GEMM touches its rows (they stay
+    zero) and its unpermute weight is 0, so every index stays valid and unique."""
+    T, k = topk_ids.shape
+    E = n_experts
+    valid = topk_ids >= 0
+    ids = torch.where(valid, topk_ids, torch.full_like(topk_ids, E)).to(torch.int32)
+    xs, row_idx, counts, _ = tnpu.npu_moe_init_routing_v2(
+        x, ids, active_num=T * k, expert_num=E + 1, expert_tokens_num_type=1, expert_tokens_num_flag=True,
+        quant_mode=-1, active_expert_range=[0, E + 1], row_idx_type=0)
+    wsorted = torch.zeros(T * k, dtype=torch.float32, device=x.device).scatter_(
+        0, row_idx.long(), topk_weights.reshape(-1).float())
+    return xs, row_idx, counts[:E], valid, wsorted
+
+
+def _unpermute(tnpu, y, row_idx, valid) -> torch.Tensor:
+    """Sum each token's k expert rows back (their routing weights were applied before w2): [T, D] fp32."""
+    if y.dtype in (torch.bfloat16, torch.float16):
+        # documented for half-precision permuted tokens (and probs of their dtype); the 0/1 probs are exact
+        return tnpu.npu_moe_token_unpermute(y, row_idx, probs=valid.to(y.dtype)).float()
+    # fp32 (parity runs): the same sum in plain torch
+    rows = y.float()[row_idx.long()].view(*valid.shape, -1)  # row_idx[t*k + j] = the sorted row of slot (t, j)
+    return (rows * valid.float()[..., None]).sum(1)
 
 
 def moe_experts_lib(*args):
@@ -177,23 +212,11 @@ def moe_experts_gmm(*args):
 
 
 def _moe_experts(use_lib, x, topk_ids, topk_weights, w1, s1, w2, s2, w3, s3, swiglu_limit, act_quant):
-    """Routed experts (reference.gemm.moe_experts semantics) with torch_npu routing.
-
-    Slots with id -1 (experts of other EP ranks) go to a phantom expert E: it sorts last, no GEMM touches
-    its rows (they stay zero) and its unpermute weight is 0, so every index stays valid and unique."""
+    """Routed experts (reference.gemm.moe_experts semantics) with torch_npu routing (`_route`)."""
     b = current()
-    tnpu = b.torch_npu
-    T, D = x.shape
-    k = topk_ids.shape[1]
-    E = len(w1)
-    valid = topk_ids >= 0
-    ids = torch.where(valid, topk_ids, torch.full_like(topk_ids, E)).to(torch.int32)
-    xs, row_idx, counts, _ = tnpu.npu_moe_init_routing_v2(
-        x, ids, active_num=T * k, expert_num=E + 1, expert_tokens_num_type=1, expert_tokens_num_flag=True,
-        quant_mode=-1, active_expert_range=[0, E + 1], row_idx_type=0)
-    counts = counts[:E].to(torch.int64)  # [E] rows per real expert; the phantom's rows are the tail
-    ri = row_idx.long()
-    wsorted = torch.zeros(T * k, dtype=torch.float32, device=x.device).scatter_(0, ri, topk_weights.reshape(-1).float())
+    T, k = topk_ids.shape
+    xs, row_idx, counts, valid, wsorted = _route(b.torch_npu, x, topk_ids, topk_weights, len(w1))
+    counts = counts.to(torch.int64)  # [E] rows per real expert; the phantom's rows are the tail
     if use_lib:
         gemm = lambda h, ws, ss: _lib_gemm(b, h, ws, ss, counts, x.dtype)  # noqa: E731  (rows past the groups: 0)
     else:
@@ -204,13 +227,7 @@ def _moe_experts(use_lib, x, topk_ids, topk_weights, w1, s1, w2, s2, w3, s3, swi
     a = (F.silu(g) * u * wsorted[:, None]).to(x.dtype)  # routing weight before w2 (reference order)
     if act_quant:
         a = fp8_roundtrip(a, 128)
-    y = gemm(a, w2, s2)
-    if y.dtype in (torch.bfloat16, torch.float16):
-        # documented for half-precision permuted tokens (and probs of their dtype); the 0/1 probs are exact
-        return tnpu.npu_moe_token_unpermute(y, row_idx, probs=valid.to(y.dtype)).float()
-    # fp32 (parity runs): the same sum in plain torch
-    rows = y.float()[row_idx.long()].view(T, k, -1)  # row_idx[t*k + j] = the sorted row of slot (t, j)
-    return (rows * valid.float()[..., None]).sum(1)
+    return _unpermute(b.torch_npu, gemm(a, w2, s2), row_idx, valid)
 
 
 def moe_experts_int_gmm(x, topk_ids, topk_weights, w1, s1, w2, s2, w3, s3, swiglu_limit, int4):
@@ -219,36 +236,22 @@ def moe_experts_int_gmm(x, topk_ids, topk_weights, w1, s1, w2, s2, w3, s3, swigl
     ("pertoken full quantisation": int8 x, int8 weights as [K, N] transposed views, per-channel scales, per-token
     scales; <= 128 experts per call). int4 weights are unpacked to int8 per call (the native int4 layout needs an
     offline repack, not done)."""
-    b = current()
-    tnpu = b.torch_npu
+    tnpu = current().torch_npu
     T, k = topk_ids.shape
-    E = len(w1)
-    valid = topk_ids >= 0
-    ids = torch.where(valid, topk_ids, torch.full_like(topk_ids, E)).to(torch.int32)
-    xs, row_idx, counts, _ = tnpu.npu_moe_init_routing_v2(
-        x, ids, active_num=T * k, expert_num=E + 1, expert_tokens_num_type=1, expert_tokens_num_flag=True,
-        quant_mode=-1, active_expert_range=[0, E + 1], row_idx_type=0)
-    counts = counts[:E].tolist()  # the one host sync: which experts got rows
-    active = [e for e, c in enumerate(counts) if c]
-    wsorted = torch.zeros(T * k, dtype=torch.float32, device=x.device).scatter_(
-        0, row_idx.long(), topk_weights.reshape(-1).float())
+    xs, row_idx, counts, valid, wsorted = _route(tnpu, x, topk_ids, topk_weights, len(w1))
+    counts = counts.tolist()  # the one host sync: which experts got rows
     # scale dtype decides the output dtype (docs table 2): bf16 scales -> bf16 out; fp32 scales -> fp16 out
     sdt = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
 
     def gmm(hq, pt, ws, ss):
         n = ws[0].shape[0] * (2 if int4 else 1)
         out = torch.zeros(T * k, n, dtype=x.dtype, device=x.device)  # the phantom's rows stay zero
-        r0 = 0
-        for i in range(0, len(active), GMM_MAX_GROUPS):
-            chunk = active[i:i + GMM_MAX_GROUPS]
-            rows = sum(counts[e] for e in chunk)
+        for chunk, r0, r1 in _expert_chunks(counts):
             wl = [(_int().unpack_int4_rows(ws[e]) if int4 else ws[e]).t() for e in chunk]  # [K, N] views
-            sl = [ss[e].reshape(-1).to(sdt) for e in chunk]
-            gl = torch.tensor([counts[e] for e in chunk], dtype=torch.int64, device=x.device)
-            out[r0:r0 + rows] = tnpu.npu_grouped_matmul(
-                [hq[r0:r0 + rows]], wl, scale=sl, per_token_scale=[pt[r0:r0 + rows]], group_list=gl,
-                split_item=3, group_type=0, group_list_type=1, output_dtype=x.dtype)[0]
-            r0 += rows
+            out[r0:r1] = tnpu.npu_grouped_matmul(
+                [hq[r0:r1]], wl, scale=[ss[e].reshape(-1).to(sdt) for e in chunk], per_token_scale=[pt[r0:r1]],
+                group_list=_group_list(counts, chunk, x.device), split_item=3, group_type=0, group_list_type=1,
+                output_dtype=x.dtype)[0]
         return out
 
     xq, xpt = tnpu.npu_dynamic_quant(xs.contiguous())  # shared by w1 and w3
@@ -256,8 +259,7 @@ def moe_experts_int_gmm(x, topk_ids, topk_weights, w1, s1, w2, s2, w3, s3, swigl
     u = gmm(xq, xpt, w3, s3).float().clamp(-swiglu_limit, swiglu_limit)
     a = (F.silu(g) * u * wsorted[:, None]).to(x.dtype)  # routing weight before w2, as the reference
     aq, apt = tnpu.npu_dynamic_quant(a)
-    y = gmm(aq, apt, w2, s2)
-    return tnpu.npu_moe_token_unpermute(y, row_idx, probs=valid.to(y.dtype)).float()
+    return _unpermute(tnpu, gmm(aq, apt, w2, s2), row_idx, valid)
 
 
 def _int():

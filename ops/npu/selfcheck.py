@@ -313,21 +313,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--size", choices=("small", "real", "all"), default="all")
     a = ap.parse_args(argv)
-    import importlib
+    from .backend import build_backend
 
-    from . import kernels, vllm_ascend_ops
-    from ._loader import load_op_library
-
-    tnpu = importlib.import_module("torch_npu")
     device = os.environ.get(DEVICE_ENV, "").strip() or "npu"
-    lib = load_op_library()
-    b = kernels.make_backend(tnpu, lib, {} if lib.loaded else kernels._triton_ascend_launchers(),
-                             vllm=vllm_ascend_ops.load_vllm_ascend_ops())
+    b = build_backend()
     b.device = device
     rows = check_backend(b, ("small", "real") if a.size == "all" else (a.size,))
     chosen = b.describe()
     if a.json:
-        print(json.dumps({"device": device, "soc_version": b.soc_version, "op_library": lib.reason,
+        print(json.dumps({"device": device, "soc_version": b.soc_version, "op_library": b.lib.reason,
                           "vllm_ascend": b.vllm.reason, "chosen": chosen, "rows": [asdict(r) for r in rows]}))
     else:
         print(render(rows, chosen))
