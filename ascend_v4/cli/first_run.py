@@ -82,14 +82,11 @@ def run_step(step: Step) -> dict:
 
 
 def _devices() -> tuple[str, int]:
-    """("npu", count) when the doctor's probe sees NPUs, else ("cpu", 0)."""
-    from ascend_v4.cli.doctor import collect
+    """("npu", count) when the doctor's torch_npu probe (a child process) sees NPUs, else ("cpu", 0)."""
+    from ascend_v4.cli.doctor import Report, check_torch
 
-    report = collect(probe=True)
-    npus = next((c for c in report.checks if c.name == "visible NPUs"), None)
-    if npus is not None and npus.ok:
-        return "npu", int(npus.detail.rsplit("=", 1)[-1].strip())
-    return "cpu", 0
+    info = check_torch(Report(), probe=True)  # None without an importable torch_npu
+    return ("npu", info["devices"]) if info and info["devices"] > 0 else ("cpu", 0)
 
 
 def first_run(out: Path, quick: bool = False) -> Path:

@@ -148,16 +148,12 @@ class MoE(nn.Module):
         if not self._plain_dense:  # integer weights kept packed (their own GEMM ops), or mixed formats
             return self._expert_loop(x, ids, w)
         lim = self.args.swiglu_limit
-        flat = ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat + 1, minlength=len(w1) + 1).tolist()  # the one host sync
-        order = order[counts[0]:]  # real pairs (-1 = another rank's) sorted by expert, token order within
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        if order.numel() == 0:
+        groups = list(expert_groups(ids, len(w1)))  # (expert, its pairs, their tokens); -1 pairs left out
+        if not groups:
             return out
-        runs = [e for e, n in enumerate(counts[1:]) if n]
-        sizes = [counts[e + 1] for e in runs]
-        tok = order // ids.shape[1]
+        runs, sizes = [e for e, _, _ in groups], [len(p) for _, p, _ in groups]
+        order, tok = torch.cat([p for _, p, _ in groups]), torch.cat([t for _, _, t in groups])
         e0 = next(iter(self.experts))  # every expert quantises its inputs the same way (one format)
         xq = e0.w1.quantize_input(x)[tok].split(sizes)  # the [P, D] pair rows, one run per expert
 
