@@ -19,6 +19,9 @@ semantics from `torch_npu/_op_plugin_docs.py` and the aclnn docs):
   `_op_plugin_docs` example runs float16; no float32 in the docs): fp32 takes the same sum in plain torch.
 * `npu_grouped_matmul([x], weights, *, group_list, split_item=3, group_type=0, group_list_type=1)`: one x,
   one weight [K, N] per group (transposed views allowed), counts per group, one output; at most 128 groups.
+  With int8 x and int8 weights plus `scale=[per-channel [N] bf16 | fp32]`, `per_token_scale=[fp32 [M]]` and
+  `output_dtype` bf16 | fp16 ("pertoken full quantisation", table 2 of Ascend/op-plugin
+  docs/context/torch_npu-npu_grouped_matmul.md at 07557e50): y = (x @ w) * scale * per_token_scale.
 * `npu_dynamic_quant(x)` -> (int8 y, fp32 scale [rows]): scale = rowmax|x| / 127, y = round(x / scale);
   x float16/bfloat16 only.
 * `npu_quant_matmul(x1 int8 [M, K], x2 int8 [K, N], scale [N] fp32, *, pertoken_scale [M] fp32,
