@@ -22,8 +22,8 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 
-from ascend_v4.model.cache import (COMP_KIND, KINDS, STATE_KIND, WINDOW_KIND, CachePool, NoFreeBlocks, SeqCache,
-                                   check_block_size, new_states)
+from ascend_v4.model.cache import (COMP_KIND, KINDS, RUN_KIND, STATE_KIND, WINDOW_KIND, CachePool, NoFreeBlocks,
+                                   SeqCache, check_block_size)
 
 def make_cache_pool(model, cfg, device) -> CachePool:
     """Size and allocate the paged cache. Comp blocks (the part that grows with context) get cache_gib;
@@ -49,7 +49,8 @@ def make_cache_pool(model, cfg, device) -> CachePool:
         window += kept * per_point
         # slots are held from reservation until the block completes (then they are cache entries)
         state = (-(-cfg.max_num_batched_tokens // B) + cfg.max_num_seqs + kept) if pool.has_state else 0
-    pool.resize(window, comp, state)
+    # One run slot (running compressor state) per running sequence, + 1 for a sequence being admitted.
+    pool.resize(window, comp, state, cfg.max_num_seqs + 1 if pool.has_compressor else 0)
     return pool
 
 
@@ -113,10 +114,17 @@ class BlockManager:
     """One manager for every cache kind: the allocator (`allocate`/`release`/`can_allocate` by kind) of the
     engine's SeqCaches. `num_blocks` / `used` refer to comp blocks, the part that grows with context."""
 
-    def __init__(self, num_comp_blocks: int, num_window_blocks: int, block_size: int, num_state_slots: int = 0):
+    def __init__(self, num_comp_blocks: int, num_window_blocks: int, block_size: int, num_state_slots: int = 0,
+                 num_run_slots: int = 0):
         self.block_size = block_size
         self.pools = {COMP_KIND: BlockPool(num_comp_blocks), WINDOW_KIND: BlockPool(num_window_blocks),
-                      STATE_KIND: BlockPool(num_state_slots)}
+                      STATE_KIND: BlockPool(num_state_slots), RUN_KIND: BlockPool(num_run_slots)}
+
+    @classmethod
+    def for_pool(cls, pool: CachePool) -> "BlockManager":
+        """The allocator of every block and slot `pool` has."""
+        n = pool.num
+        return cls(n[COMP_KIND], n[WINDOW_KIND], pool.block_size, n[STATE_KIND], n[RUN_KIND])
 
     def can_allocate(self, kind: str, n: int) -> bool:
         return n <= self.pools[kind].available()
@@ -203,6 +211,8 @@ class PrefixCache:
             if b is None:
                 break
             chain.append(b)
+        if pool.has_compressor and not self.blocks.can_allocate(RUN_KIND, 1):
+            return 0, None  # no run slot for the hit's compressor state (the scheduler admits it later)
         bw = pool.window_block
         for k in range(len(chain), 0, -1):
             need = self._window_blocks(k, bw)
@@ -219,27 +229,13 @@ class PrefixCache:
         tokens = k * self.block_size
         if slot in state.parked:
             state.parked.move_to_end(slot)  # recently used: evicted last
-        cache = SeqCache(pool, self.blocks, self._states_at(pool, slot, tokens), comp_blocks=list(chain[:k]),
-                         win_blocks=[-1] * need.start + wins, state_slots=[-1] * k, length=tokens,
-                         auto_trim=False)
+        run = self.blocks.allocate(RUN_KIND, 1)[0] if pool.has_compressor else -1
+        if run >= 0 and pool.has_state:  # the running compressor state starts from the boundary's
+            pool.seed_run(run, slot)
+        cache = SeqCache(pool, self.blocks, run, comp_blocks=list(chain[:k]), win_blocks=[-1] * need.start + wins,
+                         state_slots=[-1] * k, length=tokens, auto_trim=False)
         self.hit_tokens += tokens
         return tokens, cache
-
-    @staticmethod
-    def _states_at(pool, slot: int, tokens: int) -> list:
-        """Compressor states at a block boundary: no buffered tokens; CSA takes the A-half stored in the
-        boundary's state slot."""
-        states = new_states(pool.args)
-        for l, (cs, ist) in enumerate(states):
-            m = pool.ratios[l]
-            for name, st in (("comp", cs), ("index", ist)):
-                if st is None:
-                    continue
-                st.n_entries = tokens // m
-                if m == 4:
-                    saved = pool.state[l][name][slot]
-                    st.prev_kv, st.prev_score = saved[0].clone(), saved[1].clone()
-        return states
 
     @property
     def hit_rate(self) -> float:

@@ -69,7 +69,7 @@ class Engine:
         self.max_model_len = min(cfg.max_model_len or args.max_seq_len, args.max_seq_len)
         device = model.embed.weight.device
         self.pool = pool = make_cache_pool(model, cfg, device)
-        self.blocks = BlockManager(pool.num[COMP_KIND], pool.num[WINDOW_KIND], cfg.block_size, pool.num[STATE_KIND])
+        self.blocks = BlockManager.for_pool(pool)
         self.prefix = PrefixCache(self.blocks, args.window_size) if cfg.enable_prefix_caching else None
         self.scheduler = Scheduler(cfg, self.blocks, self.prefix, pool)
         self.seqs: dict[str, Sequence] = {}
@@ -142,7 +142,7 @@ class Engine:
             return []
         self.counters["steps"] += 1
         # Draft-carrying chunks may be rejected: remember the cache state to return to.
-        marks = {id(c.seq): mark(c.seq.cache) for c in chunks if c.draft is not None}
+        marks = {id(c.seq): mark(c.seq.cache, len(c.tokens)) for c in chunks if c.draft is not None}
         masks = self._start_masks(chunks)  # structured outputs: grammar masks, computed beside the forward
         batch = StepBatch.build([(c.seq.cache, c.tokens) for c in chunks], self.device)
         x = self.model(batch)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from ascend_v4.model.cache import CachePool, NoFreeBlocks, SeqCache, new_states
+from ascend_v4.model.cache import CachePool, NoFreeBlocks, SeqCache
 
 from .block_manager import BlockManager, PrefixCache, chain_hashes
 from .config import EngineConfig
@@ -126,7 +126,7 @@ class Scheduler:
                 seq.cache, seq.num_computed = cache, hit
                 seq.cached_prompt_tokens, seq.registered_blocks = hit, hit // B
                 return
-        seq.cache, seq.num_computed = SeqCache(self.pool, self.blocks, new_states(self.pool.args), auto_trim=False), 0
+        seq.cache, seq.num_computed = SeqCache(self.pool, self.blocks, auto_trim=False), 0
         # State slots only for the prompt blocks a later request may resume after.
         seq.cache.state_upto = len(seq.block_hashes) if self.prefix is not None and self.pool.has_state else 0
 

@@ -101,102 +101,58 @@ class Attention(nn.Module):
             proj += self.indexer.queries(cqq, x, cos, sin) + self.indexer.compressor.project(x, batch.positions)
 
         groups: dict[int, list] = {}  # sequences by cache pool (the engine has one; standalone caches own one each)
-        for s in batch.seqs:
-            groups.setdefault(id(s.cache.pool), []).append(s)
+        for i, s in enumerate(batch.seqs):
+            groups.setdefault(id(s.cache.pool), []).append(i)
         if len(groups) == 1:
-            o = self._attend(q, batch.positions, kv, batch, list(range(len(batch.seqs))), proj, offset=0)
+            o = self._attend(q, kv, batch, tuple(range(len(batch.seqs))), proj)
         else:
             o = torch.empty_like(q)
-            index = {id(s): i for i, s in enumerate(batch.seqs)}
-            for seqs in groups.values():
-                rows = torch.cat([torch.arange(s.offset, s.offset + s.n, device=x.device) for s in seqs])
-                part = tuple(t[rows] for t in proj)
-                o[rows] = self._attend(q[rows], batch.positions[rows], kv[rows], batch,
-                                       [index[id(s)] for s in seqs], part, offset=None)
+            for which in groups.values():
+                rows = torch.cat([torch.arange(batch.seqs[i].offset, batch.seqs[i].offset + batch.seqs[i].n,
+                                               device=x.device) for i in which])
+                o[rows] = self._attend(q[rows], kv[rows], batch, tuple(which), tuple(t[rows] for t in proj))
         # K = V carries rope: undo it on the output at the query position.
         o = apply_rope(o, cos, sin, inverse=True)
         return self._out_proj(o)
 
-    def _attend(self, q: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor, batch: StepBatch,
-                which: list[int], proj: tuple, offset: int | None) -> torch.Tensor:
-        """Write the new rows of sequences `which` (indices into batch.seqs, all on one CachePool) into the pool,
-        build every query's index list (window rows, then HCA entries / CSA indexer picks, as pool rows) and run
-        one sparse attention. q, positions, kv and `proj` (compressor kv, score; CSA adds indexer q, weights, kv,
-        score) hold exactly these sequences' rows; offset=0: each SeqSlice.offset indexes them (whole batch),
-        None: back to back. Window and entry rows come from the step's memo (computed once for all layers)."""
-        seqs = [batch.seqs[i] for i in which]
-        pool = seqs[0].cache.pool
-        lid, W, dev = self.layer_id, self.window, q.device
-        idx_rows, ipool, i_start, i_len, i_map = [], [], [], [], []
-        off, ibase = 0, 0
-        if offset == 0:  # the whole batch on this pool: the step's KV rows in one write (rows memoised per step)
-            pool.write_kv(lid, batch.token_rows(W), kv)
-        for i, s in zip(which, seqs):
-            o0 = s.offset if offset == 0 else off
-            off += s.n
-            sl = slice(o0, o0 + s.n)
-            pos = positions[sl]
-            cache = s.cache
-            # Query t sees positions [t-W+1, t] (negative ones are empty); the last column is t's own row.
-            win = batch.window_rows(i, W)  # [n, W]
-            if offset is None:
-                pool.write_kv(lid, win[:, -1], kv[sl])
-            parts = [win]
-            if self.kind != WINDOW:
-                cs, ist = cache.states[lid]
-                first = cs.n_entries
-                new, halves = self.compressor(proj[0][sl], proj[1][sl], cs, self.freqs)
-                n_ent = cs.n_entries
-                erows = batch.entry_rows(i, lid, n_ent)  # [N] rows in the comp region
-                base = pool.comp_base(lid)
-                pool.write_kv(lid, base + erows[first:], new)
-                self._keep_block_end_state(pool.state[lid], "comp", cache, lid, first, halves)
-                visible = (pos + 1) // self.ratio  # entries w < (t+1)//m are complete at t
-                if self.kind == HCA:
-                    e = torch.arange(n_ent, device=dev)[None, :]
-                    parts.append(torch.where(e < visible[:, None], base + erows[e], torch.full_like(e, -1)))
-                else:
-                    inew, ihalves = self.indexer.compressor(proj[4][sl], proj[5][sl], ist, self.freqs)
-                    pool.ikeys[lid][erows[first:]] = inew.to(pool.ikeys[lid].dtype)
-                    self._keep_block_end_state(pool.state[lid], "index", cache, lid, first, ihalves)
-                    # The indexer op takes each query's keys as one contiguous run: gather this sequence's.
-                    ipool.append(pool.ikeys[lid][erows])
-                    i_start.append(torch.full_like(pos, ibase))
-                    i_len.append(visible.clamp(max=n_ent))
-                    i_map.append((ibase, torch.cat((base + erows, erows.new_full((1,), -1)))))  # [N+1], -1 last
-                    ibase += n_ent
-            idx_rows.append(parts)
-
-        if self.kind == CSA:
-            sel = ops.indexer_topk(proj[2], torch.cat(ipool), proj[3], torch.cat(i_start), torch.cat(i_len),
-                                   self.indexer.topk)  # [T, topk] rows of the gathered keys
-            off = 0
-            for parts, s, (b0, rows) in zip(idx_rows, seqs, i_map):
-                si = sel[off:off + s.n]
-                parts.append(rows[torch.where(si >= 0, si - b0, rows.shape[0] - 1)])
-                off += s.n
-        idx = self._stack_indices(idx_rows)
-        return pool.attend(lid, q, idx, self.attn_sink, self.head_dim ** -0.5)  # [T, H, hd]
+    def _attend(self, q: torch.Tensor, kv: torch.Tensor, batch: StepBatch, which: tuple[int, ...],
+                proj: tuple) -> torch.Tensor:
+        """Write the new rows of sequences `which` (indices into batch.seqs, all on one CachePool, their rows back
+        to back in q, kv and `proj`: compressor kv, score; CSA adds indexer q, weights, kv, score) into the pool,
+        run the compressors of all of them at once, build every query's index list (window rows, then HCA
+        entries / CSA indexer picks, as pool rows) and run one sparse attention. The indices come from the
+        step's memo (computed once for all layers: `StepBatch.group_window_rows`, `StepBatch.compress_plan`)."""
+        pool = batch.seqs[which[0]].cache.pool
+        lid = self.layer_id
+        win = batch.group_window_rows(which, self.window)  # [Tg, W]: query t sees positions t-W+1 .. t
+        pool.write_kv(lid, win[:, -1], kv)  # the last column is each query's own row
+        idx = win
+        if self.kind != WINDOW:
+            plan = batch.compress_plan(which, self.ratio)
+            base = pool.comp_base(lid)
+            run = pool.run[lid]
+            new, halves = self.compressor(proj[0], proj[1], run["comp"], plan, self.freqs)
+            pool.write_kv(lid, base + plan.entry_rows, new)
+            self._keep_block_end_state(pool.state[lid], "comp", plan, halves)
+            if self.kind == HCA:
+                idx = torch.cat((win, plan.hca_index(base)), dim=1)
+            else:
+                inew, ihalves = self.indexer.compressor(proj[4], proj[5], run["index"], plan, self.freqs)
+                pool.ikeys[lid][plan.entry_rows] = inew.to(pool.ikeys[lid].dtype)
+                self._keep_block_end_state(pool.state[lid], "index", plan, ihalves)
+                flat, start, length = plan.indexer_runs()  # each sequence's keys as one contiguous run
+                sel = ops.indexer_topk(proj[2], pool.ikeys[lid][flat], proj[3], start, length, self.indexer.topk)
+                idx = torch.cat((win, plan.selected_rows(sel, base)), dim=1)  # [Tg, W + topk]
+        return pool.attend(lid, q, idx, self.attn_sink, self.head_dim ** -0.5)  # [Tg, H, hd]
 
     @staticmethod
-    def _keep_block_end_state(state_pool: dict, which: str, cache, lid: int, first: int, halves) -> None:
-        """Store the CSA A-half of every new window that closes a block in that block's state slot."""
-        if halves is None:
+    def _keep_block_end_state(state_pool: dict, which: str, plan, halves) -> None:
+        """Store the CSA A-half of every new window that closes a block in that block's state slot (only blocks
+        a later request may resume after have one)."""
+        if halves is None or not plan.keep_entries.numel():
             return
-        epb = cache.pool.entries_per_block(lid)
-        n = halves[0].shape[0]
-        for e in range(first + (-(first + 1)) % epb, first + n, epb):  # e + 1 is a multiple of epb
-            slot = cache.state_slots[e // epb]
-            if slot >= 0:  # only blocks a later request may resume after have a slot
-                state_pool[which][slot, 0] = halves[0][e - first]
-                state_pool[which][slot, 1] = halves[1][e - first]
-
-    @staticmethod
-    def _stack_indices(idx_rows: list[list[torch.Tensor]]) -> torch.Tensor:
-        """Per-sequence lists of [n, k_i] index blocks -> one [T, K] tensor padded with -1."""
-        per_seq = [torch.cat(parts, dim=1) for parts in idx_rows]
-        width = max(p.shape[1] for p in per_seq)
-        return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=-1) for p in per_seq])
+        state_pool[which][plan.keep_slots, 0] = halves[0][plan.keep_entries]
+        state_pool[which][plan.keep_slots, 1] = halves[1][plan.keep_entries]
 
     def _out_proj(self, o: torch.Tensor) -> torch.Tensor:
         """Grouped low-rank output projection: per-group wo_a (dense BF16), then wo_b. Under TP (G = this rank's

@@ -24,21 +24,24 @@ Who owns blocks: an allocator (`allocate(kind, n)`, `release(kind, ids)`). The r
 (with reference counts and prefix-cache hashes); a standalone `SeqCache` from `new_seq_cache` gets a private,
 growing pool, which is what tests, tools and single-sequence use need.
 
-The running compressor state (tokens of the current, incomplete window: fewer than m) is per sequence.
+* **run** slots hold a running sequence's compressor state (`CachePool.run`): the projections of the tokens of
+  its current, incomplete window (fewer than m) and, CSA, the A-half of its last complete window. One slot per
+  sequence for its whole life, so one step updates every sequence's state with a few indexed tensor ops
+  (`compress_plan.py`) instead of a loop over sequences.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from ascend_v4 import ops
-from ascend_v4.model.kv_layout import KVFormat, comp_block_bytes, runtime_format, state_slot_bytes
+from ascend_v4.model.kv_layout import (KVFormat, comp_block_bytes, compressor_state_bytes, running_state_shapes,
+                                       runtime_format, state_slot_bytes)
 
-WINDOW_KIND, COMP_KIND, STATE_KIND = "window", "comp", "state"
+WINDOW_KIND, COMP_KIND, STATE_KIND, RUN_KIND = "window", "comp", "state", "run"
 KINDS = (WINDOW_KIND, COMP_KIND)  # allocated for every block of a sequence; state slots only on request
 
 
@@ -52,22 +55,6 @@ class Allocator(Protocol):
     def release(self, kind: str, blocks: list[int]) -> None: ...
 
     def can_allocate(self, kind: str, n: int) -> bool: ...
-
-
-@dataclass
-class CompressorState:
-    """Tokens of the current, incomplete window (projections and gate logits incl. the slot bias, fp32),
-    and for CSA the A-half of the last complete window, which the next entry pools with its own B-half."""
-
-    buf_kv: torch.Tensor | None = None  # [b, c*dc] fp32, b < ratio
-    buf_score: torch.Tensor | None = None
-    prev_kv: torch.Tensor | None = None  # [ratio, dc] fp32 (CSA only)
-    prev_score: torch.Tensor | None = None
-    n_entries: int = 0  # entries emitted so far
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.buf_kv, self.buf_score, self.prev_kv,
-                                                           self.prev_score) if t is not None)
 
 
 def pool_format(args, kv_format: str, dtype: torch.dtype) -> KVFormat:
@@ -91,11 +78,13 @@ class CachePool:
     NW*Bw + [c*B/m_l, (c+1)*B/m_l). E = head_dim (activation dtype) or the FP8 entry width (uint8).
     ikeys[l]: [NC*B/4, index_head_dim] indexer keys (CSA layers). state[l]: {"comp"|"index": [NS, 2, 4, dc]}
     fp32, the (kv, score) A-half at a block's end, per state slot (CSA layers; HCA needs none at a boundary).
+    run[l]: {"comp"|"index": (kv, score [NR, m, c*dc], prev_kv, prev_score [NR, m, dc] or None)} fp32, per run
+    slot (`kv_layout.running_state_shapes`; compressed layers).
     """
 
     def __init__(self, args, block_size: int, num_window_blocks: int, num_comp_blocks: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu", kv_format: str = "auto",
-                 num_state_slots: int = 0):
+                 num_state_slots: int = 0, num_run_slots: int = 0):
         check_block_size(args, block_size)
         if kv_format not in ("auto", "fp8"):
             raise ValueError(f"cache kv_format must be 'auto' (activation dtype) or 'fp8', got {kv_format!r}")
@@ -109,17 +98,23 @@ class CachePool:
         self.ratios = [args.ratio(i) for i in range(self.n_layers)]
         self.format = pool_format(args, kv_format, dtype)
         self.entry_bytes = self.format.main_entry
-        self.num = {WINDOW_KIND: 0, COMP_KIND: 0, STATE_KIND: 0}
+        self.num = {WINDOW_KIND: 0, COMP_KIND: 0, STATE_KIND: 0, RUN_KIND: 0}
         self.kv: list[torch.Tensor] = [self._kv_rows(0) for _ in self.ratios]
         self.ikeys: list[torch.Tensor | None] = [None] * self.n_layers
         self.state: list[dict[str, torch.Tensor] | None] = [None] * self.n_layers
-        self.resize(num_window_blocks, num_comp_blocks, num_state_slots)
+        self.run: list[dict[str, tuple] | None] = [None] * self.n_layers
+        self.resize(num_window_blocks, num_comp_blocks, num_state_slots, num_run_slots)
 
     # -- layout --------------------------------------------------------------------------------------------
     def _kv_rows(self, n: int) -> torch.Tensor:
         if self.kv_format == "fp8":
             return torch.empty(n, self.entry_bytes, dtype=torch.uint8, device=self.device)
         return torch.empty(n, self.args.head_dim, dtype=self.dtype, device=self.device)
+
+    @property
+    def has_compressor(self) -> bool:
+        """Whether any layer compresses (then every sequence needs a run slot)."""
+        return any(self.ratios)
 
     @property
     def has_state(self) -> bool:
@@ -134,11 +129,14 @@ class CachePool:
         """First row of the compressed region of layer's kv tensor."""
         return self.num[WINDOW_KIND] * self.window_block
 
-    def resize(self, num_window_blocks: int, num_comp_blocks: int, num_state_slots: int | None = None) -> None:
+    def resize(self, num_window_blocks: int, num_comp_blocks: int, num_state_slots: int | None = None,
+               num_run_slots: int | None = None) -> None:
         """(Re)allocate for the given block counts, keeping the rows of blocks that exist in both layouts
         (a private pool grows this way; the engine sizes its pool once)."""
         Bw, old = self.window_block, dict(self.num)
         ns = old[STATE_KIND] if num_state_slots is None else num_state_slots
+        nr = old[RUN_KIND] if num_run_slots is None else num_run_slots
+        keep_run = min(old[RUN_KIND], nr)
         a = self.args
         for l, m in enumerate(self.ratios):
             epb = self.entries_per_block(l)
@@ -161,7 +159,25 @@ class CachePool:
                     for k in st:
                         st[k][:keep] = self.state[l][k][:keep]
                 self.ikeys[l], self.state[l] = ik, st
-        self.num = {WINDOW_KIND: num_window_blocks, COMP_KIND: num_comp_blocks, STATE_KIND: ns}
+            run = {}
+            for name, (buf, prev) in running_state_shapes(a, l).items():
+                new = tuple(torch.zeros(nr, *shape, device=self.device) if shape else None
+                            for shape in (buf, buf, prev, prev))
+                if keep_run:
+                    for t_new, t_old in zip(new, self.run[l][name]):
+                        if t_new is not None:
+                            t_new[:keep_run] = t_old[:keep_run]
+                run[name] = new
+            self.run[l] = run or None
+        self.num = {WINDOW_KIND: num_window_blocks, COMP_KIND: num_comp_blocks, STATE_KIND: ns, RUN_KIND: nr}
+
+    def seed_run(self, run_slot: int, state_slot: int) -> None:
+        """Start run slot `run_slot` at a block boundary (a prefix-cache hit): no buffered tokens, and CSA layers
+        pool their next entry with the A-half stored in block-end state slot `state_slot`."""
+        for run, st in zip(self.run, self.state):
+            if run is not None and st is not None:
+                for name, (_, _, pkv, psc) in run.items():
+                    pkv[run_slot], psc[run_slot] = st[name][state_slot, 0], st[name][state_slot, 1]
 
     def block_bytes(self, kind: str) -> int:
         """Bytes one block of `kind` occupies across all layers (the memory model of `kv_layout`)."""
@@ -169,10 +185,12 @@ class CachePool:
             return self.n_layers * self.window_block * self.entry_bytes
         if kind == STATE_KIND:
             return state_slot_bytes(self.args)
+        if kind == RUN_KIND:
+            return compressor_state_bytes(self.args, range(self.n_layers))
         return comp_block_bytes(self.args, self.format, self.block_size)
 
     def nbytes(self) -> int:
-        return sum(self.block_bytes(k) * self.num[k] for k in (*KINDS, STATE_KIND))
+        return sum(self.block_bytes(k) * self.num[k] for k in (*KINDS, STATE_KIND, RUN_KIND))
 
     # -- writes / reads ----------------------------------------------------------------------------------------
     def write_kv(self, layer: int, rows: torch.Tensor, values: torch.Tensor) -> None:
@@ -197,7 +215,7 @@ class _PrivateAllocator:
 
     def __init__(self, pool: CachePool):
         self.pool = pool
-        self.free = {k: list(range(pool.num[k] - 1, -1, -1)) for k in (*KINDS, STATE_KIND)}
+        self.free = {k: list(range(pool.num[k] - 1, -1, -1)) for k in (*KINDS, STATE_KIND, RUN_KIND)}
 
     def can_allocate(self, kind: str, n: int) -> bool:
         return True
@@ -207,7 +225,7 @@ class _PrivateAllocator:
             num = dict(self.pool.num)
             grow = max(num[kind], n - len(self.free[kind]), 4)
             num[kind] += grow
-            self.pool.resize(num[WINDOW_KIND], num[COMP_KIND], num[STATE_KIND])
+            self.pool.resize(num[WINDOW_KIND], num[COMP_KIND], num[STATE_KIND], num[RUN_KIND])
             self.free[kind] = list(range(num[kind] - 1, num[kind] - grow - 1, -1)) + self.free[kind]
         return [self.free[kind].pop() for _ in range(n)]
 
@@ -217,15 +235,16 @@ class _PrivateAllocator:
 
 @dataclass
 class SeqCache:
-    """One sequence's cache: block tables into a `CachePool` and the compressors' running state.
+    """One sequence's cache: block tables into a `CachePool` and its run slot (the compressors' running state).
 
     comp_blocks[j]: the block holding tokens [jB, (j+1)B); win_blocks[j]: the window block of tokens
-    [jBw, (j+1)Bw), -1 once the window has moved past it. `length` = tokens already processed.
+    [jBw, (j+1)Bw), -1 once the window has moved past it. `length` = tokens already processed; the compressors
+    have emitted length // m entries of a ratio-m layer and buffer the length % m tokens after them.
     """
 
     pool: CachePool
     alloc: Allocator
-    states: list[tuple[CompressorState | None, CompressorState | None]]  # per layer: (comp, index)
+    run_slot: int = -1  # the pool's run slot (allocated by the first reserve; -1: none yet, or no compressor)
     comp_blocks: list[int] = field(default_factory=list)
     win_blocks: list[int] = field(default_factory=list)
     state_slots: list[int] = field(default_factory=list)  # per block: its block-end state slot, -1 = none
@@ -245,11 +264,15 @@ class SeqCache:
     def reserve(self, tokens: int) -> None:
         """Make room for positions [0, tokens): allocates both kinds or nothing (raises NoFreeBlocks)."""
         need = self.blocks_needed(tokens)
+        if self.run_slot < 0 and self.pool.has_compressor:
+            need[RUN_KIND] = 1
         if not any(need.values()):
             return
         for kind, n in need.items():
             if n and not self.alloc.can_allocate(kind, n):
                 raise NoFreeBlocks(f"need {n} free {kind} cache blocks")
+        if need.get(RUN_KIND):
+            self.run_slot = self.alloc.allocate(RUN_KIND, 1)[0]
         self.comp_blocks += self.alloc.allocate(COMP_KIND, need[COMP_KIND]) if need[COMP_KIND] else []
         self.win_blocks += self.alloc.allocate(WINDOW_KIND, need[WINDOW_KIND]) if need[WINDOW_KIND] else []
         # State slots for the blocks that may be resumed from; none left is not an error (no resume there).
@@ -274,7 +297,8 @@ class SeqCache:
         self.alloc.release(COMP_KIND, [b for b in self.comp_blocks if b >= 0])
         self.alloc.release(WINDOW_KIND, [b for b in self.win_blocks if b >= 0])
         self.alloc.release(STATE_KIND, [b for b in self.state_slots if b >= 0])
-        self.comp_blocks, self.win_blocks, self.state_slots = [], [], []
+        self.alloc.release(RUN_KIND, [self.run_slot] if self.run_slot >= 0 else [])
+        self.comp_blocks, self.win_blocks, self.state_slots, self.run_slot = [], [], [], -1
 
     # -- addressing ----------------------------------------------------------------------------------------
     def window_rows(self, positions: torch.Tensor) -> torch.Tensor:
@@ -285,13 +309,6 @@ class SeqCache:
         blk = table[p // Bw]
         return torch.where((positions >= 0) & (blk >= 0), blk * Bw + p % Bw, torch.full_like(p, -1))
 
-    def entry_rows(self, layer: int, entries: torch.Tensor) -> torch.Tensor:
-        """Rows of compressed entries (numbers 0..) of layer, relative to the start of its compressed region
-        (the same numbering addresses the layer's indexer keys)."""
-        epb = self.pool.entries_per_block(layer)
-        table = torch.tensor(self.comp_blocks, dtype=torch.long, device=entries.device)
-        return table[entries // epb] * epb + entries % epb
-
     def nbytes(self, layers: range | None = None) -> int:
         """Bytes this sequence holds: its live window rows, compressed entries, indexer keys and compressor
         state (block granularity for the paged parts), over `layers` (default all)."""
@@ -300,7 +317,7 @@ class SeqCache:
         n_win = sum(b >= 0 for b in self.win_blocks)
         n_comp = len(self.comp_blocks)
         n_state = sum(b >= 0 for b in self.state_slots)
-        total = 0
+        total = compressor_state_bytes(a, layers) if self.run_slot >= 0 else 0
         for l in layers:
             m = pool.ratios[l]
             total += n_win * pool.window_block * pool.entry_bytes
@@ -309,16 +326,7 @@ class SeqCache:
             if m == 4:
                 total += n_comp * (B // 4) * a.index_head_dim * torch.finfo(pool.dtype).bits // 8
                 total += n_state * 2 * 2 * 4 * (a.head_dim + a.index_head_dim)
-            total += sum(s.nbytes() for s in self.states[l] if s is not None)
         return total
-
-
-def new_states(args) -> list[tuple[CompressorState | None, CompressorState | None]]:
-    out = []
-    for lid in range(args.n_layers + args.n_mtp_layers):
-        r = args.ratio(lid)
-        out.append((CompressorState() if r else None, CompressorState() if r == 4 else None))
-    return out
 
 
 def new_seq_cache(args, dtype: torch.dtype, device: torch.device | str = "cpu", block_size: int | None = None,
@@ -328,29 +336,44 @@ def new_seq_cache(args, dtype: torch.dtype, device: torch.device | str = "cpu", 
     ratios = {args.ratio(i) for i in range(args.n_layers + args.n_mtp_layers)} - {0}
     B = block_size or max([128, *ratios])
     pool = CachePool(args, B, 0, 0, dtype, device, kv_format)
-    return SeqCache(pool, _PrivateAllocator(pool), new_states(args))
+    return SeqCache(pool, _PrivateAllocator(pool))
 
 
 @dataclass
 class CacheMark:
     """What `mark` saved: enough to undo one step's writes to a SeqCache (speculative decoding). Rows past
-    `length` are dead once length is restored (the next step rewrites them), so only the compressor states
-    (replaced, never mutated, by the forward pass) and the length are kept."""
+    `length` are dead once length is restored (the next step rewrites them); of the run slot, the buffer rows
+    the step may overwrite and the stored A-halves are kept: (layer, compressor, buffer rows, tensors)."""
 
     length: int
-    states: list[tuple[CompressorState | None, CompressorState | None]]
+    saved: list[tuple[int, str, torch.Tensor, tuple]]
 
 
-def mark(cache: SeqCache) -> CacheMark:
-    """Remember the state before a step that may be rolled back."""
-    return CacheMark(cache.length, [tuple(copy.copy(s) if s is not None else None for s in st)
-                                    for st in cache.states])
+def mark(cache: SeqCache, tokens: int | None = None) -> CacheMark:
+    """Remember the state before a step of `tokens` new tokens (None: any number) that may be rolled back."""
+    pool, saved = cache.pool, []
+    if cache.run_slot >= 0:
+        for l, run in enumerate(pool.run):
+            if run is None:
+                continue
+            m = pool.ratios[l]
+            span = m if tokens is None else min(tokens, m)
+            rows = torch.tensor([(cache.length + j) % m for j in range(span)], device=pool.device)
+            for name, (kv, score, pkv, psc) in run.items():
+                keep = (kv[cache.run_slot, rows].clone(), score[cache.run_slot, rows].clone(),
+                        *(t[cache.run_slot].clone() if t is not None else None for t in (pkv, psc)))
+                saved.append((l, name, rows, keep))
+    return CacheMark(cache.length, saved)
 
 
 def rollback(cache: SeqCache, m: CacheMark) -> None:
     """Undo everything a step wrote since `mark` (rejected draft tokens)."""
     cache.length = m.length
-    cache.states = m.states
+    for l, name, rows, keep in m.saved:
+        kv, score, pkv, psc = cache.pool.run[l][name]
+        kv[cache.run_slot, rows], score[cache.run_slot, rows] = keep[0], keep[1]
+        if pkv is not None:
+            pkv[cache.run_slot], psc[cache.run_slot] = keep[2], keep[3]
 
 
 # The per-step batch lives in its own module (step_batch.py); importing it from here keeps working.

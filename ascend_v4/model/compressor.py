@@ -14,7 +14,7 @@ from torch import nn
 from ascend_v4 import ops
 
 from .args import ModelArgs
-from .cache import CompressorState
+from .compress_plan import CompressPlan
 from .layers import DENSE, Linear, ModelOptions, RMSNorm
 from .rope import apply_rope, cos_sin
 
@@ -38,49 +38,44 @@ class Compressor(nn.Module):
         ape[position mod m])."""
         return self.wkv(x).float(), self.wgate(x).float() + self.ape[positions % self.ratio]
 
-    def forward(self, kv: torch.Tensor, score: torch.Tensor, state: CompressorState,
+    def forward(self, kv: torch.Tensor, score: torch.Tensor, run: tuple, plan: CompressPlan,
                 freqs: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """Feed one sequence's next projected tokens (kv, score [n, c*dc] from `project`, slot bias included);
-        advances `state` and returns the new entries [k, dc] (in the activation dtype) and, for CSA, the A-half
-        (kv, score) [k, m, dc] fp32 of each new window: the state the next entry pools with, which the paged
-        cache keeps at block ends so a shared prefix can resume there."""
-        m, dc = self.ratio, self.dc
-        halves = None
-        if state.buf_kv is not None:
-            kv, score = torch.cat((state.buf_kv, kv)), torch.cat((state.buf_score, score))
-        n_win = kv.shape[0] // m
-        used = n_win * m
-        state.buf_kv, state.buf_score = kv[used:], score[used:]
-        if n_win == 0:
-            return kv.new_empty(0, dc).to(self.opts.dtype), None
-        kv = kv[:used].view(n_win, m, -1)  # [w, m, c*dc]
-        score = score[:used].view(n_win, m, -1)
-        if self.overlap:
-            # slots 0..m-1: A-half of the previous window; m..2m-1: B-half of this one.
-            prev_kv = torch.cat((self._prev(state, "kv", kv), kv[:-1, :, :dc]))  # [w, m, dc]
-            prev_sc = torch.cat((self._prev(state, "score", score), score[:-1, :, :dc]))
-            halves = (kv[:, :, :dc], score[:, :, :dc])
-            state.prev_kv, state.prev_score = kv[-1, :, :dc], score[-1, :, :dc]
-            kv = torch.cat((prev_kv, kv[:, :, dc:]), dim=1)  # [w, 2m, dc]
-            score = torch.cat((prev_sc, score[:, :, dc:]), dim=1)
-        pooled = ops.compress_kv(kv, score)  # [w, dc] fp32
-        first = state.n_entries
-        state.n_entries += n_win
-        # Post-processing in the order of the reference: cast, norm, RoPE at the window's first position.
-        out = self.norm(pooled.to(self.opts.dtype))
-        wpos = torch.arange(first, first + n_win, device=kv.device) * m
-        out = apply_rope(out, *cos_sin(freqs, wpos))
-        if self.opts.quant_sim:
-            if self.for_indexer:
-                out = ops.fp4_roundtrip(ops.hadamard(out), 32)
-            else:
-                out = torch.cat((ops.fp8_roundtrip(out[:, :self.nope].contiguous(), 64), out[:, self.nope:]), -1)
+        """Feed a group of sequences' step tokens (kv, score [Tg, c*dc] from `project`, slot bias included) through
+        their running states (`run` = this compressor's `CachePool.run` tensors, updated in place; `plan` = the
+        step's indices, compress_plan.py). Returns the E new entries [E, dc] (activation dtype) and, for CSA, the
+        A-half (kv, score) [E, m, dc] fp32 of each new window: the state the next entry pools with, which the
+        paged cache keeps at block ends so a shared prefix can resume there."""
+        m, dc, E = self.ratio, self.dc, plan.n_new
+        buf_kv, buf_sc, prev_kv, prev_sc = run
+        C = buf_kv.shape[-1]
+        flat_kv, flat_sc = buf_kv.view(-1, C), buf_sc.view(-1, C)
+        out, halves = kv.new_empty(0, dc).to(self.opts.dtype), None
+        if E:
+            win_kv, win_sc = kv.new_empty(E * m, C), kv.new_empty(E * m, C)  # the closing windows' token rows
+            for win, step, flat in ((win_kv, kv, flat_kv), (win_sc, score, flat_sc)):
+                win[plan.dst_step] = step[plan.src_step]
+                if plan.dst_buf.numel():
+                    win[plan.dst_buf] = flat[plan.src_buf]
+            win_kv, win_sc = win_kv.view(E, m, C), win_sc.view(E, m, C)
+            if self.overlap:
+                # slots 0..m-1: A-half of the previous window; m..2m-1: B-half of this one.
+                halves = (win_kv[:, :, :dc], win_sc[:, :, :dc])
+                prev = [torch.cat((h, h.new_full((1, m, dc), fill), p[plan.prev_slots]))[plan.prev_from]
+                        for h, fill, p in zip(halves, (0.0, float("-inf")), (prev_kv, prev_sc))]
+                win_kv = torch.cat((prev[0], win_kv[:, :, dc:]), dim=1)  # [E, 2m, dc]
+                win_sc = torch.cat((prev[1], win_sc[:, :, dc:]), dim=1)
+            pooled = ops.compress_kv(win_kv, win_sc)  # [E, dc] fp32
+            # Post-processing in the order of the reference: cast, norm, RoPE at the window's first position.
+            out = apply_rope(self.norm(pooled.to(self.opts.dtype)), *cos_sin(freqs, plan.wpos))
+            if self.opts.quant_sim:
+                if self.for_indexer:
+                    out = ops.fp4_roundtrip(ops.hadamard(out), 32)
+                else:
+                    out = torch.cat((ops.fp8_roundtrip(out[:, :self.nope].contiguous(), 64), out[:, self.nope:]), -1)
+        # The state after the step (written after the reads above): open windows' tokens, last A-halves.
+        if plan.buf_dst.numel():
+            flat_kv[plan.buf_dst], flat_sc[plan.buf_dst] = kv[plan.buf_src], score[plan.buf_src]
+        if halves is not None and plan.last_slots.numel():
+            prev_kv[plan.last_slots] = halves[0][plan.last_entries]
+            prev_sc[plan.last_slots] = halves[1][plan.last_entries]
         return out, halves
-
-    def _prev(self, state: CompressorState, what: str, like: torch.Tensor) -> torch.Tensor:
-        """A-half of the window before the first one in this chunk: from the state, else empty (-inf score)."""
-        t = state.prev_kv if what == "kv" else state.prev_score
-        if t is not None:
-            return t[None]
-        fill = 0.0 if what == "kv" else float("-inf")
-        return like.new_full((1, self.ratio, self.dc), fill)

@@ -106,19 +106,27 @@ def window_ring_bytes(args: ModelArgs, fmt: KVFormat) -> int:
     return (args.n_layers + args.n_mtp_layers) * args.window_size * fmt.main_entry
 
 
-def compressor_state_bytes(args: ModelArgs) -> int:
-    """Upper bound of one sequence's running fp32 compressor state over the main layers: per compressed layer
-    (kv, score) x the rows of its incomplete window (m; CSA also keeps the previous window's A-half: 2m) x the
-    series width (CSA: 2 x head_dim for the main compressor plus 2 x index_head_dim for the indexer's)."""
+def running_state_shapes(args: ModelArgs, layer: int) -> dict[str, tuple[tuple[int, int], tuple[int, int] | None]]:
+    """Per-sequence running compressor state of one layer, as the paged pool stores it (`CachePool.run`): per
+    compressor ("comp", and "index" in CSA layers) the (kv, score) rows of the incomplete window [m, c*dc]
+    (c = 2 with CSA's overlap) and, CSA only, the (kv, score) A-half of the last complete window [m, dc]
+    (None otherwise). All fp32. Empty for window-only layers."""
+    m = args.ratio(layer)
+    if not m:
+        return {}
+    if args.kind(layer) == CSA:
+        return {"comp": ((m, 2 * args.head_dim), (m, args.head_dim)),
+                "index": ((m, 2 * args.index_head_dim), (m, args.index_head_dim))}
+    return {"comp": ((m, args.head_dim), None)}
+
+
+def compressor_state_bytes(args: ModelArgs, layers: range | None = None) -> int:
+    """One sequence's running fp32 compressor state (one run slot of the pool) over `layers` (default: the
+    main layers; MTP blocks are window-only): (kv, score) x `running_state_shapes`."""
     total = 0
-    for l in range(args.n_layers):
-        m = args.ratio(l)
-        if not m:
-            continue
-        if args.kind(l) == CSA:
-            total += 2 * (2 * m) * (2 * args.head_dim + 2 * args.index_head_dim) * FP32
-        else:
-            total += 2 * m * args.head_dim * FP32
+    for l in range(args.n_layers) if layers is None else layers:
+        for buf, prev in running_state_shapes(args, l).values():
+            total += 2 * (buf[0] * buf[1] + (prev[0] * prev[1] if prev else 0)) * FP32
     return total
 
 
@@ -136,4 +144,5 @@ def fixed_bytes_per_seq(args: ModelArgs, fmt: KVFormat) -> int:
 
 __all__ = ["KVFormat", "PLAN_FORMATS", "kv_formats", "runtime_format", "fp8_main_entry", "fp4_index_entry",
            "layer_bytes_per_token", "kv_bytes_per_token", "kv_bytes_at", "bytes_per_token_by_kind", "comp_block_bytes",
-           "window_ring_bytes", "compressor_state_bytes", "state_slot_bytes", "fixed_bytes_per_seq"]
+           "window_ring_bytes", "running_state_shapes", "compressor_state_bytes", "state_slot_bytes",
+           "fixed_bytes_per_seq"]

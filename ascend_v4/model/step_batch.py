@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .compress_plan import CompressPlan, build_compress_plan
+
 if TYPE_CHECKING:
     from .cache import SeqCache
 
@@ -47,21 +49,22 @@ class StepBatch:
             self.memo[key] = s.cache.window_rows(pos[:, None] + rel[None, :])
         return self.memo[key]
 
-    def token_rows(self, window: int) -> torch.Tensor:
-        """Pool rows [T] of the step's own tokens, in batch order (the last column of every window): where each
-        layer writes the step's new KV rows, in one write for the whole batch."""
-        key = ("tok", window)
+    def group_window_rows(self, which: tuple[int, ...], window: int) -> torch.Tensor:
+        """Window rows [Tg, window] of sequences `which` (indices into seqs), back to back."""
+        key = ("gwin", which, window)
         if key not in self.memo:
-            self.memo[key] = torch.cat([self.window_rows(i, window)[:, -1] for i in range(len(self.seqs))])
+            rows = [self.window_rows(i, window) for i in which]
+            self.memo[key] = rows[0] if len(rows) == 1 else torch.cat(rows)
         return self.memo[key]
 
-    def entry_rows(self, i: int, layer: int, n_entries: int) -> torch.Tensor:
-        """Rows (in the compressed region) of sequence i's entries 0 .. n_entries-1 of `layer`: shared by all
-        layers with the same entries per block."""
-        cache = self.seqs[i].cache
-        key = ("ent", i, cache.pool.entries_per_block(layer), n_entries)
+    def compress_plan(self, which: tuple[int, ...], m: int) -> CompressPlan:
+        """The step's compressor and entry indices for ratio m over sequences `which` (all on one pool, their
+        rows back to back), shared by every layer with that ratio (compress_plan.py)."""
+        key = ("plan", which, m)
         if key not in self.memo:
-            self.memo[key] = cache.entry_rows(layer, torch.arange(n_entries, device=self.positions.device))
+            seqs = [self.seqs[i] for i in which]
+            offsets = [sum(s.n for s in seqs[:k]) for k in range(len(seqs))]
+            self.memo[key] = build_compress_plan(seqs, offsets, m, m == 4, self.positions.device)
         return self.memo[key]
 
     @classmethod

@@ -8,8 +8,8 @@ import torch
 
 from ascend_v4.checkpoint.dummy import ensure_dummy_checkpoint
 from ascend_v4.model.args import ModelArgs
-from ascend_v4.model.cache import (COMP_KIND, STATE_KIND, WINDOW_KIND, CachePool, StepBatch, check_block_size, mark,
-                                   new_seq_cache, rollback)
+from ascend_v4.model.cache import (COMP_KIND, RUN_KIND, STATE_KIND, WINDOW_KIND, CachePool, SeqCache, StepBatch,
+                                   check_block_size, mark, new_seq_cache, rollback)
 from ascend_v4.model.layers import ModelOptions
 from ascend_v4.model.load import load_model
 
@@ -58,13 +58,15 @@ def test_reserve_trim_free_and_row_addressing(args):
 
 
 def test_private_pool_growth_keeps_rows(args):
-    pool = CachePool(args, 128, 1, 1, F32)
+    pool = CachePool(args, 128, 1, 1, F32, num_run_slots=1)
     pool.kv[1][:32] = 1.0  # window block 0 (32 rows)
     pool.kv[1][32:64] = 2.0  # comp block 0 of layer 1 (ratio 4: 32 entries per block)
-    pool.resize(3, 2)
+    pool.run[1]["index"][2][0] = 3.0  # run slot 0: the indexer compressor's stored A-half
+    pool.resize(3, 2, num_run_slots=2)
     assert pool.comp_base(1) == 3 * 32
     assert (pool.kv[1][:32] == 1).all() and (pool.kv[1][96:128] == 2).all()
-    assert pool.num == {WINDOW_KIND: 3, COMP_KIND: 2, STATE_KIND: 0}
+    assert (pool.run[1]["index"][2][0] == 3).all() and pool.run[1]["index"][2].shape == (2, 4, args.index_head_dim)
+    assert pool.num == {WINDOW_KIND: 3, COMP_KIND: 2, STATE_KIND: 0, RUN_KIND: 2}
 
 
 def test_long_prefill_holds_only_the_window_blocks(model):
@@ -89,11 +91,11 @@ def test_block_end_state_is_the_running_state_there(model):
     model(b)
     b.commit()
     for lid in (1, 3):  # CSA layers of tiny
-        for k, name in ((0, "comp"), (1, "index")):
+        for name in ("comp", "index"):
             slot = whole.pool.state[lid][name][whole.state_slots[1]]
-            st = cut.states[lid][k]
-            torch.testing.assert_close(slot[0], st.prev_kv, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(slot[1], st.prev_score, rtol=1e-5, atol=1e-5)
+            _, _, prev_kv, prev_score = cut.pool.run[lid][name]
+            torch.testing.assert_close(slot[0], prev_kv[cut.run_slot], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(slot[1], prev_score[cut.run_slot], rtol=1e-5, atol=1e-5)
 
 
 def test_mark_rollback_restores_decode(model):
@@ -112,6 +114,54 @@ def test_mark_rollback_restores_decode(model):
     ref_c = new_seq_cache(model.args, F32)
     ref = model.logits(model(StepBatch.build([(ref_c, ids)]))[-1:])
     assert torch.nn.functional.cosine_similarity(got, ref).item() > 0.99
+
+
+@pytest.mark.parametrize("length", [125, 127, 255])
+def test_rollback_is_exact_across_window_ends(model, length):
+    """A rejected 2-token step that closes CSA and HCA windows (127 -> 128 ends an HCA window and a block) and
+    opens new ones is undone exactly: the next step's logits equal, bit for bit, those of a cache that never saw
+    the rejected tokens (a missed run-slot row or A-half would change the next entries)."""
+    ids = _ids(length + 1, seed=5)
+    runs = []
+    for speculate in (False, True):
+        c = new_seq_cache(model.args, F32)
+        b = StepBatch.build([(c, ids[:length])])
+        model(b)
+        b.commit()
+        if speculate:
+            m = mark(c, 2)
+            b = StepBatch.build([(c, [7, 8])])
+            model(b)
+            b.commit()
+            rollback(c, m)
+        b = StepBatch.build([(c, ids[length:])])
+        runs.append(model.logits(model(b)))
+        b.commit()
+        # and the step after that, which reads the entries the rolled-back windows produce
+        b = StepBatch.build([(c, [9, 10, 11, 12])])
+        runs.append(model.logits(model(b)))
+    assert torch.equal(runs[0], runs[2]) and torch.equal(runs[1], runs[3])
+
+
+def test_shared_pool_batch_equals_each_sequence_alone(model):
+    """Sequences on one pool (the engine's case: one run slot each, one compressor plan per step) with mixed
+    prefill chunks and decodes give each sequence's logits as when it runs alone."""
+    prompts = [_ids(n, seed=10 + n) for n in (130, 7, 260)]
+    steps = [[(0, 0, 129), (1, 0, 5), (2, 0, 255)], [(0, 129, 130), (1, 5, 7), (2, 255, 260)]]
+    first = new_seq_cache(model.args, F32)
+    shared = [first] + [SeqCache(first.pool, first.alloc) for _ in prompts[1:]]
+    alone = [new_seq_cache(model.args, F32) for _ in prompts]
+    for step in steps:
+        b = StepBatch.build([(shared[i], prompts[i][a:e]) for i, a, e in step])
+        got = model.logits(model(b))
+        b.commit()
+        for i, a, e in step:
+            s = b.seqs[i]
+            bi = StepBatch.build([(alone[i], prompts[i][a:e])])
+            ref = model.logits(model(bi))
+            bi.commit()
+            torch.testing.assert_close(got[s.offset:s.offset + s.n], ref, rtol=1e-4, atol=1e-4)
+    assert sorted(c.run_slot for c in shared) == [0, 1, 2]
 
 
 def test_fp8_cache_incremental_matches_full_and_stays_close_to_native(model):

@@ -91,8 +91,10 @@ def test_fixed_per_sequence_and_reserve(models):
     a, specs = models["flash"]
     r = make_plan(a, specs, "w8a8", "910c", 16, context=1000)
     rings = 44 * 128 * 1024  # (43 layers + MTP) x window x bf16 entry
-    state = 21 * (2 * 8 * 1024 + 2 * 8 * 256) * 4 + 20 * (2 * 128 * 512) * 4  # fp32 compressor kv + score
-    assert r.fixed_per_seq == rings + state == 17_973_248
+    # fp32 (kv, score) run slot: CSA the open window [4, 2 x dc] and the last A-half [4, dc], for the main
+    # (dc 512) and the indexer's compressor (dc 128); HCA the open window [128, 512]
+    state = 21 * 2 * (4 * 1024 + 4 * 512 + 4 * 256 + 4 * 128) * 4 + 20 * (2 * 128 * 512) * 4
+    assert r.fixed_per_seq == rings + state == 17_543_168
     assert r.reserve_per_card == 2 * GIB + 1 * GIB + 8192 * 64 * 4096
     assert make_plan(a, specs, "w8a8", "910c", 1, context=1000).reserve_per_card == 2 * GIB + 8192 * 64 * 4096
 
@@ -227,10 +229,11 @@ def test_memory_model_is_the_engines():
         fmt = pool.format
         per_token = sum(kv_layout.layer_bytes_per_token(a, fmt, l) for l in range(a.n_layers + a.n_mtp_layers))
         assert pool.block_bytes(COMP_KIND) == 128 * per_token
-        pool.resize(1, 3, 2)  # real tensors: their bytes are what the model says
+        pool.resize(1, 3, 2, 3)  # real tensors: their bytes are what the model says
         assert pool.nbytes() == sum(t.numel() * t.element_size() for t in
                                     [*pool.kv, *[k for k in pool.ikeys if k is not None],
-                                     *[v for s in pool.state if s for v in s.values()]])
+                                     *[v for s in pool.state if s for v in s.values()],
+                                     *[t for r in pool.run if r for ts in r.values() for t in ts if t is not None]])
     bf16 = kv_layout.runtime_format(a, "auto", 2)
     plan_bf16 = kv_layout.kv_formats(a)["bf16"]
     assert (bf16.main_entry, bf16.index_entry) == (plan_bf16.main_entry, plan_bf16.index_entry)
