@@ -133,7 +133,7 @@ class Engine:
         return self.config.max_num_seqs
 
     # -- one step ---------------------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()  # as vLLM's model runner: no autograd or version-counter work per op
     def step(self) -> list[StepOutput]:
         chunks = self.scheduler.schedule()
         if not chunks:
@@ -239,7 +239,7 @@ class Engine:
         mb = StepBatch(torch.tensor(toks, device=x.device), torch.tensor(poss, device=x.device), seqs)
         rows = torch.tensor([r for _, r in draft_rows], dtype=torch.long, device=x.device)
         lg = self.model.mtp_logits(x[torch.tensor(idx, device=x.device)], mb.tokens, mb, rows=rows)
-        drafts = lg.argmax(-1).tolist()
+        drafts = lg.max(-1).indices.tolist()
         if self.token_sync is not None:  # every rank must verify the same drafts
             drafts = [d.token for d in self.token_sync([Sampled(t) for t in drafts])]
         for (seq, _), d in zip(draft_rows, drafts):

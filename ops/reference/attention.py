@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
-_Q_CHUNK = 256
+# Queries per chunk. 128 rather than 256: in a batched prefill a chunk spans fewer sequences, so the union of
+# the keys its queries see (the dense product of `sparse_attn`) wastes less (6 layers of 16 x 128: 0.38 -> 0.25 s).
+_Q_CHUNK = 128
 
 
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor,
