@@ -15,15 +15,21 @@ from . import _library  # (registers the ascend_v4:: ops)
 from ._backends import active_backends, register_device_kernels
 
 _ops = torch.ops.ascend_v4
-register_device_kernels()
+# The CPU implementation of each op: the reference, or its CPU kernel (ops/cpu.py, bit-identical) unless the
+# references are forced (ASCEND_V4_OP_BACKEND=reference).
+_CPU = dict(_library.REFERENCE)
+if register_device_kernels()["cpu"] == "cpu":
+    from .cpu import KERNELS as _CPU_KERNELS
+
+    _CPU.update(_CPU_KERNELS)
 
 
 def _call(name: str, x: Tensor, *args):
-    """Run op `name`. CPU tensors in eager mode call the reference directly: on CPU the reference *is* the
-    chosen kernel, and skipping the custom-op dispatcher saves ~30 us a call (about 160 calls per decode
-    step). Anything traced (torch.compile, graph capture) or on a device goes through torch.ops.ascend_v4."""
+    """Run op `name`. CPU tensors in eager mode call the CPU implementation directly (the reference or its
+    CPU kernel): skipping the custom-op dispatcher saves ~30 us a call (about 160 calls per decode step).
+    Anything traced (torch.compile, graph capture) or on a device goes through torch.ops.ascend_v4."""
     if x.device.type == "cpu" and not torch.compiler.is_compiling():
-        return _library.REFERENCE[name](x, *args)
+        return _CPU[name](x, *args)
     return getattr(_ops, name)(x, *args)
 
 

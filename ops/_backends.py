@@ -1,6 +1,7 @@
 """Choose device kernels for the ascend_v4:: ops, once per process.
 
 The reference registered in `_library.py` is the default for every device. On top of it:
+* CPU: the bit-identical CPU kernels of `cpu.py` where they exist (backend name "cpu");
 * CUDA: Triton kernels (`ops/triton/`), when triton imports and CUDA is available;
 * NPU (PrivateUse1): the compiled Ascend C op library, else triton-ascend kernels (not built yet).
 `ASCEND_V4_OP_BACKEND` = auto (default) | reference | triton | npu forces a choice for debugging.
@@ -23,6 +24,7 @@ def register_device_kernels() -> dict[str, str]:
     chosen = {"cpu": "reference"}
     if choice == "reference":
         return chosen
+    chosen["cpu"] = "cpu"
     if choice in ("auto", "triton"):
         try:
             from .triton import register as _register_triton  # type: ignore[import-not-found]

@@ -18,20 +18,31 @@ def hc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.T
     x [T, n, D]; fn [(2+n)*n, n*D], base [(2+n)*n], scale [3] (fp32).
     Returns (y [T, D] in x.dtype, post [T, n] fp32 in (0, 2), comb [T, n, n] fp32 ~doubly stochastic).
     """
+    return hc_pre_using(sinkhorn, x, fn, base, scale, norm_eps, hc_eps, sinkhorn_iters)
+
+
+def hc_pre_using(sinkhorn, x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+                 norm_eps: float, hc_eps: float, sinkhorn_iters: int):
+    """`hc_pre` with the given Sinkhorn normalisation (`sinkhorn` below; the CPU kernel passes its own)."""
     n = x.shape[1]
     mix = _mix(x, fn, norm_eps)  # [T, (2+n)*n]
     b, s = base.float(), scale.float()
     pre = torch.sigmoid(mix[:, :n] * s[0] + b[:n]) + hc_eps
     post = 2 * torch.sigmoid(mix[:, n:2 * n] * s[1] + b[n:2 * n])
     comb = (mix[:, 2 * n:] * s[2] + b[2 * n:]).view(-1, n, n)
-    # Sinkhorn: row softmax, then column normalisation, then (row, column) pairs: 20 steps, ending on columns.
-    comb = torch.softmax(comb, dim=-1) + hc_eps
-    comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
-    for _ in range(sinkhorn_iters - 1):
-        comb = comb / (comb.sum(-1, keepdim=True) + hc_eps)
-        comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
+    comb = sinkhorn(torch.softmax(comb, dim=-1) + hc_eps, hc_eps, sinkhorn_iters)
     y = (pre.unsqueeze(-1) * x.float()).sum(1).to(x.dtype)
     return y, post, comb
+
+
+def sinkhorn(comb: torch.Tensor, hc_eps: float, iters: int) -> torch.Tensor:
+    """Sinkhorn normalisation of the row-softmaxed comb [T, n, n] fp32: a column normalisation, then `iters` - 1
+    (row, column) pairs, ending on columns (20 steps for V4)."""
+    comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(-1, keepdim=True) + hc_eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
+    return comb
 
 
 def hc_post(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
@@ -52,3 +63,4 @@ def hc_head(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.
     """
     pre = torch.sigmoid(_mix(x, fn, norm_eps) * scale.float() + base.float()) + hc_eps
     return (pre.unsqueeze(-1) * x.float()).sum(1).to(x.dtype)
+

@@ -46,6 +46,7 @@ def _route_seam_through_npu(monkeypatch):
     """Make the seam's eager-CPU path call the NPU kernels (what PrivateUse1 dispatch does on a device)."""
     for op, fn in kernels.kernel_table().items():
         monkeypatch.setitem(_library.REFERENCE, op, fn)
+        monkeypatch.setitem(ops._CPU, op, fn)  # what the seam's CPU path runs (references + CPU kernels)
 
 
 # ------------------------------------------------------------------------------------------ the double itself
@@ -287,7 +288,7 @@ def test_register_installs_privateuse1_kernels_without_importing_torch_npu():
     for op in kernels.kernel_table():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ascend_v4::{op}", "PrivateUse1"), op
     assert ("torch_npu" in sys.modules) == had
-    assert ops.active_backends()["cpu"] == "reference"
+    assert ops.active_backends()["cpu"] == "cpu"  # the CPU kernels (ops/cpu.py): NPU registration leaves them
 
 
 def test_missing_op_library_warns_once_and_falls_back(tnpu, caplog):

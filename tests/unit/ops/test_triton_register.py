@@ -40,7 +40,7 @@ def test_register_is_a_no_op_without_cuda():
     with tempfile.TemporaryDirectory() as cwd:  # not the repo root (it would shadow the installed package)
         r = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["{'cpu':", "'reference'}", "{}", "False"]
+    assert r.stdout.split() == ["{'cpu':", "'cpu'}", "{}", "False"]
 
 
 def test_register_with_cuda_registers_each_launcher(monkeypatch):
