@@ -34,9 +34,10 @@ def cos_sin(freqs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Rotate the last 2*cos.shape[-1] dims of x [T, ..., D] (cos/sin [T, rd/2]); `inverse` = conjugate."""
+    """Rotate the last 2*cos.shape[-1] dims of x [T, ..., D] (cos/sin [T, rd/2]) IN PLACE and return x;
+    `inverse` = conjugate. Every caller passes a fresh activation, so the nope dims (448 of 512) need no copy."""
     rd = 2 * cos.shape[-1]
-    nope, rope = x[..., :-rd], x[..., -rd:].float()
+    rope = x[..., -rd:].float()
     shape = rope.shape
     pairs = rope.reshape(*shape[:-1], rd // 2, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
@@ -45,5 +46,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
     s = sin.view(sin.shape[0], *([1] * extra), -1)
     if inverse:
         s = -s
-    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).reshape(shape)
-    return torch.cat((nope, out.to(x.dtype)), dim=-1)
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).reshape(shape)  # new memory: x0, x1 are read
+    x[..., -rd:] = out
+    return x

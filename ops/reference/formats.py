@@ -155,10 +155,16 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     if n & (n - 1):
         raise ValueError(f"hadamard: last dim {n} is not a power of two")
     shape, y = x.shape, x.float().reshape(-1, n)
-    h = 1
+    # Butterfly stages between two fresh buffers (never into x): each stage writes a + b and a - b straight into
+    # the other one, no stack copy; the same sums in the same order as the textbook recursion.
+    bufs = (torch.empty_like(y), torch.empty_like(y)) if n > 2 else (torch.empty_like(y),)
+    h, i = 1, 0
     while h < n:
-        y = y.view(-1, n // (2 * h), 2, h)
-        a, b = y[:, :, 0, :], y[:, :, 1, :]
-        y = torch.stack((a + b, a - b), dim=2)
-        h *= 2
+        src = y.view(-1, n // (2 * h), 2, h)
+        dst = bufs[i % len(bufs)].view(-1, n // (2 * h), 2, h)
+        a, b = src[:, :, 0, :], src[:, :, 1, :]
+        torch.add(a, b, out=dst[:, :, 0, :])
+        torch.sub(a, b, out=dst[:, :, 1, :])
+        y = dst.view(-1, n)
+        h, i = 2 * h, i + 1
     return (y.reshape(shape) * n ** -0.5).to(x.dtype)

@@ -14,7 +14,7 @@ from ascend_v4.ops import cpu
 from ascend_v4.ops.reference import mhc
 
 
-@pytest.mark.parametrize("T", [1, 7, 16, 300])
+@pytest.mark.parametrize("T", [1, 7, 16, 256, 300])
 def test_hc_pre_cpu_kernel_is_the_reference_bit_for_bit(T):
     g = torch.Generator().manual_seed(T)
     n, D = 4, 64
