@@ -60,14 +60,17 @@ class RMSNorm(nn.Module):
         self.weight = _param((dim,), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        xf = x if x.dtype == torch.float32 else x.float()
+        w = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
+        y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps) * w
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def rms_unweighted(x: torch.Tensor, eps: float) -> torch.Tensor:
     """Per-vector RMS normalisation without weight (the per-head q norm)."""
-    return (x.float() * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+    xf = x if x.dtype == torch.float32 else x.float()
+    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 class Linear(nn.Module):
@@ -173,8 +176,8 @@ class Linear(nn.Module):
         else:
             if not prequantized:
                 x2 = self.quantize_input(x2)  # same activation numerics as the packed path
-            if self.fp32_compute:
-                y = F.linear(x2.float(), self.weight.float())
-            else:
-                y = F.linear(x2, self.weight.to(x2.dtype))
+            # (dtype checks in Python: a no-op .to() still costs a dispatch, ~60 linears per decode step)
+            dt = torch.float32 if self.fp32_compute else x2.dtype
+            w = self.weight if self.weight.dtype == dt else self.weight.to(dt)
+            y = F.linear(x2 if x2.dtype == dt else x2.to(dt), w)
         return y.reshape(*shape[:-1], self.out_features)

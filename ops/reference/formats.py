@@ -120,10 +120,14 @@ def quant_fp4(w: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.Ten
 def fp8_roundtrip(x: torch.Tensor, block: int = 128, amax_floor: float = 1e-4) -> torch.Tensor:
     """Quantise the last dim in 1x`block` runs to e4m3 with pow2 scales (rounded up), dequantise, keep dtype."""
     shape, n = x.shape, x.shape[-1]
-    xb = x.float().reshape(-1, n // block, block)
-    scale = torch.exp2(pow2_scale_exponent(xb.abs().amax(-1, keepdim=True), FP8_MAX, amax_floor))
+    # (the steps of pow2_scale_exponent, in place where the tensor is ours: decode calls this ~50 times a step,
+    # and there every skipped dispatch counts)
+    xb = (x if x.dtype == torch.float32 else x.float()).reshape(-1, n // block, block)
+    e = xb.abs().amax(-1, keepdim=True).clamp_min_(amax_floor).div_(FP8_MAX).log2_().ceil_()
+    scale = e.clamp_(-E8M0_BIAS, 127).exp2_()
     q = (xb / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(torch.float32)
-    return q.mul_(scale).reshape(shape).to(x.dtype)
+    q = q.mul_(scale).reshape(shape)
+    return q if x.dtype == torch.float32 else q.to(x.dtype)
 
 
 def round_to_fp4(x: torch.Tensor) -> torch.Tensor:
