@@ -201,6 +201,8 @@ class PrefixCache:
     def lookup(self, prompt: list[int], hashes: list[bytes], pool) -> tuple[int, SeqCache | None]:
         """(tokens covered, a SeqCache sharing the cached blocks) for the deepest usable prefix of `prompt`,
         or (0, None). Takes references on the blocks it shares."""
+        if pool.has_compressor and not self.blocks.can_allocate(RUN_KIND, 1):
+            return 0, None  # no run slot for the hit's compressor state (the scheduler admits it later)
         self.queries += 1
         self.query_tokens += len(prompt)
         comp, win, state = (self.blocks.pools[k] for k in (COMP_KIND, WINDOW_KIND, STATE_KIND))
@@ -211,8 +213,6 @@ class PrefixCache:
             if b is None:
                 break
             chain.append(b)
-        if pool.has_compressor and not self.blocks.can_allocate(RUN_KIND, 1):
-            return 0, None  # no run slot for the hit's compressor state (the scheduler admits it later)
         bw = pool.window_block
         for k in range(len(chain), 0, -1):
             need = self._window_blocks(k, bw)

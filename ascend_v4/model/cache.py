@@ -325,7 +325,7 @@ class SeqCache:
                 total += n_comp * (B // m) * pool.entry_bytes
             if m == 4:
                 total += n_comp * (B // 4) * a.index_head_dim * torch.finfo(pool.dtype).bits // 8
-                total += n_state * 2 * 2 * 4 * (a.head_dim + a.index_head_dim)
+                total += n_state * 2 * m * (a.head_dim + a.index_head_dim) * 4  # (kv, score) A-halves, fp32
         return total
 
 

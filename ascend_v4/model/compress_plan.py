@@ -91,6 +91,8 @@ def build_compress_plan(seqs, offsets: list[int], m: int, overlap: bool, device)
     for i, (s, o) in enumerate(zip(seqs, offsets)):
         c = s.cache
         r, L, n = c.run_slot, s.start, s.n
+        if r < 0:  # a -1 would index (and corrupt) another sequence's slot
+            raise RuntimeError("a sequence in the step has no run slot: reserve its cache first (SeqCache.reserve)")
         end = L + n
         w0, w1 = L // m, end // m
         for w in range(w0, w1):

@@ -49,10 +49,26 @@ class StepBatch:
             self.memo[key] = s.cache.window_rows(pos[:, None] + rel[None, :])
         return self.memo[key]
 
+    def group_offsets(self, which: tuple[int, ...]) -> list[int]:
+        """First row of each of sequences `which` in the group's step rows (back to back, in this order). For the
+        whole batch those are the slices' own offsets, which must then lie back to back (as `build` makes them)."""
+        key = ("goff", which)
+        if key not in self.memo:
+            seqs = [self.seqs[i] for i in which]
+            offsets = [sum(s.n for s in seqs[:k]) for k in range(len(seqs))]
+            if len(which) == len(self.seqs) and (any(s.offset != o for s, o in zip(seqs, offsets))
+                                                 or sum(s.n for s in seqs) != self.tokens.shape[0]):
+                raise ValueError(f"StepBatch: the sequences' slices (offsets {[s.offset for s in seqs]}, lengths "
+                                 f"{[s.n for s in seqs]}) must lie back to back over the {self.tokens.shape[0]} "
+                                 "tokens; build batches with StepBatch.build")
+            self.memo[key] = offsets
+        return self.memo[key]
+
     def group_window_rows(self, which: tuple[int, ...], window: int) -> torch.Tensor:
         """Window rows [Tg, window] of sequences `which` (indices into seqs), back to back."""
         key = ("gwin", which, window)
         if key not in self.memo:
+            self.group_offsets(which)  # checks the layout once per step
             rows = [self.window_rows(i, window) for i in which]
             self.memo[key] = rows[0] if len(rows) == 1 else torch.cat(rows)
         return self.memo[key]
@@ -63,8 +79,8 @@ class StepBatch:
         key = ("plan", which, m)
         if key not in self.memo:
             seqs = [self.seqs[i] for i in which]
-            offsets = [sum(s.n for s in seqs[:k]) for k in range(len(seqs))]
-            self.memo[key] = build_compress_plan(seqs, offsets, m, m == 4, self.positions.device)
+            self.memo[key] = build_compress_plan(seqs, self.group_offsets(which), m, m == 4,
+                                                 self.positions.device)
         return self.memo[key]
 
     @classmethod

@@ -199,3 +199,20 @@ def test_fp8_format_rejects_unsupported_head_dim():
     a = dataclasses.replace(ModelArgs.from_preset("tiny"), head_dim=96)  # nope 32: not a multiple of 64
     with pytest.raises(ValueError, match="kv_format='fp8'"):
         CachePool(a, 128, 0, 0, F32, kv_format="fp8")
+
+
+def test_plan_refuses_a_cache_without_run_slot_and_gapped_slices(model):
+    from ascend_v4.model.step_batch import SeqSlice
+
+    c = new_seq_cache(model.args, F32)
+    c.reserve(2)
+    slot, c.run_slot = c.run_slot, -1  # blocks but no run slot (a slot index of -1 would hit another sequence's)
+    with pytest.raises(RuntimeError, match="no run slot"):
+        model(StepBatch(torch.tensor([0, 5]), torch.tensor([0, 1]), [SeqSlice(c, 0, 0, 2)]))
+    c.run_slot = slot
+    shared = SeqCache(c.pool, c.alloc)
+    shared.reserve(1)
+    b = StepBatch(torch.tensor([0, 5, 7, 9]), torch.tensor([0, 1, 0, 0]),
+                  [SeqSlice(c, 0, 0, 2), SeqSlice(shared, 3, 0, 1)])  # row 2 belongs to nobody
+    with pytest.raises(ValueError, match="back to back"):
+        model(b)
