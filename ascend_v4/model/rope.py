@@ -28,24 +28,27 @@ def inv_freq(args: ModelArgs, compressed: bool) -> torch.Tensor:
 
 
 def cos_sin(freqs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions [T] -> cos, sin [T, rd/2] fp32."""
+    """positions [T] -> the rotation of each (even, odd) channel pair as two [T, rd] fp32 factors, interleaved
+    per pair: C = (cos, cos), S = (-sin, sin). `apply_rope` then needs two products and a sum (see there)."""
     ang = positions.to(torch.float32)[:, None] * freqs.to(positions.device)[None, :]
-    return ang.cos(), ang.sin()
+    c, s = ang.cos(), ang.sin()
+    return torch.stack((c, c), -1).flatten(-2), torch.stack((-s, s), -1).flatten(-2)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Rotate the last 2*cos.shape[-1] dims of x [T, ..., D] (cos/sin [T, rd/2]) IN PLACE and return x;
-    `inverse` = conjugate. Every caller passes a fresh activation, so the nope dims (448 of 512) need no copy."""
-    rd = 2 * cos.shape[-1]
-    rope = x[..., -rd:].float()
-    shape = rope.shape
-    pairs = rope.reshape(*shape[:-1], rd // 2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    extra = x.dim() - 2  # broadcast cos/sin over head dims
-    c = cos.view(cos.shape[0], *([1] * extra), -1)
-    s = sin.view(sin.shape[0], *([1] * extra), -1)
-    if inverse:
-        s = -s
-    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).reshape(shape)  # new memory: x0, x1 are read
+    """Rotate the last rd = cos.shape[-1] dims of x [T, ..., D] (interleaved pairs; cos, sin = `cos_sin`'s C, S)
+    IN PLACE and return x; `inverse` = conjugate. Every caller passes a fresh activation, so the nope dims (448 of
+    512) need no copy.
+
+    Per pair (x0, x1): (x0 C + x1' S) with x1' the pair swapped gives x0 cos - x1 sin and x1 cos + x0 sin, the
+    same IEEE results as the textbook x0 cos - x1 sin, x0 sin + x1 cos (negation and a commuted sum are exact)."""
+    rd = cos.shape[-1]
+    rope = x[..., -rd:]
+    f = rope if rope.dtype == torch.float32 else rope.float()
+    swapped = f.unflatten(-1, (rd // 2, 2)).flip(-1).flatten(-2)  # (x1, x0) per pair
+    extra = x.dim() - 2  # broadcast over head dims
+    c = cos.view(cos.shape[0], *([1] * extra), rd)
+    s = sin.view(sin.shape[0], *([1] * extra), rd)
+    out = f * c + swapped * (-s if inverse else s)  # new memory: f and swapped are read first
     x[..., -rd:] = out
     return x

@@ -5,10 +5,19 @@ from __future__ import annotations
 import torch
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    # .float() on an fp32 tensor returns it but still costs a dispatch; decode runs ~13 of these ops a step
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _mix(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
     # Unweighted RMS-normalised projection of the flattened streams: (u . fn^T) * rsqrt(mean(u^2) + eps).
-    u = x.flatten(-2).float()  # [T, n*D]
-    return (u @ fn.float().t()) * torch.rsqrt(u.square().mean(-1, keepdim=True) + norm_eps)
+    u = _f32(x.flatten(-2))  # [T, n*D]
+    return (u @ _f32(fn).t()) * torch.rsqrt(u.square().mean(-1, keepdim=True) + norm_eps)
 
 
 def hc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_eps: float,
@@ -26,12 +35,12 @@ def hc_pre_using(sinkhorn, x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor
     """`hc_pre` with the given Sinkhorn normalisation (`sinkhorn` below; the CPU kernel passes its own)."""
     n = x.shape[1]
     mix = _mix(x, fn, norm_eps)  # [T, (2+n)*n]
-    b, s = base.float(), scale.float()
+    b, s = _f32(base), _f32(scale)
     pre = torch.sigmoid(mix[:, :n] * s[0] + b[:n]) + hc_eps
     post = 2 * torch.sigmoid(mix[:, n:2 * n] * s[1] + b[n:2 * n])
     comb = (mix[:, 2 * n:] * s[2] + b[2 * n:]).view(-1, n, n)
     comb = sinkhorn(torch.softmax(comb, dim=-1) + hc_eps, hc_eps, sinkhorn_iters)
-    y = (pre.unsqueeze(-1) * x.float()).sum(1).to(x.dtype)
+    y = _as((pre.unsqueeze(-1) * _f32(x)).sum(1), x.dtype)
     return y, post, comb
 
 
@@ -51,8 +60,8 @@ def hc_post(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: t
     f [T, D]; residual [T, n, D]; post [T, n]; comb [T, n, n]. Returns [T, n, D] in residual.dtype.
     The sum runs over the *source* index i (comb transposed): comb is not symmetric.
     """
-    mixed = torch.einsum("tij,tid->tjd", comb.float(), residual.float())
-    return (post.float().unsqueeze(-1) * f.float().unsqueeze(1) + mixed).to(residual.dtype)
+    mixed = torch.einsum("tij,tid->tjd", _f32(comb), _f32(residual))
+    return _as(_f32(post).unsqueeze(-1) * _f32(f).unsqueeze(1) + mixed, residual.dtype)
 
 
 def hc_head(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_eps: float,
