@@ -163,7 +163,8 @@ class Attention(nn.Module):
         T = o.shape[0]
         og = o.reshape(T, G, -1)  # [T, G, (H/G)*hd]
         wa = self.wo_a.dense_weight(o.dtype).view(G, self.args.o_lora_rank, -1)  # [G, r, (H/G)*hd]
-        z = torch.einsum("tgi,gri->tgr", og, wa).reshape(T, -1)  # [T, G*r]
+        # "tgi,gri->tgr" as the bmm einsum would run, without einsum's parsing: [G, T, i] @ [G, i, r] -> [T, G*r]
+        z = torch.bmm(og.transpose(0, 1), wa.transpose(1, 2)).transpose(0, 1).reshape(T, -1)
         if self.tp.size == 1:
             return self.wo_b(z)
         if self.tp_comm is None:

@@ -60,7 +60,7 @@ def hc_post(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: t
     f [T, D]; residual [T, n, D]; post [T, n]; comb [T, n, n]. Returns [T, n, D] in residual.dtype.
     The sum runs over the *source* index i (comb transposed): comb is not symmetric.
     """
-    mixed = torch.einsum("tij,tid->tjd", _f32(comb), _f32(residual))
+    mixed = torch.bmm(_f32(comb).transpose(1, 2), _f32(residual))  # "tij,tid->tjd" without einsum's parsing
     return _as(_f32(post).unsqueeze(-1) * _f32(f).unsqueeze(1) + mixed, residual.dtype)
 
 
