@@ -15,9 +15,11 @@ so a process hosts at most one multi-rank engine at a time (`destroy_process_gro
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import pickle
+import sys
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -166,6 +168,22 @@ def create_store(rank: int, world_size: int, addr: str, port: int, timeout_s: fl
                          timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Send what native code writes on file descriptor 1 to 2 for a while: torch 2.10's Gloo prints "[Gloo] Rank r
+    is connected to n peer ranks" on stdout while connecting, which would corrupt machine-read output such as
+    `generate --json` (torch_npu's 2.10 line is what Atlas users run)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def init_process_groups(store: dist.Store, rank: int, world_size: int, local_rank: int, *, device_type: str,
                         timeout_s: float, tp: int = 1) -> ParallelContext:
     """Join the default process group on `store` with the platform's backend for `device_type`, and create the
@@ -182,19 +200,20 @@ def init_process_groups(store: dist.Store, rank: int, world_size: int, local_ran
     if device_type != "cpu":
         getattr(torch, device_type).set_device(local_rank)
     timeout = datetime.timedelta(seconds=timeout_s)
-    dist.init_process_group(backend, store=dist.PrefixStore(_PG_PREFIX, store), rank=rank, world_size=world_size,
-                            timeout=timeout)
-    group = dist.group.WORLD
-    cpu_group = group if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
-    tp_group = tp_cpu = None
-    if tp > 1:
-        for first in range(0, world_size, tp):
-            ranks = list(range(first, first + tp))
-            g = group if tp == world_size else dist.new_group(ranks, timeout=timeout)
-            gc = cpu_group if tp == world_size else g if backend == "gloo" else \
-                dist.new_group(ranks, backend="gloo", timeout=timeout)
-            if first <= rank < first + tp:
-                tp_group, tp_cpu = g, gc
+    with _stdout_to_stderr():  # the groups connect here
+        dist.init_process_group(backend, store=dist.PrefixStore(_PG_PREFIX, store), rank=rank, world_size=world_size,
+                                timeout=timeout)
+        group = dist.group.WORLD
+        cpu_group = group if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+        tp_group = tp_cpu = None
+        if tp > 1:
+            for first in range(0, world_size, tp):
+                ranks = list(range(first, first + tp))
+                g = group if tp == world_size else dist.new_group(ranks, timeout=timeout)
+                gc = cpu_group if tp == world_size else g if backend == "gloo" else \
+                    dist.new_group(ranks, backend="gloo", timeout=timeout)
+                if first <= rank < first + tp:
+                    tp_group, tp_cpu = g, gc
     return ParallelContext(rank, world_size, local_rank, backend, device, group, cpu_group, timeout_s,
                            tp_group, rank % tp, tp, tp_cpu)
 

@@ -24,3 +24,19 @@ def test_a_failing_worker_prints_one_line_and_the_traceback_only_in_debug():
     assert len(lines) == 1 and "no.such.host.invalid" in lines[0], r.stderr
     assert "Traceback" not in r.stderr
     assert "Traceback (most recent call last)" in _worker("1").stderr
+
+
+def test_native_stdout_while_groups_connect_goes_to_stderr():
+    """torch 2.10's Gloo writes "[Gloo] Rank r is connected ..." on file descriptor 1 while the groups connect
+    (in every rank, workers included); `init_process_groups` sends fd 1 to stderr meanwhile, so machine-read stdout
+    (`generate --json`) stays clean. Checked with a native write in a child process."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys\nfrom ascend_v4.runtime.distributed import _stdout_to_stderr\nprint('before', flush=True)\n"
+            "with _stdout_to_stderr():\n    os.write(1, b'native line\\n')\n    print('python line')\n"
+            "print('after')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n") == ["before", "after", ""]
+    assert "native line" in r.stderr and "python line" in r.stderr
