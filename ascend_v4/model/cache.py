@@ -317,7 +317,7 @@ class SeqCache:
         n_win = sum(b >= 0 for b in self.win_blocks)
         n_comp = len(self.comp_blocks)
         n_state = sum(b >= 0 for b in self.state_slots)
-        total = compressor_state_bytes(a, layers) if self.run_slot >= 0 else 0
+        total = (compressor_state_bytes(a, layers) if self.run_slot >= 0 else 0) + n_state * state_slot_bytes(a, layers)
         for l in layers:
             m = pool.ratios[l]
             total += n_win * pool.window_block * pool.entry_bytes
@@ -325,7 +325,6 @@ class SeqCache:
                 total += n_comp * (B // m) * pool.entry_bytes
             if m == 4:
                 total += n_comp * (B // 4) * a.index_head_dim * torch.finfo(pool.dtype).bits // 8
-                total += n_state * 2 * m * (a.head_dim + a.index_head_dim) * 4  # (kv, score) A-halves, fp32
         return total
 
 
@@ -351,14 +350,16 @@ class CacheMark:
 
 def mark(cache: SeqCache, tokens: int | None = None) -> CacheMark:
     """Remember the state before a step of `tokens` new tokens (None: any number) that may be rolled back."""
-    pool, saved = cache.pool, []
+    pool, saved, rows_of = cache.pool, [], {}
     if cache.run_slot >= 0:
         for l, run in enumerate(pool.run):
             if run is None:
                 continue
             m = pool.ratios[l]
-            span = m if tokens is None else min(tokens, m)
-            rows = torch.tensor([(cache.length + j) % m for j in range(span)], device=pool.device)
+            if m not in rows_of:  # the buffer rows positions length .. length+tokens-1 land on (one per ratio)
+                span = m if tokens is None else min(tokens, m)
+                rows_of[m] = torch.tensor([(cache.length + j) % m for j in range(span)], device=pool.device)
+            rows = rows_of[m]
             for name, (kv, score, pkv, psc) in run.items():
                 keep = (kv[cache.run_slot, rows].clone(), score[cache.run_slot, rows].clone(),
                         *(t[cache.run_slot].clone() if t is not None else None for t in (pkv, psc)))

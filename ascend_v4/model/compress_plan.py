@@ -80,8 +80,10 @@ class CompressPlan:
         return rows[torch.where(sel >= 0, sel, rows.shape[0] - 1)]
 
 
-def build_compress_plan(seqs, offsets: list[int], m: int, overlap: bool, device) -> CompressPlan:
-    """seqs: the group's SeqSlices (one pool), offsets: each one's first row in the group's step rows."""
+def build_compress_plan(seqs, offsets: list[int], positions: torch.Tensor, m: int, overlap: bool) -> CompressPlan:
+    """seqs: the group's SeqSlices (one pool), offsets: each one's first row in the group's step rows,
+    positions: the group's step positions [Tg]."""
+    device = positions.device
     pool = seqs[0].cache.pool
     epb = pool.block_size // m
     dst_step, src_step, dst_buf, src_buf, prev_from, prev_slots = [], [], [], [], [], []
@@ -133,7 +135,6 @@ def build_compress_plan(seqs, offsets: list[int], m: int, overlap: bool, device)
     # [S, Nmax]: as wide as the longest sequence's entries (the attention index width does not depend on blocks)
     table = (blocks[:, :, None] * epb + torch.arange(epb, device=device)).reshape(len(seqs), nb * epb)
     table = table[:, :max(counts)]
-    positions = torch.cat([torch.arange(s.start, s.start + s.n, device=device) for s in seqs])
     return CompressPlan(m, E, _t(dst_step, device), _t(src_step, device), _t(dst_buf, device), _t(src_buf, device),
                         _t(prev_from, device), _t(prev_slots, device), _t(wpos, device), _t(entry_rows, device),
                         _t(buf_dst, device), _t(buf_src, device), _t(last_slots, device), _t(last_entries, device),

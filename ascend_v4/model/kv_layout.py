@@ -130,11 +130,13 @@ def compressor_state_bytes(args: ModelArgs, layers: range | None = None) -> int:
     return total
 
 
-def state_slot_bytes(args: ModelArgs) -> int:
+def state_slot_bytes(args: ModelArgs, layers: range | None = None) -> int:
     """One block-end state slot of the paged pool (prefix caching): per CSA layer the (kv, score) A-half of the
-    last complete window, m rows of the main and the indexer compressor, fp32 (`CachePool.state`)."""
+    last complete window, m rows of the main and the indexer compressor, fp32 (`CachePool.state`); over `layers`
+    (default all, main and MTP)."""
     return sum(2 * args.ratio(l) * (args.head_dim + args.index_head_dim) * FP32
-               for l in range(args.n_layers + args.n_mtp_layers) if args.kind(l) == CSA)
+               for l in (range(args.n_layers + args.n_mtp_layers) if layers is None else layers)
+               if args.kind(l) == CSA)
 
 
 def fixed_bytes_per_seq(args: ModelArgs, fmt: KVFormat) -> int:

@@ -1,6 +1,6 @@
 """The flat batch of one forward step: the tokens of several sequences back to back, each sequence's slice of it,
-and the step's addressing (window rows, compressed-entry rows, the rows of the step's own tokens), computed once
-per step and shared by every layer (block tables do not change during a forward pass). Built by the engine's
+and the step's addressing (window rows, the compressor plans of compress_plan.py), computed once per step and
+shared by every layer (block tables do not change during a forward pass). Built by the engine's
 model runner (or `StepBatch.build` for standalone caches); read by `Attention`.
 """
 
@@ -34,7 +34,7 @@ class StepBatch:
     tokens: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
     seqs: list[SeqSlice] = field(default_factory=list)
-    # Per-step addressing shared by every layer (window rows, compressed-entry rows), computed on first use:
+    # Per-step addressing shared by every layer (window rows, compressor plans), computed on first use:
     # block tables do not change during a forward pass (blocks are reserved before it, trimmed after).
     memo: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -79,8 +79,10 @@ class StepBatch:
         key = ("plan", which, m)
         if key not in self.memo:
             seqs = [self.seqs[i] for i in which]
-            self.memo[key] = build_compress_plan(seqs, self.group_offsets(which), m, m == 4,
-                                                 self.positions.device)
+            offsets = self.group_offsets(which)
+            positions = self.positions if len(which) == len(self.seqs) else \
+                torch.cat([self.positions[s.offset:s.offset + s.n] for s in seqs])
+            self.memo[key] = build_compress_plan(seqs, offsets, positions, m, m == 4)
         return self.memo[key]
 
     @classmethod
