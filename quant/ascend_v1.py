@@ -21,6 +21,13 @@ Rules:
   (`vllm_ascend/spec_decode/llm_base_proposer.py`) swaps in the target `lm_head` only when
   `torch.equal(shared_head.head.weight, lm_head.weight)`. Without QuaRot (we never rotate) the copies are
   byte-identical to their sources.
+  DSpark checkpoints (0731 / 0813: `mtp.*` holds the DSpark stages, `n_mtp_layers` 0) get **no copies**:
+  msModelSlim's `MTPLayer` is the April block (it declares `enorm` / `hnorm` / `e_proj` / `h_proj`, which DSpark
+  stages lack, so no msModelSlim layout exists for them), and vllm-ascend's DSpark drafter
+  (`vllm_ascend/models/deepseek_v4/dspark.py` @ `07a5ede`, `DSparkDeepseekV4ForCausalLM.load_weights`) takes its
+  embedding and head from the main `embed.weight` / `head.weight` (optionally `mtp.0.embed.weight` /
+  `mtp.{last}.head.weight`); its `_remap_dspark_name` would send an April-style `mtp.{i}.emb.tok_emb.weight` to a
+  parameter that does not exist, so writing the copies would break that loader.
 * **`model_quant_type`** (`model_quant_type`): `AscendV1Saver.update_quant_type`
   (`msmodelslim/core/quant_service/modelslim_v1/save/ascendv1.py`) keeps, over every saved linear, the type
   ranked highest in `QUANT_TYPE_PRIORITY`; `W4A8_DYNAMIC` is deliberately absent from that list ("hidden"), so
@@ -70,8 +77,9 @@ _COPY_NAME = re.compile(r"^mtp\.\d+\.(?:emb\.tok_emb|head)\.weight$")
 
 
 def mtp_copy_names(n_mtp_layers: int) -> dict[str, str]:
-    """{copy name: source name} of every tensor an ascendV1 checkpoint duplicates for `n_mtp_layers` MTP layers
-    (present or not), in the order msModelSlim fills them (`get_mtp_layer`)."""
+    """{copy name: source name} of every tensor an ascendV1 checkpoint duplicates for `n_mtp_layers` April MTP
+    layers (present or not), in the order msModelSlim fills them (`get_mtp_layer`). DSpark stages are not MTP
+    layers here (`ModelArgs.n_mtp_layers` is 0 for them): no copies (module docstring)."""
     return {f"mtp.{i}.{leaf}": src for i in range(n_mtp_layers) for leaf, src in MTP_COPIES}
 
 

@@ -169,7 +169,7 @@ def make_plan(src: SourceCheckpoint, output_format: str, ep: int | None) -> Plan
     n_shards = len(src.shards)
     files: dict[tuple[int, int | None], OutFile] = {}
     units = plan_units(src, output_format)
-    if style.ascend_v1:  # msModelSlim's MTP copies of the main embedding and head (byte copies)
+    if style.ascend_v1:  # msModelSlim's MTP copies of the main embedding and head (byte copies; none for DSpark)
         units += [(Unit(dst, [ent], [OutTensor(dst, ent.dtype, tuple(ent.shape), ent.nbytes)], duplicate=True), ent)
                   for dst, name in ascend_v1.shared_copies(src.tensors, src.args.n_mtp_layers)
                   for ent in (src.tensors[name],)]

@@ -14,12 +14,20 @@ Linear roles (model-spec.md §8.1) and, per output format, the tensor format eac
 | attn_proj | `attn.wq_a`, `attn.wq_b`, `attn.wkv` | int8_channel | int8_channel | bf16 | - | - |
 | indexer_q | `attn.indexer.wq_b` | int8_channel | int8_channel | bf16 | - | - |
 | attn_out | `attn.wo_a`, `attn.wo_b` | bf16 | bf16 | bf16 | - | - |
-| mtp_proj | `mtp.N.e_proj`, `mtp.N.h_proj` | bf16 | bf16 | bf16 | - | - |
+| mtp_proj | `mtp.N.e_proj`, `mtp.N.h_proj` (April MTP), `mtp.0.main_proj` (DSpark) | bf16 | bf16 | bf16 | - | - |
 
 w8a8 / w4a8 follow msModelSlim's V4 recipes (ascend-notes.md §6.2): W8A8-dynamic on `*attn*` except `wo_a` /
 `wo_b` (compressor and indexer `weights_proj` are BF16 already) and on `*ffn*` except the router gate; the MTP
 projections match neither pattern, so they stay float too. What else an ascendV1 output holds (the description
 file, the MTP copies of the embedding and head, config.json) follows `ascend_v1.py`.
+
+Draft blocks are quantised like main layers: `mtp.N.attn.*` / `mtp.N.ffn.*` take the roles above, whether `mtp.N`
+is an April MTP block or a DSpark stage (0731 / 0813, dspark-spec.md §1). DSpark's FP8 context projection
+`mtp.0.main_proj` is a projection outside `*attn*` / `*ffn*`, like `e_proj` / `h_proj`, and vllm-ascend's DSpark
+drafter builds it unquantised unless the config still says `quant_method: fp8` (`vllm_ascend/models/deepseek_v4/
+dspark.py` @ `07a5ede`, `DeepseekV4DSparkModel.__init__`, `_main_proj_qconfig`), so it is written as BF16 where
+the format drops the FP8 quantization_config. The Markov head (`markov_w1`, `markov_w2`) and the confidence head
+(`confidence_head.proj`) are BF16 in the official checkpoint and stay BF16 (byte copies) in every format.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ ROLES: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p), r) for p, r in
     (r"^(layers|mtp)\.\d+\.attn\.indexer\.wq_b$", "indexer_q"),
     (r"^(layers|mtp)\.\d+\.attn\.(wq_a|wq_b|wkv)$", "attn_proj"),
     (r"^(layers|mtp)\.\d+\.attn\.(wo_a|wo_b)$", "attn_out"),
-    (r"^mtp\.\d+\.(e_proj|h_proj)$", "mtp_proj"),
+    (r"^mtp\.\d+\.(e_proj|h_proj|main_proj)$", "mtp_proj"),
 ))
 _EXPERT = re.compile(r"^(?:layers|mtp)\.\d+\.ffn\.experts\.(\d+)\.w[123]\.")
 
@@ -102,7 +110,8 @@ def expert_id(name: str) -> int | None:
 
 
 def layer_kind(base: str) -> str:
-    """Grouping key for error statistics: e.g. `attn.wq_a`, `experts.w1`, `shared_experts.w2`, `mtp.e_proj`."""
+    """Grouping key for error statistics: e.g. `attn.wq_a`, `experts.w1`, `shared_experts.w2`, `mtp.e_proj`,
+    `mtp.main_proj`."""
     parts = base.split(".")
     if ".experts." in base and ".shared_experts." not in base:
         return f"experts.{parts[-1]}"
@@ -110,7 +119,7 @@ def layer_kind(base: str) -> str:
         return f"shared_experts.{parts[-1]}"
     if ".indexer." in base:
         return f"indexer.{parts[-1]}"
-    if base.startswith("mtp.") and parts[-1] in ("e_proj", "h_proj"):
+    if base.startswith("mtp.") and parts[-1] in ("e_proj", "h_proj", "main_proj"):
         return f"mtp.{parts[-1]}"
     return f"attn.{parts[-1]}" if ".attn." in base else parts[-1]
 

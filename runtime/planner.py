@@ -1,8 +1,11 @@
 """`ascend-v4 plan`: does a model fit a deployment, in which format, with how much context, how fast (roofline).
 
-Everything is arithmetic on the exact tensor inventory (`ascend_v4.checkpoint.spec.expected_tensors`, MTP
-included) converted with the same recipes as `ascend-v4 quantize`, so weight bytes are those the converter
-writes (scales, offsets and int4 `scale_bias` included).
+Everything is arithmetic on the exact tensor inventory (`ascend_v4.checkpoint.spec.expected_tensors`, the draft
+module `mtp.*` included: April MTP blocks or DSpark stages with their extras) converted with the same recipes as
+`ascend-v4 quantize`, so weight bytes are those the converter writes (scales, offsets and int4 `scale_bias`
+included). The draft module's share is reported apart (`WeightSplit.draft`, `PlanReport.draft_per_card`); it is
+placed by the same rules as the main layers (its routed experts over EP, its attention over TP, the DSpark Markov
+and confidence heads replicated).
 
 Layout: `npus` cards; attention data-parallel groups of `tp` cards (DP = npus / tp); routed experts
 expert-parallel over all cards (EP = npus, each card E / npus experts of every MoE layer). What a TP rank holds a
@@ -37,7 +40,7 @@ from typing import Any, Protocol
 
 from ascend_v4.model import kv_layout
 from ascend_v4.model.kv_layout import KVFormat, kv_formats
-from ascend_v4.model.placement import ROUTED, TP, placement, resident_nbytes
+from ascend_v4.model.placement import REPLICATED, ROUTED, TP, placement, resident_nbytes
 from ascend_v4.quant import get_format, recipes
 from ascend_v4.quant.st_io import tensor_nbytes
 
@@ -47,6 +50,7 @@ COMM_RESERVE = 1 * GIB  # HCCL/NCCL buffers of the EP / TP communicators (ascend
 ACT_BYTES_PER_TOKEN_PER_DIM = 64  # live activation bytes per prefill token, in units of `dim` (estimate)
 DEFAULT_PREFILL_CHUNK = 8192
 ACT_BYTES = 2  # BF16 activations on the device (the dtype of dense weights expanded at load)
+DRAFT_PREFIX = "mtp."  # the draft module's tensors (= ascend_v4.checkpoint.spec.DRAFT_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -101,13 +105,24 @@ class WeightSplit:
 
     replicated: int = 0
     tp_split: int = 0
-    routed_experts: int = 0  # all experts of all MoE layers (incl. MTP)
+    routed_experts: int = 0  # all experts of all MoE layers (incl. the draft module's)
     params: int = 0
     stored: int = 0
+    # The draft module (`mtp.*`: MTP blocks or DSpark stages), already counted above: {placement: loaded bytes}.
+    draft: dict[str, int] = field(default_factory=lambda: {REPLICATED: 0, TP: 0, ROUTED: 0})
 
     @property
     def total(self) -> int:
         return self.replicated + self.tp_split + self.routed_experts
+
+    @property
+    def draft_total(self) -> int:
+        return sum(self.draft.values())
+
+    def draft_per_card(self, tp: int, npus: int) -> int:
+        """The draft module's loaded bytes on one card: as every weight, its replicated tensors, 1/tp of its
+        TP-split ones and 1/npus of its routed experts."""
+        return int(self.draft[REPLICATED] + self.draft[TP] / tp + self.draft[ROUTED] / npus)
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,6 +150,8 @@ def weight_split(specs: Mapping[str, InventoryEntry], output_format: str) -> Wei
         ws.stored += b
         b = resident_nbytes(name, numel, b, ACT_BYTES)
         where = placement(name)
+        if name.startswith(DRAFT_PREFIX):
+            ws.draft[where] += b
         if where == ROUTED:
             ws.routed_experts += b
         elif where == TP:
@@ -158,6 +175,7 @@ class PlanReport:
     runnable_note: str
     weights: WeightSplit
     weights_per_card: int
+    draft_per_card: int  # the draft module's part of weights_per_card
     kv_per_token_by_kind: dict[str, float]  # bytes per token of context, per layer of that kind
     layers_by_kind: dict[str, int]
     kv_per_token: float
@@ -192,9 +210,11 @@ class PlanReport:
                    "index_entry_bytes": self.kv.index_entry, "bytes_per_token": self.kv_per_token,
                    "bytes_per_token_by_kind": self.kv_per_token_by_kind, "fixed_bytes_per_seq": self.fixed_per_seq},
             "bytes_per_card": {"hbm": self.hardware.hbm_bytes, "weights": self.weights_per_card,
-                               "reserve": self.reserve_per_card, "free_for_kv": self.free_per_card},
-            "weights": {"total": self.weights.total, "stored": self.weights.stored, "routed_experts": self.weights.routed_experts,
-                        "tp_split": self.weights.tp_split, "replicated": self.weights.replicated},
+                               "draft_weights": self.draft_per_card, "reserve": self.reserve_per_card,
+                               "free_for_kv": self.free_per_card},
+            "weights": {"total": self.weights.total, "stored": self.weights.stored,
+                        "routed_experts": self.weights.routed_experts, "tp_split": self.weights.tp_split,
+                        "replicated": self.weights.replicated, "draft": self.weights.draft_total},
             "seqs_per_card": self.seqs_per_card, "max_context_at_batch": self.max_context_at_batch,
             "decode_tok_s_per_card": self.decode_tok_s_per_card if fits else None, "notes": self.notes,
         }
@@ -219,7 +239,9 @@ class PlanReport:
             f"{self.weights.params / 1e9:.1f}B params): "
             f"routed experts {self.weights.routed_experts / g:.1f} GB, TP-split {self.weights.tp_split / g:.1f} GB, "
             f"replicated {self.weights.replicated / g:.1f} GB",
-            f"  weights per card: {self.weights_per_card / g:.2f} GB",
+            f"  weights per card: {self.weights_per_card / g:.2f} GB"
+            + (f" (draft module mtp.*: {self.draft_per_card / g:.2f} GB of it, {self.weights.draft_total / g:.2f} GB "
+               f"in all)" if self.weights.draft_total else ""),
             f"  KV cache ({self.kv.name}: {self.kv.note}): main entry {self.kv.main_entry} B, indexer key "
             f"{self.kv.index_entry} B",
         ]
@@ -323,8 +345,8 @@ def make_plan(args: Any, specs: Mapping[str, InventoryEntry], output_format: str
         notes.append(f"{batch} sequence(s) of {context:,} tokens need {batch * per_seq / 1e9:.2f} GB per card; "
                      f"{max(free, 0) / 1e9:.2f} GB are free")
     return PlanReport(model or getattr(args, "name", "model"), output_format, hw, npus, tp, context, batch, kvf,
-                      runnable, why, ws, int(weights_card), per_kind, layers_by_kind, kv_tok, int(fixed),
-                      int(reserve), int(free), seqs, max_ctx, step, batch / tp / step,
+                      runnable, why, ws, int(weights_card), ws.draft_per_card(tp, npus), per_kind, layers_by_kind,
+                      kv_tok, int(fixed), int(reserve), int(free), seqs, max_ctx, step, batch / tp / step,
                       "memory" if t_mem >= t_cmp else "compute", notes)
 
 

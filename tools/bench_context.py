@@ -70,7 +70,7 @@ def main(argv=None) -> int:
             rollback(cache, m)
         measured = cache.nbytes(range(main_layers))
         fmt = cache.pool.format  # the pool's own entry sizes (kv_layout: the memory model plan uses)
-        formula = (kv_layout.window_ring_bytes(args, fmt) * main_layers // (main_layers + args.n_mtp_layers)
+        formula = (kv_layout.window_ring_bytes(args, fmt) * main_layers // (main_layers + args.n_draft_layers)
                    + kv_layout.kv_bytes_per_token(args, fmt) * ctx)
         plain = main_layers * ctx * args.head_dim * esize
         rows.append({"context": ctx, "decode_ms": 1e3 * statistics.median(times), "cache_bytes": measured,

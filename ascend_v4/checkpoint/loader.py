@@ -45,7 +45,8 @@ from safetensors import safe_open
 from torch import nn
 
 from ascend_v4.checkpoint.errors import CheckpointError
-from ascend_v4.checkpoint.reader import MTP_PREFIX, TORCH_DTYPES, ProgressBar, TensorEntry, read_checkpoint
+from ascend_v4.checkpoint.reader import (MTP_PREFIX, TORCH_DTYPES, ProgressBar, TensorEntry, read_checkpoint,
+                                         skips_draft)
 from ascend_v4.model.args import ModelArgs
 from ascend_v4.model.tp import TPShard, slice_dim
 from ascend_v4.quant.ascend_v1 import is_shared_copy
@@ -72,7 +73,7 @@ class LoadReport:
     bytes: int  # bytes read from the checkpoint
     seconds: float
     shards: int
-    skipped: int  # checkpoint tensors deliberately not loaded (MTP when excluded, `skip` filter, ascendV1 MTP copies)
+    skipped: int  # checkpoint tensors deliberately not loaded (mtp.* when excluded, `skip` filter, ascendV1 MTP copies)
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,8 @@ def load_checkpoint(model: nn.Module, ckpt_dir: str | Path, *, args: ModelArgs |
             the full `expected_tensors(args)` inventory; all problems raised together).
         args: architecture to validate against; default: the directory's `config.json`.
         progress: progress bar on stderr (shard i/N, bytes, tensors, ETA).
-        include_mtp: load `mtp.*` tensors (they are always skipped when `args.n_mtp_layers == 0`).
+        include_mtp: load the draft blocks' `mtp.*` tensors (April MTP blocks or DSpark stages); False loads the
+            backbone only. They are skipped too when the config has no draft blocks (`n_draft_layers == 0`).
         device: where the loaded tensors live.
         skip: checkpoint tensor names for which it returns True are not loaded (counted in `skipped`), e.g.
             the routed experts of other ranks under expert parallelism (the model does not declare them).
@@ -138,7 +140,7 @@ def load_checkpoint(model: nn.Module, ckpt_dir: str | Path, *, args: ModelArgs |
     """
     t0 = time.monotonic()
     info = read_checkpoint(ckpt_dir, args=args, include_mtp=include_mtp)
-    skip_mtp = not include_mtp or info.args.n_mtp_layers == 0
+    skip_mtp = skips_draft(info.args, include_mtp)
     where = str(info.path)
     _apply_linear_formats(model, info.linear_formats)
     targets = _targets(model)
@@ -177,7 +179,8 @@ def load_checkpoint(model: nn.Module, ckpt_dir: str | Path, *, args: ModelArgs |
                                  for d in range(len(tgt.shape)))
     for name, tgt in targets.items():
         if name not in wanted and name not in bad and _is_meta(tgt):
-            why = " (MTP tensors are not loaded: include_mtp=False or no MTP)" if name in info.tensors else ""
+            why = (" (draft tensors mtp.* are not loaded: include_mtp=False or a config without MTP / DSpark)"
+                   if name in info.tensors else "")
             problems.append(f"{name}: missing from checkpoint{why}; the model declares it on meta")
     if problems:
         raise CheckpointError.from_problems(f"{where} (loading into {type(model).__name__})", problems)
@@ -262,7 +265,7 @@ def scan_values(ckpt_dir: str | Path, *, weights: bool = True, args: ModelArgs |
     tensor (the first bad element of each), empty when all are good. The directory is validated first
     (`read_checkpoint`, raising `CheckpointError`)."""
     info = read_checkpoint(ckpt_dir, args=args, include_mtp=include_mtp)
-    skip_mtp = not include_mtp or info.args.n_mtp_layers == 0
+    skip_mtp = skips_draft(info.args, include_mtp)
     todo = [e for sh in info.shards for e in sh.tensors.values()
             if e.name in info.tensors and can_be_bad(e.dtype) and (weights or e.dtype == "F8_E8M0")
             and not (skip_mtp and e.name.startswith(MTP_PREFIX)) and not (skip is not None and skip(e.name))]

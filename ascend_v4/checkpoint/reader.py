@@ -34,7 +34,7 @@ INDEX_NAME = "model.safetensors.index.json"
 QUANT_INDEX_NAME = "quant_model_weights.safetensors.index.json"  # msModelSlim ascendV1 outputs
 SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-MTP_PREFIX = "mtp."
+MTP_PREFIX = "mtp."  # the draft blocks: April MTP blocks or DSpark stages
 
 @dataclass
 class CheckpointInfo:
@@ -59,6 +59,12 @@ class CheckpointInfo:
         return self.shards[0].metadata.get("ascend_v4.dummy") if self.shards else None
 
 
+def skips_draft(args: ModelArgs, include_mtp: bool) -> bool:
+    """Whether the `mtp.*` tensors are left alone (not checked, not loaded): asked to (`include_mtp=False`), or the
+    config has no draft blocks (neither MTP blocks nor DSpark stages)."""
+    return not include_mtp or args.n_draft_layers == 0
+
+
 # ---------------------------------------------------------------------------------------------- headers
 def read_safetensors_header(path: str | Path, problems: list[str] | None = None) -> ShardHeader:
     """`st_io.parse_header` of one file: problems are appended to `problems`, or, when it is None, raised as
@@ -81,8 +87,9 @@ def read_checkpoint(path: str | Path, *, args: ModelArgs | None = None, include_
         path: checkpoint directory.
         args: architecture to validate against; default `ModelArgs.from_dir(path)` (its `ConfigError`
             propagates for a missing, corrupt or non-V4 `config.json`).
-        include_mtp: when False, `mtp.*` tensors are neither required nor reported as unexpected. They are
-            always ignored when `args.n_mtp_layers == 0` (e.g. DSpark checkpoints, model-spec.md §13.1).
+        include_mtp: when False, the draft blocks' `mtp.*` tensors (April MTP blocks or DSpark stages) are
+            neither required nor reported as unexpected (backbone-only). They are also ignored when `args` has no
+            draft blocks (`n_draft_layers == 0`); otherwise each is checked like any other tensor.
         check_spec: also compare names, shapes and dtypes with `expected_tensors(args)`.
 
     Raises:
@@ -160,9 +167,9 @@ def read_checkpoint(path: str | Path, *, args: ModelArgs | None = None, include_
         copies = quant_manifest.is_converted(root) and any(n in tensors for n in mtp_copy_names(args.n_mtp_layers))
         problems += validate_tensors(tensors, expected_tensors(args, linear_formats=linear_formats,
                                                                shared_copies=copies)
-                                     if linear_formats or copies else official, ignore_mtp=not include_mtp
-                                     or args.n_mtp_layers == 0, index_name=index_name if has_index else SINGLE_NAME,
-                                     already_reported=reported)
+                                     if linear_formats or copies else official,
+                                     ignore_mtp=skips_draft(args, include_mtp),
+                                     index_name=index_name if has_index else SINGLE_NAME, already_reported=reported)
     if problems:
         raise CheckpointError.from_problems(str(root), problems)
     return CheckpointInfo(root, args, shards, has_index, tensors, linear_formats,
@@ -195,5 +202,5 @@ def validate_tensors(found: dict[str, TensorEntry], expected: dict[str, TensorSp
 
 
 __all__ = ["TensorEntry", "ShardHeader", "CheckpointInfo", "read_safetensors_header", "read_checkpoint",
-           "validate_tensors", "ProgressBar", "INDEX_NAME", "QUANT_INDEX_NAME", "SINGLE_NAME", "CONFIG_NAME",
-           "DTYPE_BITS", "TORCH_DTYPES"]
+           "validate_tensors", "skips_draft", "ProgressBar", "INDEX_NAME", "QUANT_INDEX_NAME", "SINGLE_NAME",
+           "CONFIG_NAME", "DTYPE_BITS", "TORCH_DTYPES"]

@@ -1,4 +1,5 @@
-"""The tensor inventory of an official DeepSeek-V4 checkpoint (model-spec.md §8.1, §9).
+"""The tensor inventory of an official DeepSeek-V4 checkpoint (model-spec.md §8.1, §9; the DSpark stages of the
+0731 / 0813 releases: dspark-spec.md §1).
 
 `expected_tensors(args)` is the single source of truth for names, shapes and dtypes: the dummy writer
 writes exactly these, the loader checks a real checkpoint against them, and the model's parameter names
@@ -14,6 +15,7 @@ their format (e.g. `.weight` I8 + `.weight_scale` / `.weight_offset` F32 for `in
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -27,6 +29,8 @@ from ascend_v4.quant.st_io import dtype_nbytes, tensor_nbytes
 F8, E8M0, I8, BF16, F32, I64 = "F8_E4M3", "F8_E8M0", "I8", "BF16", "F32", "I64"
 BLOCK = 128  # FP8 weight block (both dims)
 FP4_BLOCK = 32  # FP4 scale run along the input dim
+DRAFT_PREFIX = "mtp."  # the draft blocks: April MTP blocks or DSpark stages
+_ROUTED = re.compile(r"^mtp\.\d+\.ffn\.experts\.\d+\.")
 
 
 @dataclass(frozen=True)
@@ -107,25 +111,52 @@ def block_tensors(args: ModelArgs, prefix: str, layer_id: int) -> dict[str, Tens
     return out
 
 
+def _hc_head(out: dict, prefix: str, args: ModelArgs) -> None:
+    """The mHC head collapsing the hc_mult streams into one (`hc_head_fn` / `_base` / `_scale`)."""
+    _f32(out, f"{prefix}hc_head_fn", args.hc_mult, args.hc_mult * args.dim)
+    _f32(out, f"{prefix}hc_head_base", args.hc_mult)
+    _f32(out, f"{prefix}hc_head_scale", 1)
+
+
 def mtp_extra_tensors(args: ModelArgs, prefix: str) -> dict[str, TensorSpec]:
+    """What an April MTP block holds besides its transformer block."""
     a, out = args, {}
     _fp8(out, f"{prefix}.e_proj", a.dim, a.dim)
     _fp8(out, f"{prefix}.h_proj", a.dim, a.dim)
     for nm in ("enorm", "hnorm", "norm"):
         _bf16(out, f"{prefix}.{nm}.weight", a.dim)
-    _f32(out, f"{prefix}.hc_head_fn", a.hc_mult, a.hc_mult * a.dim)
-    _f32(out, f"{prefix}.hc_head_base", a.hc_mult)
-    _f32(out, f"{prefix}.hc_head_scale", 1)
+    _hc_head(out, f"{prefix}.", a)
+    return out
+
+
+def dspark_extra_tensors(args: ModelArgs, stage: int) -> dict[str, TensorSpec]:
+    """What DSpark stage `mtp.{stage}` holds besides its window-only block (dspark-spec.md §1): stage 0 the context
+    projection `main_proj` (FP8 [d, n_targets * d], over the target layers' streams) and `main_norm`; the last
+    stage the draft head: `norm`, its own mHC head, the rank-r Markov head (`markov_w1` looked up by the previous
+    token, `markov_w2` projecting to the vocabulary, BF16 [V, r] each) and the confidence head (`proj`, BF16
+    [1, d + r], no bias). Embedding and LM head are the target's (`embed.weight`, `head.weight`)."""
+    a, out, p = args, {}, f"mtp.{stage}"
+    if stage == 0:
+        _fp8(out, f"{p}.main_proj", a.dim, len(a.dspark_target_layer_ids) * a.dim)
+        _bf16(out, f"{p}.main_norm.weight", a.dim)
+    if stage == a.n_dspark_stages - 1:
+        _bf16(out, f"{p}.norm.weight", a.dim)
+        _hc_head(out, f"{p}.", a)
+        _bf16(out, f"{p}.markov_head.markov_w1.weight", a.vocab_size, a.dspark_markov_rank)
+        _bf16(out, f"{p}.markov_head.markov_w2.weight", a.vocab_size, a.dspark_markov_rank)
+        _bf16(out, f"{p}.confidence_head.proj.weight", 1, a.dim + a.dspark_markov_rank)
     return out
 
 
 def expected_tensors(args: ModelArgs, include_mtp: bool = True,
                      linear_formats: Mapping[str, str] | None = None,
                      shared_copies: bool = False) -> dict[str, TensorSpec]:
-    """Every tensor of the official checkpoint for `args`, in file order (top-level, layers, MTP); with
+    """Every tensor of the official checkpoint for `args`, in file order (top-level, layers, then the draft blocks
+    `mtp.*`: April MTP blocks or DSpark stages, left out when not `include_mtp`); with
     `linear_formats`, of a converted checkpoint storing those linears in those formats; with `shared_copies`
     (msModelSlim ascendV1 layout, `ascend_v4.quant.ascend_v1`), plus each MTP layer's copies of the main
-    embedding and head (`mtp.{i}.emb.tok_emb.weight`, `mtp.{i}.head.weight`: same shape and dtype), last."""
+    embedding and head (`mtp.{i}.emb.tok_emb.weight`, `mtp.{i}.head.weight`: same shape and dtype), last (April
+    MTP only: DSpark stages get no copies, `ascend_v4.quant.ascend_v1`)."""
     out = _official_tensors(args, include_mtp)
     if shared_copies and include_mtp:
         for dst, src in mtp_copy_names(args.n_mtp_layers).items():
@@ -162,14 +193,15 @@ def _official_tensors(args: ModelArgs, include_mtp: bool) -> dict[str, TensorSpe
         out.update(block_tensors(a, f"layers.{l}", l))
     _bf16(out, "norm.weight", a.dim)
     _bf16(out, "head.weight", a.vocab_size, a.dim)
-    _f32(out, "hc_head_fn", a.hc_mult, a.hc_mult * a.dim)
-    _f32(out, "hc_head_base", a.hc_mult)
-    _f32(out, "hc_head_scale", 1)
-    if include_mtp:
+    _hc_head(out, "", a)
+    if include_mtp:  # the draft blocks `mtp.{i}`: April MTP blocks, or DSpark stages (n_mtp_layers is 0 then)
         for i in range(a.n_mtp_layers):
             p = f"mtp.{i}"
             out.update(block_tensors(a, p, a.n_layers + i))
             out.update(mtp_extra_tensors(a, p))
+        for s in range(a.n_dspark_stages):
+            out.update(block_tensors(a, f"mtp.{s}", a.n_layers + s))
+            out.update(dspark_extra_tensors(a, s))
     return out
 
 
@@ -178,6 +210,21 @@ def checkpoint_nbytes(args: ModelArgs) -> int:
     return sum(tensor_nbytes(s.shape, s.dtype) for s in expected_tensors(args).values())
 
 
+def draft_nbytes(args: ModelArgs) -> tuple[int, int]:
+    """(dense, routed-expert) bytes of tensor data of the draft blocks `mtp.*` (April MTP or DSpark stages) in the
+    official checkpoint: routed = every `mtp.{i}.ffn.experts.*` tensor (FP4 weights and their scales), dense = the
+    rest (Flash-0731: 595,182,108 / 10,267,656,192 B, dspark-spec.md §1 Provenance)."""
+    dense = routed = 0
+    for name, s in expected_tensors(args).items():
+        if name.startswith(DRAFT_PREFIX):
+            n = tensor_nbytes(s.shape, s.dtype)
+            if _ROUTED.match(name):
+                routed += n
+            else:
+                dense += n
+    return dense, routed
+
+
 __all__ = ["TensorSpec", "expected_tensors", "official_linears", "apply_linear_formats", "block_tensors",
-           "checkpoint_nbytes", "dtype_nbytes",
-           "F8", "E8M0", "I8", "BF16", "F32", "I64", "HCA", "CSA", "WINDOW"]
+           "mtp_extra_tensors", "dspark_extra_tensors", "checkpoint_nbytes", "draft_nbytes", "dtype_nbytes",
+           "DRAFT_PREFIX", "F8", "E8M0", "I8", "BF16", "F32", "I64", "HCA", "CSA", "WINDOW"]

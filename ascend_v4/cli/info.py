@@ -91,7 +91,6 @@ def model_info(args: ModelArgs, context: int = DEFAULT_CONTEXT, source: str = ""
             "window_ring_bytes_per_seq": ring,
             "bytes_at_context": kv_layout.kv_bytes_at(args, f, context) + ring,
         }
-    mtp_kinds = [args.kind(args.n_layers + i) for i in range(args.n_mtp_layers)]
     return {
         "name": args.name,
         "source": source,
@@ -105,7 +104,9 @@ def model_info(args: ModelArgs, context: int = DEFAULT_CONTEXT, source: str = ""
             "kinds": kinds,
         },
         "hash_layers": args.n_hash_layers,
-        "mtp_blocks": {"n": args.n_mtp_layers, "kinds": mtp_kinds},
+        "mtp_blocks": {"n": args.n_mtp_layers,
+                       "kinds": [args.kind(args.n_layers + i) for i in range(args.n_mtp_layers)]},
+        "draft": draft_info(args),
         "attention": {
             "heads": args.n_heads, "head_dim": args.head_dim, "window": args.window_size,
             "index_heads": args.index_n_heads, "index_head_dim": args.index_head_dim,
@@ -121,11 +122,51 @@ def model_info(args: ModelArgs, context: int = DEFAULT_CONTEXT, source: str = ""
     }
 
 
+def draft_info(args: ModelArgs) -> dict[str, Any]:
+    """The draft module `mtp.*`: April MTP blocks (`kind` "mtp"), DSpark stages ("dspark", dspark-spec.md) or none
+    (None); its blocks' layer kinds, the DSpark settings, and its weights' bytes in the official checkpoint (routed
+    experts apart; embedding and head are shared with the main model and not counted)."""
+    from ascend_v4.checkpoint.spec import draft_nbytes
+
+    dense, routed = draft_nbytes(args)
+    n = args.n_draft_layers
+    out: dict[str, Any] = {
+        "kind": "dspark" if args.has_dspark else "mtp" if n else None,
+        "stages": n,
+        "kinds": [args.kind(args.n_layers + i) for i in range(n)],
+        "bytes": {"dense": dense, "routed_experts": routed, "total": dense + routed},
+    }
+    if args.has_dspark:
+        out.update(block_size=args.dspark_block_size, markov_rank=args.dspark_markov_rank,
+                   noise_token_id=args.dspark_noise_token_id, target_layers=list(args.dspark_target_layer_ids))
+    return out
+
+
+def _draft_line(d: dict[str, Any]) -> str:
+    if d["kind"] is None:
+        return "none"
+    kinds = ", ".join(sorted(set(d["kinds"])))
+    b = d["bytes"]
+    size = f"weights {_dec(b['total'])} ({_dec(b['dense'])} dense + {_dec(b['routed_experts'])} routed experts)"
+    if d["kind"] == "mtp":
+        return f"MTP, {d['stages']} block{'s' if d['stages'] > 1 else ''} ({kinds}); {size}"
+    return (f"DSpark, {d['stages']} stages ({kinds}), block {d['block_size']}, Markov rank {d['markov_rank']}, "
+            f"target layers {', '.join(map(str, d['target_layers']))}; {size}")
+
+
 def _count(n: float) -> str:
     for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
         if n >= div:
             return f"{n / div:.1f}{unit}"
     return str(int(n))
+
+
+def _dec(n: float) -> str:
+    """Decimal units, as checkpoint sizes are quoted: 595182108 -> '595.18 MB'."""
+    for div, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if n >= div:
+            return f"{n / div:,.2f} {unit}"
+    return f"{n:,.0f} B"
 
 
 def _bytes(n: float) -> str:
@@ -145,11 +186,11 @@ def format_model_info(info: dict[str, Any]) -> str:
     rows = [
         ("model", f"{info['name']}  ({info['source']})" if info["source"] else info["name"]),
         ("parameters", f"{_count(p['total'])} total, {_count(p['routed_experts'])} in routed experts, "
-                       f"{_count(p['active'])} active per token (MTP excluded)"),
+                       f"{_count(p['active'])} active per token (draft module excluded)"),
         ("layers", f"{lay['n']}: {c[WINDOW]} window-only, {c[CSA]} CSA (ratio 4), {c[HCA]} HCA (ratio 128)"),
         ("schedule", f"{lay['schedule']}   (W window-only, C CSA, H HCA)"),
         ("hash layers", f"{h} (layers 0-{h - 1} route by token id)" if h else "0"),
-        ("MTP blocks", f"{info['mtp_blocks']['n']} ({', '.join(info['mtp_blocks']['kinds']) or '-'})"),
+        ("draft module", _draft_line(info["draft"])),
         ("experts", f"{ex['routed']} routed + {ex['shared']} shared, top-{ex['top_k']}, "
                     f"width {ex['width']}, {ex['dtype']}"),
         ("attention", f"{at['heads']} heads x {at['head_dim']}, window {at['window']}, "
@@ -207,7 +248,8 @@ def info(model: str, context: int, as_json: bool) -> None:
     """Show the architecture and sizes of a DeepSeek-V4 model, from its config alone.
 
     Prints parameter counts (total, routed experts, active per token), the layer schedule (window-only,
-    CSA and HCA layers), hash-routed layers, MTP blocks, experts, KV-cache bytes per token of context
+    CSA and HCA layers), hash-routed layers, the draft module (MTP blocks or DSpark stages, with their
+    weight bytes), experts, KV-cache bytes per token of context
     in BF16 and in the FP8 KV + FP4 indexer deployment layout, the fixed sliding-window ring per
     sequence, the cache of one sequence at --context tokens, and the checkpoint size on disk.
     No weights are read: `flash` and `pro` work without their checkpoints.
@@ -216,6 +258,7 @@ def info(model: str, context: int, as_json: bool) -> None:
     Examples:
       ascend-v4 info --model flash
       ascend-v4 info --model pro --context 128k
+      ascend-v4 info --model flash-0731
       ascend-v4 info --model /data/DeepSeek-V4-Flash --json
     """
     try:

@@ -170,6 +170,13 @@ class ModelArgs:
     hc_eps: float = 1e-6
     # -- multi-token prediction
     n_mtp_layers: int = 1
+    # -- DSpark draft module (Flash-0731 / Pro-0813, dspark-spec.md): 0 stages = none. The stages are the
+    # window-only blocks `mtp.{0..n-1}`, one compress_ratios entry (0) each after the main layers.
+    n_dspark_stages: int = 0
+    dspark_block_size: int = 0  # block slots per draft: [anchor, noise x (B-1)] -> B draft tokens
+    dspark_markov_rank: int = 0  # rank r of the Markov head (markov_w1 / markov_w2: [V, r])
+    dspark_noise_token_id: int = 0  # the block's filler token (128799)
+    dspark_target_layer_ids: tuple[int, ...] = ()  # main layers whose output streams feed main_proj
     # -- provenance: the raw HF config this was read from (kept for writing checkpoints back out)
     hf_config: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -178,9 +185,22 @@ class ModelArgs:
             if not cond:
                 raise ConfigError(f"{self.name}: {msg}")
 
-        need(len(self.compress_ratios) >= self.n_layers + self.n_mtp_layers,
-             f"compress_ratios has {len(self.compress_ratios)} entries, need n_layers + MTP blocks = "
-             f"{self.n_layers + self.n_mtp_layers}")
+        need(len(self.compress_ratios) >= self.n_layers + self.n_draft_layers,
+             f"compress_ratios has {len(self.compress_ratios)} entries, need n_layers + MTP/DSpark blocks = "
+             f"{self.n_layers + self.n_draft_layers}")
+        if self.n_dspark_stages:
+            need(self.n_mtp_layers == 0, "a checkpoint carries either MTP blocks or DSpark stages, not both")
+            stage_ratios = self.compress_ratios[self.n_layers:self.n_layers + self.n_dspark_stages]
+            need(not any(stage_ratios), f"DSpark stages are window-only: their compress_ratios must be 0, got "
+                                        f"{list(stage_ratios)}")
+            need(self.dspark_block_size >= 1 and self.dspark_markov_rank >= 1,
+                 "dspark_block_size and dspark_markov_rank must be positive")
+            need(0 <= self.dspark_noise_token_id < self.vocab_size,
+                 f"dspark_noise_token_id {self.dspark_noise_token_id} is outside the vocabulary [0, {self.vocab_size})")
+            need(len(self.dspark_target_layer_ids) >= 1
+                 and all(0 <= i < self.n_layers for i in self.dspark_target_layer_ids),
+                 f"dspark_target_layer_ids {list(self.dspark_target_layer_ids)} must name main layers "
+                 f"0..{self.n_layers - 1}")
         bad = sorted({r for r in self.compress_ratios if r not in _RATIO_TO_KIND})
         need(not bad, f"compress_ratios contains {bad}; DeepSeek-V4 uses only 0, 4 and 128")
         need(self.head_dim > self.rope_head_dim and self.rope_head_dim % 2 == 0,
@@ -203,8 +223,17 @@ class ModelArgs:
         """Non-rotated head dims (448 for the real models)."""
         return self.head_dim - self.rope_head_dim
 
+    @property
+    def n_draft_layers(self) -> int:
+        """Blocks after the main layers (`mtp.{i}`, cache layers n_layers + i): MTP blocks or DSpark stages."""
+        return self.n_mtp_layers + self.n_dspark_stages
+
+    @property
+    def has_dspark(self) -> bool:
+        return self.n_dspark_stages > 0
+
     def ratio(self, layer_id: int) -> int:
-        """Compression ratio of main layer `layer_id`, or of MTP block `layer_id - n_layers`."""
+        """Compression ratio of main layer `layer_id`, or of MTP block / DSpark stage `layer_id - n_layers`."""
         return self.compress_ratios[layer_id]
 
     def kind(self, layer_id: int) -> str:
@@ -264,8 +293,19 @@ class ModelArgs:
         qc = k.section("quantization_config")
         n_layers = k.integer("num_hidden_layers")
         n_mtp = k.integer("num_nextn_predict_layers", 1, lo=0)
+        ratios = k.integers("compress_ratios")
+        dspark: dict[str, Any] = {}
         if "dspark_block_size" in cfg:
-            n_mtp = 0  # 0731/0813 DSpark draft modules under mtp.*: backbone only (model-spec §13.1)
+            # 0731/0813: `mtp.*` holds the DSpark stages, one trailing compress_ratios entry each (3 in both
+            # releases; "num_nextn_predict_layers": 1 is stale there, dspark-spec.md §5).
+            n_mtp, stages = 0, len(ratios) - n_layers
+            if stages < 1:
+                raise ConfigError(f"{where}: a DSpark config needs one compress_ratios entry per draft stage after "
+                                  f"the {n_layers} main layers, got {len(ratios)} entries")
+            dspark = dict(n_dspark_stages=stages, dspark_block_size=k.integer("dspark_block_size"),
+                          dspark_markov_rank=k.integer("dspark_markov_rank"),
+                          dspark_noise_token_id=k.integer("dspark_noise_token_id", lo=0),
+                          dspark_target_layer_ids=k.integers("dspark_target_layer_ids"))
         if k.integer("num_key_value_heads", 1) != 1:
             raise ConfigError(f"{where}: num_key_value_heads must be 1 (single shared K=V latent)")
         if qc and (block := qc.integers("weight_block_size", (128, 128))) != (128, 128):
@@ -286,7 +326,7 @@ class ModelArgs:
             o_groups=k.integer("o_groups"),
             o_lora_rank=k.integer("o_lora_rank"),
             window_size=k.integer("sliding_window", 128),
-            compress_ratios=k.integers("compress_ratios"),
+            compress_ratios=ratios,
             index_n_heads=k.integer("index_n_heads"),
             index_head_dim=k.integer("index_head_dim"),
             index_topk=k.integer("index_topk"),
@@ -310,12 +350,13 @@ class ModelArgs:
             hc_sinkhorn_iters=k.integer("hc_sinkhorn_iters", 20),
             hc_eps=k.number("hc_eps", 1e-6),
             n_mtp_layers=n_mtp,
+            **dspark,
             hf_config=dict(cfg),
         )
 
     @classmethod
     def from_preset(cls, name: str) -> "ModelArgs":
-        """Load a bundled preset by name (`flash`, `pro`, `tiny`, `small`)."""
+        """Load a bundled preset by name (`flash`, `pro`, `flash-0731`, `pro-0813`, `tiny`, `small`, `tiny-dspark`)."""
         if name not in preset_names():
             raise ConfigError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
         text = resources.files(PRESETS_PACKAGE).joinpath(f"{name}.json").read_text()

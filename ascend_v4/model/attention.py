@@ -81,19 +81,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         """x [T, D] (normed block input) -> [T, D]. Reads and updates the caches of batch.seqs."""
-        T = x.shape[0]
-        if T == 0:  # an idle attention-DP group's empty step: its MoE layers still join the expert exchange
+        if x.shape[0] == 0:  # an idle attention-DP group's empty step: its MoE layers still join the expert exchange
             return torch.zeros_like(x)
-        eps = self.args.norm_eps
         cos, sin = cos_sin(self.freqs, batch.positions)
-        xq = self.wq_a.quantize_input(x)  # shared by wq_a and wkv
-        cq = self.q_norm(self.wq_a(xq, prequantized=True))  # [T, q_lora]
-        cqq = self.wq_b.quantize_input(cq)  # shared by wq_b and the indexer's wq_b
-        q = rms_unweighted(self.wq_b(cqq, prequantized=True).view(T, self.n_heads, self.head_dim), eps)
-        q = apply_rope(q, cos, sin)  # [T, H, hd]
-        kv = apply_rope(self.kv_norm(self.wkv(xq, prequantized=True)), cos, sin)  # [T, hd]
-        if self.opts.quant_sim:  # FP8 round-trip of the nope dims, 64-wide blocks; rope dims stay
-            kv = torch.cat((ops.fp8_roundtrip(kv[:, :self.nope].contiguous(), 64), kv[:, self.nope:]), -1)
+        q, kv, cqq = self.q_kv(x, cos, sin)
         proj: tuple = ()  # per-token compressor (and indexer) projections, all sequences at once
         if self.kind != WINDOW:
             proj = self.compressor.project(x, batch.positions)  # kv, gate scores [T, c*dc]
@@ -115,6 +106,25 @@ class Attention(nn.Module):
         o = apply_rope(o, cos, sin, inverse=True)
         return self._out_proj(o)
 
+    def q_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+        """Queries [T, H, hd] (per-head RMS, RoPE), the K=V latent [T, hd] and the quantised low-rank q (which
+        the indexer shares) of the step's normed inputs x [T, D]."""
+        xq = self.wq_a.quantize_input(x)  # shared by wq_a and wkv
+        cq = self.q_norm(self.wq_a(xq, prequantized=True))  # [T, q_lora]
+        cqq = self.wq_b.quantize_input(cq)  # shared by wq_b and the indexer's wq_b
+        q = rms_unweighted(self.wq_b(cqq, prequantized=True).view(-1, self.n_heads, self.head_dim),
+                           self.args.norm_eps)
+        return apply_rope(q, cos, sin), self.latent_kv(xq, cos, sin, prequantized=True), cqq
+
+    def latent_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  prequantized: bool = False) -> torch.Tensor:
+        """The K=V latent [T, hd] of inputs x [T, D]: wkv, kv_norm, RoPE on the last rope dims and, with the
+        quantisation simulation, the FP8 round-trip of the nope dims (64-wide blocks; the rope dims stay)."""
+        kv = apply_rope(self.kv_norm(self.wkv(x, prequantized=prequantized)), cos, sin)
+        if self.opts.quant_sim:
+            kv = torch.cat((ops.fp8_roundtrip(kv[:, :self.nope].contiguous(), 64), kv[:, self.nope:]), -1)
+        return kv
+
     def _attend(self, q: torch.Tensor, kv: torch.Tensor, batch: StepBatch, which: tuple[int, ...],
                 proj: tuple) -> torch.Tensor:
         """Write the new rows of sequences `which` (indices into batch.seqs, all on one CachePool, their rows back
@@ -128,22 +138,43 @@ class Attention(nn.Module):
         pool.write_kv(lid, win[:, -1], kv)  # the last column is each query's own row
         idx = win
         if self.kind != WINDOW:
-            plan = batch.compress_plan(which, self.ratio)
+            comp = proj[:2] + proj[4:]  # the compressors' (kv, score) projections
+            rec = batch.memo.get("record_rows")  # speculative steps: keep them for `replay_compress`
+            if rec is not None and len(which) == len(batch.seqs):  # (rows of the whole batch: one pool)
+                batch.memo[("proj", lid)] = tuple(t[rec] for t in comp)
+            plan = self._compress(batch, which, comp)
             base = pool.comp_base(lid)
-            run = pool.run[lid]
-            new, halves = self.compressor(proj[0], proj[1], run["comp"], plan, self.freqs)
-            pool.write_kv(lid, base + plan.entry_rows, new)
-            self._keep_block_end_state(pool.state[lid], "comp", plan, halves)
             if self.kind == HCA:
                 idx = torch.cat((win, plan.hca_index(base)), dim=1)
             else:
-                inew, ihalves = self.indexer.compressor(proj[4], proj[5], run["index"], plan, self.freqs)
-                pool.ikeys[lid][plan.entry_rows] = inew.to(pool.ikeys[lid].dtype)
-                self._keep_block_end_state(pool.state[lid], "index", plan, ihalves)
                 flat, start, length = plan.indexer_runs()  # each sequence's keys as one contiguous run
                 sel = ops.indexer_topk(proj[2], pool.ikeys[lid][flat], proj[3], start, length, self.indexer.topk)
                 idx = torch.cat((win, plan.selected_rows(sel, base)), dim=1)  # [Tg, W + topk]
         return pool.attend(lid, q, idx, self.attn_sink, self.head_dim ** -0.5)  # [Tg, H, hd]
+
+    def _compress(self, batch: StepBatch, which: tuple[int, ...], comp: tuple):
+        """Run this layer's compressor (CSA: and the indexer's) over sequences `which` of the step: updates their
+        run slots, writes the new entries (and indexer keys) into the pool. comp: (kv, score) projections of
+        the group's rows, CSA followed by the indexer's. Returns the step's plan."""
+        pool, lid = batch.seqs[which[0]].cache.pool, self.layer_id
+        plan = batch.compress_plan(which, self.ratio)
+        run = pool.run[lid]
+        new, halves = self.compressor(comp[0], comp[1], run["comp"], plan, self.freqs)
+        pool.write_kv(lid, pool.comp_base(lid) + plan.entry_rows, new)
+        self._keep_block_end_state(pool.state[lid], "comp", plan, halves)
+        if self.kind == CSA:
+            inew, ihalves = self.indexer.compressor(comp[2], comp[3], run["index"], plan, self.freqs)
+            pool.ikeys[lid][plan.entry_rows] = inew.to(pool.ikeys[lid].dtype)
+            self._keep_block_end_state(pool.state[lid], "index", plan, ihalves)
+        return plan
+
+    def replay_compress(self, batch: StepBatch, comp: tuple) -> None:
+        """Partial rollback of a speculative step: after `cache.rollback`, feed the kept tokens (`batch`, one pool,
+        slices back to back) through this layer's compressors again, from the projections recorded during the
+        step (`comp`, their rows). Window rows need nothing: rows past the kept length are never read before the
+        next step rewrites them."""
+        if self.kind != WINDOW and batch.seqs:
+            self._compress(batch, tuple(range(len(batch.seqs))), comp)
 
     @staticmethod
     def _keep_block_end_state(state_pool: dict, which: str, plan, halves) -> None:

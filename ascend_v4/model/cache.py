@@ -63,7 +63,7 @@ def pool_format(args, kv_format: str, dtype: torch.dtype) -> KVFormat:
 
 
 def check_block_size(args, block_size: int) -> None:
-    ratios = {args.ratio(i) for i in range(args.n_layers + args.n_mtp_layers)} - {0}
+    ratios = {args.ratio(i) for i in range(args.n_layers + args.n_draft_layers)} - {0}
     bad = [m for m in sorted(ratios) if block_size % m]
     if bad or block_size < 1:
         need = max(ratios, default=1)
@@ -94,7 +94,7 @@ class CachePool:
         self.args, self.block_size, self.dtype, self.device = args, block_size, dtype, torch.device(device)
         self.window_block = block_size // 4 if block_size % 4 == 0 else block_size  # Bw
         self.kv_format = kv_format
-        self.n_layers = args.n_layers + args.n_mtp_layers
+        self.n_layers = args.n_layers + args.n_draft_layers
         self.ratios = [args.ratio(i) for i in range(self.n_layers)]
         self.format = pool_format(args, kv_format, dtype)
         self.entry_bytes = self.format.main_entry
@@ -193,21 +193,26 @@ class CachePool:
         return sum(self.block_bytes(k) * self.num[k] for k in (*KINDS, STATE_KIND, RUN_KIND))
 
     # -- writes / reads ----------------------------------------------------------------------------------------
+    def pack(self, values: torch.Tensor) -> torch.Tensor:
+        """values [n, head_dim] in the pool's row format (FP8 entries when configured, else the pool dtype)."""
+        if self.kv_format == "fp8":
+            return ops.kv_pack_fp8(values, self.args.rope_head_dim)
+        return values.to(self.dtype)
+
     def write_kv(self, layer: int, rows: torch.Tensor, values: torch.Tensor) -> None:
         """Store values [n, head_dim] at pool rows [n] of layer (packing to FP8 entries when configured)."""
         if values.shape[0] == 0:
             return
-        if self.kv_format == "fp8":
-            self.kv[layer][rows] = ops.kv_pack_fp8(values, self.args.rope_head_dim)
-        else:
-            self.kv[layer][rows] = values.to(self.dtype)
+        self.kv[layer][rows] = self.pack(values)
 
     def attend(self, layer: int, q: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor,
-               scale: float) -> torch.Tensor:
-        """Sparse attention of q [T, H, hd] over layer's pool rows idx [T, K] (-1 = none)."""
+               scale: float, kv: torch.Tensor | None = None) -> torch.Tensor:
+        """Sparse attention of q [T, H, hd] over layer's pool rows idx [T, K] (-1 = none); with `kv`, over those
+        rows instead (in the pool's row format: `pack`, or rows gathered from `kv[layer]`)."""
+        kv = self.kv[layer] if kv is None else kv
         if self.kv_format == "fp8":
-            return ops.sparse_attn_fp8(q, self.kv[layer], idx, sink, scale, self.args.rope_head_dim)
-        return ops.sparse_attn(q, self.kv[layer], idx, sink, scale)
+            return ops.sparse_attn_fp8(q, kv, idx, sink, scale, self.args.rope_head_dim)
+        return ops.sparse_attn(q, kv, idx, sink, scale)
 
 
 class _PrivateAllocator:
@@ -332,7 +337,7 @@ def new_seq_cache(args, dtype: torch.dtype, device: torch.device | str = "cpu", 
                   kv_format: str = "auto") -> SeqCache:
     """Empty standalone cache for `args` (a ModelArgs) with its own growing pool (tests, tools, one-off
     forwards). The engine instead builds SeqCaches over its shared pool and BlockManager."""
-    ratios = {args.ratio(i) for i in range(args.n_layers + args.n_mtp_layers)} - {0}
+    ratios = {args.ratio(i) for i in range(args.n_layers + args.n_draft_layers)} - {0}
     B = block_size or max([128, *ratios])
     pool = CachePool(args, B, 0, 0, dtype, device, kv_format)
     return SeqCache(pool, _PrivateAllocator(pool))

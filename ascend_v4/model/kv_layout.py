@@ -98,12 +98,12 @@ def bytes_per_token_by_kind(args: ModelArgs, fmt: KVFormat) -> dict[str, float]:
 def comp_block_bytes(args: ModelArgs, fmt: KVFormat, block_size: int) -> int:
     """Bytes of one paged comp block of `block_size` tokens over every layer (main and MTP): the entries and
     indexer keys those tokens produce."""
-    return sum(int(block_size * layer_bytes_per_token(args, fmt, l)) for l in range(args.n_layers + args.n_mtp_layers))
+    return sum(int(block_size * layer_bytes_per_token(args, fmt, l)) for l in range(args.n_layers + args.n_draft_layers))
 
 
 def window_ring_bytes(args: ModelArgs, fmt: KVFormat) -> int:
     """The sliding-window rows of one sequence over every layer (main and MTP)."""
-    return (args.n_layers + args.n_mtp_layers) * args.window_size * fmt.main_entry
+    return (args.n_layers + args.n_draft_layers) * args.window_size * fmt.main_entry
 
 
 def running_state_shapes(args: ModelArgs, layer: int) -> dict[str, tuple[tuple[int, int], tuple[int, int] | None]]:
@@ -135,7 +135,7 @@ def state_slot_bytes(args: ModelArgs, layers: range | None = None) -> int:
     last complete window, m rows of the main and the indexer compressor, fp32 (`CachePool.state`); over `layers`
     (default all, main and MTP)."""
     return sum(2 * args.ratio(l) * (args.head_dim + args.index_head_dim) * FP32
-               for l in (range(args.n_layers + args.n_mtp_layers) if layers is None else layers)
+               for l in (range(args.n_layers + args.n_draft_layers) if layers is None else layers)
                if args.kind(l) == CSA)
 
 

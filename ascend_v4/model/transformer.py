@@ -14,44 +14,12 @@ from torch import nn
 from ascend_v4 import ops
 
 from .args import ModelArgs
-from .attention import Attention
-from .cache import StepBatch
+from .block import Block, _f32
+from .dspark import BlockContext, Draft, DSparkStage, markov_sample, write_context
+from .cache import CacheMark, SeqSlice, StepBatch, rollback
 from .layers import FP8, Linear, ModelOptions, RMSNorm
 from .moe import MoE
 from .tp import TPComm, TPShard, check_tp
-
-
-def _f32(*shape: int) -> nn.Parameter:
-    return nn.Parameter(torch.empty(shape, dtype=torch.float32), requires_grad=False)
-
-
-class Block(nn.Module):
-    """One layer: x <- hc_post(attn(norm(hc_pre(x)))), then the same around the MoE."""
-
-    def __init__(self, args: ModelArgs, opts: ModelOptions, layer_id: int, experts: range | None = None,
-                 tp: TPShard = TPShard()):
-        super().__init__()
-        self.args, self.layer_id = args, layer_id
-        n, d = args.hc_mult, args.dim
-        mix = (2 + n) * n
-        self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale = _f32(mix, n * d), _f32(mix), _f32(3)
-        self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale = _f32(mix, n * d), _f32(mix), _f32(3)
-        self.attn_norm = RMSNorm(d, args.norm_eps, opts.dtype)
-        self.ffn_norm = RMSNorm(d, args.norm_eps, opts.dtype)
-        self.attn = Attention(args, opts, layer_id, tp)
-        self.ffn = MoE(args, opts, layer_id, experts)
-
-    def _pre(self, x: torch.Tensor, unit: str):
-        a = self.args
-        return ops.hc_pre(x, getattr(self, f"hc_{unit}_fn"), getattr(self, f"hc_{unit}_base"),
-                          getattr(self, f"hc_{unit}_scale"), a.norm_eps, a.hc_eps, a.hc_sinkhorn_iters)
-
-    def forward(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
-        """x [T, n, D] residual streams -> [T, n, D]."""
-        y, post, comb = self._pre(x, "attn")
-        x = ops.hc_post(self.attn(self.attn_norm(y), batch), x, post, comb)
-        y, post, comb = self._pre(x, "ffn")
-        return ops.hc_post(self.ffn(self.ffn_norm(y), batch.tokens), x, post, comb)
 
 
 class MTPBlock(Block):
@@ -120,7 +88,9 @@ class Transformer(nn.Module):
         self.head.weight.requires_grad_(False)
         n = a.hc_mult
         self.hc_head_fn, self.hc_head_base, self.hc_head_scale = _f32(n, n * a.dim), _f32(n), _f32(1)
-        self.mtp = nn.ModuleList(MTPBlock(a, o, a.n_layers + i, experts, tp) for i in range(a.n_mtp_layers))
+        # `mtp.{i}`: the April MTP block(s), or the DSpark stages of 0731/0813 checkpoints (dspark.py).
+        self.mtp = nn.ModuleList([MTPBlock(a, o, a.n_layers + i, experts, tp) for i in range(a.n_mtp_layers)]
+                                 + [DSparkStage(a, o, s, experts, tp) for s in range(a.n_dspark_stages)])
 
     def set_tp_comm(self, comm: TPComm | None) -> None:
         """Give every TP-sharded module the group's collectives (the runtime, once the process groups exist)."""
@@ -143,23 +113,31 @@ class Transformer(nn.Module):
                     m.post_load()
 
     @torch.no_grad()
-    def forward(self, batch: StepBatch) -> torch.Tensor:
+    def forward(self, batch: StepBatch, taps: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Run the step's tokens through every main layer, updating the caches.
 
-        Returns the final residual streams [T, n, D] (what `logits` and the MTP block consume).
+        Returns the final residual streams [T, n, D] (what `logits` and the MTP block consume). With `taps` (a
+        list), appends the DSpark target features: the output streams of each `dspark_target_layer_ids` layer
+        averaged over the hc copies, [T, D] each, in that order.
         The caller commits the batch (`batch.commit()`) once all layers that need it have run.
         """
         h = self.embed(batch.tokens)  # [T, D]
         x = h.unsqueeze(1).expand(-1, self.args.hc_mult, -1).contiguous()  # [T, n, D]
-        for layer in self.layers:
+        want = set(self.args.dspark_target_layer_ids) if taps is not None else ()
+        for i, layer in enumerate(self.layers):
             x = layer(x, batch)
+            if i in want:
+                taps.append(x.mean(dim=1))
         return x
+
+    def _vocab_logits(self, y: torch.Tensor) -> torch.Tensor:
+        """Normed head input y [T, D] -> fp32 logits [T, V] (TP: each rank's vocab rows, gathered)."""
+        logits = F.linear(y.float(), self.head.weight)  # [T, V] fp32 (TP: [T, V/T], this rank's rows)
+        return logits if self.tp.size == 1 else self.tp_comm.all_gather(logits)
 
     def _head(self, x: torch.Tensor, fn, base, scale, norm: RMSNorm) -> torch.Tensor:
         a = self.args
-        y = ops.hc_head(x, fn, base, scale, a.norm_eps, a.hc_eps)  # [T, D]
-        logits = F.linear(norm(y).float(), self.head.weight)  # [T, V] fp32 (TP: [T, V/T], this rank's rows)
-        return logits if self.tp.size == 1 else self.tp_comm.all_gather(logits)
+        return self._vocab_logits(norm(ops.hc_head(x, fn, base, scale, a.norm_eps, a.hc_eps)))
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,3 +155,67 @@ class Transformer(nn.Module):
         if rows is not None:
             y = y[rows]
         return self._head(y, blk.hc_head_fn, blk.hc_head_base, blk.hc_head_scale, blk.norm)
+
+    # -- DSpark (dspark.py) --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def dspark_context(self, taps: list[torch.Tensor], batch: StepBatch) -> None:
+        """Write the step's tokens into every DSpark stage's ring (call after `forward(batch, taps)`)."""
+        write_context(self.mtp, taps, batch, self.args.window_size)
+
+    @torch.no_grad()
+    def dspark_draft(self, anchors: torch.Tensor, main_pos: torch.Tensor, caches: list, k: int,
+                     keep_logits: bool = False) -> Draft:
+        """Propose k tokens for each of S sequences: anchors [S] (the token at main_pos + 1, just sampled),
+        main_pos [S] (the last position whose target features are in the rings), caches: their SeqCaches (one
+        pool). Returns `Draft` (tokens [S, k], confidence logits [S, k], with keep_logits the corrected logits)."""
+        a = self.args
+        S, dev = anchors.shape[0], anchors.device
+        pools = {id(c.pool): c.pool for c in caches}
+        if len(pools) > 1:
+            raise ValueError("dspark_draft: the sequences' caches must share one CachePool")
+        ids = torch.full((S, k), a.dspark_noise_token_id, dtype=torch.long, device=dev)
+        ids[:, 0] = anchors
+        ids = ids.reshape(-1)  # [S*k]: [anchor, noise x (k-1)] per sequence
+        pool = next(iter(pools.values()), None)
+        ctx = BlockContext.build(pool, caches, main_pos, ids, k, a.window_size)
+        x = self.embed(ids).unsqueeze(1).expand(-1, a.hc_mult, -1).contiguous()  # [S*k, n, D]
+        for st in self.mtp:
+            x = st.forward_block(x, ctx)
+        last = self.mtp[-1]
+        h = ops.hc_head(x, last.hc_head_fn, last.hc_head_base, last.hc_head_scale, a.norm_eps, a.hc_eps)  # [S*k, D]
+        logits = self._vocab_logits(last.norm(h))  # [S*k, V]
+        return markov_sample(last, h.view(S, k, -1), logits.view(S, k, -1), anchors, keep_logits)
+
+    # -- speculative decoding: keep a prefix of a step ------------------------------------------------------
+    @torch.no_grad()
+    def truncate_step(self, batch: StepBatch, cuts: dict[int, tuple[CacheMark, int]]) -> None:
+        """Keep only the first n_i tokens of sequence i of a committed step (cuts: {i: (its `mark` from before
+        the step, n_i)}; the rest were rejected drafts). Each cache goes back to its mark, then the kept tokens
+        go through every compressor again from the projections the forward recorded (run the forward with
+        `batch.memo["record_rows"]` = the batch rows of these sequences, ascending). The window rows and the DSpark
+        rings need nothing: rows past a cache's length are rewritten before anything reads them."""
+        recorded = batch.memo.get("record_rows")
+        where = {} if recorded is None else {r: j for j, r in enumerate(recorded.tolist())}
+        slices, src, off = [], [], 0
+        for i, (m, n) in sorted(cuts.items()):
+            s = batch.seqs[i]
+            rollback(s.cache, m)
+            if n:
+                rows = [where.get(s.offset + j) for j in range(n)]
+                if None in rows:
+                    raise ValueError(f"truncate_step: sequence {i}'s rows were not recorded (record_rows)")
+                slices.append(SeqSlice(s.cache, off, s.start, n))
+                src += rows
+                off += n
+        if not slices:
+            return
+        src_t = torch.tensor(src, dtype=torch.long, device=batch.tokens.device)
+        rows_t = recorded[src_t]
+        sub = StepBatch(batch.tokens[rows_t], batch.positions[rows_t], slices)
+        for layer in self.layers:
+            comp = batch.memo.get(("proj", layer.layer_id))
+            if comp is not None:
+                layer.attn.replay_compress(sub, tuple(t[src_t] for t in comp))
+        for s in slices:
+            s.cache.length = s.start + s.n
+

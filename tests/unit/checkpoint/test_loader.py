@@ -151,3 +151,30 @@ def _shared_tiny(tmp_path_factory) -> Path:
     if not (d / INDEX_NAME).is_file():
         write_dummy_checkpoint(ModelArgs.from_preset("tiny"), d, shard_bytes=4 << 20)
     return d
+
+
+def test_dspark_stages_load_and_backbone_only(tmp_path_factory):
+    """DSpark checkpoints (0731 / 0813): the stages mtp.* are loaded like any tensor; include_mtp=False loads the
+    backbone only."""
+    args = ModelArgs.from_preset("tiny-dspark")
+    ckpt = write_dummy_checkpoint(args, tmp_path_factory.mktemp("tiny_dspark"), shard_bytes=4 << 20)
+    specs = expected_tensors(args)
+    n_mtp = sum(1 for n in specs if n.startswith("mtp."))
+    assert n_mtp == 241
+    model = build_meta_module(specs)
+    rep = load_checkpoint(model, ckpt)
+    assert rep.tensors == len(specs) and rep.skipped == 0
+    state = dict(model.named_parameters())
+    with safe_open(str(ckpt / read_checkpoint(ckpt).tensors["mtp.2.markov_head.markov_w2.weight"].file), "pt") as f:
+        assert torch.equal(state["mtp.2.markov_head.markov_w2.weight"],
+                           f.get_tensor("mtp.2.markov_head.markov_w2.weight").float())
+    assert state["mtp.0.main_proj.weight"].dtype == torch.float8_e4m3fn
+    rep = load_checkpoint(build_meta_module(expected_tensors(args, include_mtp=False)), ckpt, include_mtp=False)
+    assert rep.skipped == n_mtp and rep.tensors == len(specs) - n_mtp
+    # a model without the stages, loading everything: each stage tensor is named with its file
+    with pytest.raises(CheckpointError) as ei:
+        load_checkpoint(build_meta_module(expected_tensors(args, include_mtp=False)), ckpt)
+    fname = read_checkpoint(ckpt).tensors["mtp.2.confidence_head.proj.weight"].file
+    assert f"{fname}: mtp.2.confidence_head.proj.weight: the model has no parameter or buffer of this name" \
+        in ei.value.problems
+    assert len(ei.value.problems) == n_mtp

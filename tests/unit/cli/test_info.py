@@ -5,11 +5,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-from pathlib import Path
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
 
+from ascend_v4.checkpoint.spec import draft_nbytes
 from ascend_v4.cli import main
 from ascend_v4.cli.dummy import make_dummy_checkpoint, parse_size
 from ascend_v4.cli.info import compact_schedule, load_model_args, model_info, parse_tokens
@@ -66,6 +67,45 @@ def test_info_real_models_match_spec(name):
     # 1M divides every ratio, so the growing part is exactly bytes/token x 1M (§10.3: 3.43 / 4.91 GiB)
     assert q["bytes_at_context"] == q["bytes_per_token"] * M + q["window_ring_bytes_per_seq"]
     assert info["context"] == M
+
+
+# dspark-spec.md §1 Provenance (draft dense / routed bytes) and §5 (DSpark config keys).
+DSPARK = {
+    "flash-0731": dict(dense=595_182_108, routed=10_267_656_192, rank=256, targets=[40, 41, 42], layers=43),
+    "pro-0813": dict(dense=1_550_479_644, routed=40_428_896_256, rank=512, targets=[58, 59, 60], layers=61),
+}
+
+
+@pytest.mark.parametrize("name", ["flash-0731", "pro-0813"])
+def test_info_reports_the_dspark_draft_module(name):
+    s = DSPARK[name]
+    info = model_info(ModelArgs.from_preset(name))
+    assert info["draft"] == {
+        "kind": "dspark", "stages": 3, "kinds": ["window"] * 3,
+        "bytes": {"dense": s["dense"], "routed_experts": s["routed"], "total": s["dense"] + s["routed"]},
+        "block_size": 5, "markov_rank": s["rank"], "noise_token_id": 128799, "target_layers": s["targets"]}
+    assert info["mtp_blocks"] == {"n": 0, "kinds": []}
+    # the three stage rings are window layers: (main + 3 stages) x 128 x entry
+    assert info["kv_cache"]["bf16"]["window_ring_bytes_per_seq"] == (s["layers"] + 3) * 128 * 1024
+    # the checkpoint line counts the stages: the April backbone without its MTP block, plus the DSpark bytes
+    april = ModelArgs.from_preset(name.split("-")[0])
+    assert info["checkpoint_bytes"] == model_info(april)["checkpoint_bytes"] - sum(draft_nbytes(april)) \
+        + s["dense"] + s["routed"]
+
+
+def test_info_draft_module_text_and_json():
+    r = run("info", "--model", "flash-0731")
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if x.startswith("draft module"))
+    assert "DSpark, 3 stages (window), block 5, Markov rank 256, target layers 40, 41, 42" in line
+    assert "weights 10.86 GB (595.18 MB dense + 10.27 GB routed experts)" in line
+    data = json.loads(run("info", "--model", "flash-0731", "--json").output)
+    assert data["draft"]["bytes"]["dense"] == 595_182_108
+    april = model_info(ModelArgs.from_preset("flash"))["draft"]
+    assert april["kind"] == "mtp" and april["stages"] == 1 and "block_size" not in april
+    assert model_info(replace(ModelArgs.from_preset("tiny"), n_mtp_layers=0))["draft"]["kind"] is None
+    r = run("info", "--model", "flash")
+    assert "draft module       MTP, 1 block (window); weights 3.59 GB" in r.output
 
 
 def test_info_headline_sizes():
@@ -153,3 +193,17 @@ def test_dummy_checkpoint_tiny(tmp_path):
     r = run("dummy-checkpoint", "-p", "tiny", "-o", str(out), "--seed", "3", "--shard-size", "16MB", "--force")
     assert r.exit_code == 0, r.output
     shutil.rmtree(out)
+
+
+@pytest.mark.skipif(not HAVE_WRITER, reason="ascend_v4.checkpoint.dummy (write_dummy_checkpoint) is not written yet")
+def test_dummy_checkpoint_tiny_dspark(tmp_path):
+    from ascend_v4.checkpoint.reader import read_checkpoint
+
+    out = tmp_path / "tiny-dspark"
+    r = run("dummy-checkpoint", "--preset", "tiny-dspark", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    args = ModelArgs.from_dir(out)
+    assert args.n_dspark_stages == 3 and args.n_mtp_layers == 0
+    info = read_checkpoint(out)  # every DSpark stage tensor checked against the inventory
+    assert sum(n.startswith("mtp.") for n in info.tensors) == 241
+    assert "mtp.2.markov_head.markov_w1.weight" in info.tensors and "mtp.0.main_proj.scale" in info.tensors

@@ -102,7 +102,7 @@ def test_compress_ratios_must_be_a_list_of_ints(cfg, bad, item):
 
 def test_semantic_checks_kept(cfg):
     assert "DeepSeek-V4 uses only 0, 4 and 128" in _error(cfg | {"compress_ratios": [0, 4, 128, 4, 5]})
-    assert "need n_layers + MTP blocks = 5" in _error(cfg | {"compress_ratios": [0, 4]})
+    assert "need n_layers + MTP/DSpark blocks = 5" in _error(cfg | {"compress_ratios": [0, 4]})
     assert "V4 has exactly one" in _error(cfg | {"n_shared_experts": 2})
     assert "num_key_value_heads must be 1" in _error(cfg | {"num_key_value_heads": 8})
     assert "more activated than routed" in _error(cfg | {"num_experts_per_tok": 9})
@@ -193,3 +193,14 @@ def test_from_dir_unreadable_file(tmp_path, cfg, monkeypatch, exc):
         ModelArgs.from_dir(tmp_path)
     assert str(ei.value) == f"{tmp_path / 'config.json'}: cannot read: {exc.strerror}"
     assert isinstance(ei.value.__cause__, OSError)
+
+
+def test_dspark_config_checks():
+    cfg = ModelArgs.from_preset("tiny-dspark").to_hf_config()
+    a = ModelArgs.from_hf_config(cfg, name="t")
+    assert (a.n_mtp_layers, a.n_dspark_stages, a.n_draft_layers, a.dspark_target_layer_ids) == (0, 3, 3, (1, 2, 3))
+    assert "must name main layers 0..3" in _error(cfg | {"dspark_target_layer_ids": [1, 4]})
+    assert "DSpark stages are window-only" in _error(cfg | {"compress_ratios": [0, 4, 128, 4, 0, 4, 0]})
+    assert "one compress_ratios entry per draft stage" in _error(cfg | {"compress_ratios": [0, 4, 128, 4]})
+    assert "dspark_noise_token_id 129280 is outside the vocabulary" in _error(cfg | {"dspark_noise_token_id": 129280})
+    assert '"dspark_markov_rank" must be a positive integer' in _error(cfg | {"dspark_markov_rank": 0})

@@ -150,6 +150,52 @@ def test_roofline_by_hand(models):
     assert r.decode_tok_s_per_card == pytest.approx(1 / t_mem, rel=1e-9)
 
 
+def test_dspark_draft_weights_are_counted_per_card():
+    """Flash-0731: the three DSpark stages count like MTP blocks (experts over EP, attention over TP) and the
+    stage-0 / last-stage extras (main_proj, Markov and confidence heads, norm, hc head) are replicated."""
+    a = ModelArgs.from_preset("flash-0731")
+    specs = expected_tensors(a)
+    h = HAND["flash"]
+    for fmt in ("native", "w8a8"):
+        ws = weight_split(specs, fmt)
+        assert ws.routed_experts == (43 + 3) * h["E"] * expert_bytes(fmt, h["D"], h["I"])
+        assert ws.draft["routed"] == 3 * h["E"] * expert_bytes(fmt, h["D"], h["I"])
+    ws = weight_split(specs, "native")
+    # native = the files: dense draft bytes (dspark-spec.md §1 Provenance) + wo_a expanded to BF16 at load
+    wo_a = 3 * 8192 * 4096
+    assert ws.draft["replicated"] + ws.draft["tp"] == 595_182_108 + wo_a - wo_a // (128 * 128)
+    # replicated extras, by hand: main_proj FP8 [4096, 12288] + scale, Markov heads 2 x [129280, 256] BF16,
+    # confidence proj [1, 4352], main_norm + norm [4096] BF16, hc head [4, 16384] + [4] + [1] F32
+    extras = (4096 * 12288 + 32 * 96) + 2 * 129280 * 256 * 2 + 4352 * 2 + 2 * 4096 * 2 + (4 * 16384 + 5) * 4
+    flash = weight_split(expected_tensors(ModelArgs.from_preset("flash")), "native")
+    april_mtp_block = flash.draft["replicated"] - (2 * 4096 * 4096 + 2 * 32 * 32 + 3 * 4096 * 2 + (4 * 16384 + 5) * 4)
+    assert ws.draft["replicated"] == 3 * april_mtp_block + extras
+    assert ws.draft["tp"] == 3 * flash.draft["tp"]
+    for tp, npus in ((1, 8), (4, 16)):
+        r = make_plan(a, specs, "native", "950", npus, tp=tp, context=4096, weights=ws)
+        want = ws.draft["replicated"] + ws.draft["tp"] / tp + ws.draft["routed"] / npus
+        assert r.draft_per_card == int(want) > 0
+        b = weight_split(expected_tensors(a, include_mtp=False), "native")
+        assert abs(r.weights_per_card - (b.replicated + b.tp_split / tp + b.routed_experts / npus + want)) <= 1
+        assert r.as_dict()["bytes_per_card"]["draft_weights"] == r.draft_per_card
+        assert f"(draft module mtp.*: {r.draft_per_card / 1e9:.2f} GB of it" in r.table()
+
+
+def test_plan_cli_flash_0731():
+    r = CliRunner().invoke(main, ["plan", "-m", "flash-0731", "-f", "w8a8", "-n", "16", "-H", "910c", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    for lay in d["layouts"]:
+        assert 0 < lay["bytes_per_card"]["draft_weights"] < lay["bytes_per_card"]["weights"]
+        assert lay["weights"]["draft"] > 10e9  # three stages of 256 experts, the Markov heads
+    # the stages' window rings are in the fixed bytes per sequence: 3 more window layers than the backbone
+    a = ModelArgs.from_preset("flash-0731")
+    r0731 = make_plan(a, expected_tensors(a), "w8a8", "910c", 16, context=1000, kv="bf16")
+    f = ModelArgs.from_preset("flash")
+    rflash = make_plan(f, expected_tensors(f), "w8a8", "910c", 16, context=1000, kv="bf16")
+    assert r0731.fixed_per_seq - rflash.fixed_per_seq == 2 * 128 * 1024  # 3 stage rings vs 1 MTP ring
+
+
 def test_plan_cli():
     r = CliRunner().invoke(main, ["plan", "--model", "pro", "--format", "w4a8", "--npus", "16", "--hardware",
                                   "910c"], catch_exceptions=False)
