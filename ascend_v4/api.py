@@ -80,6 +80,11 @@ class LLM:
         engine_config: the `EngineConfig` of `self.engine`, the one engine `generate` / `chat` (and the server and
             `bench offline`) drive: an `Engine`, or with npus > 1 rank 0's `DistEngine`. Default: 8192-token
             steps, no prefix cache.
+        speculative: speculative decoding, overriding `engine_config`'s: "auto" (what the checkpoint carries:
+            DSpark for 0731/0813, MTP for April checkpoints), "none", "mtp" or "dspark" (docs/dspark.md). None:
+            `engine_config`'s setting (default none, as vLLM).
+        speculative_tokens: draft tokens per step (None: `engine_config`'s; 0: the method's default, MTP 1,
+            DSpark the checkpoint's block size).
         check_weights: check every float weight for NaN / inf while loading (UE8M0 scales are always checked);
             with `npus > 1`, one pass over the whole checkpoint before the ranks load.
         verify_checkpoint: before loading, re-hash every file of an `ascend-v4 quantize` output against its
@@ -93,7 +98,7 @@ class LLM:
                  quant_sim: bool = True, dequantize_weights: bool | None = None, dummy: bool = False,
                  progress: bool = False, npus: int = 1, tp: int | None = None, dp: int | None = None,
                  nnodes: int | None = None, master_addr: str | None = None, master_port: int | None = None,
-                 engine_config=None,
+                 engine_config=None, speculative: str | None = None, speculative_tokens: int | None = None,
                  check_weights: bool = False, verify_checkpoint: bool = False):
         if dtype == "auto":
             dtype = "fp32" if torch.device(device).type == "cpu" else "bf16"
@@ -114,6 +119,8 @@ class LLM:
         self.options = ModelOptions(dtype=tdtype, quant_sim=quant_sim, dequantize_weights=dequantize_weights)
         tok_file = self.path / "tokenizer.json"
         self.tokenizer = Tokenizer.from_dir(self.path) if tok_file.is_file() else Tokenizer.default()
+        engine_config = _with_speculative(engine_config, self.args, speculative, speculative_tokens)
+        self.speculative = engine_config.speculative if engine_config is not None else "none"  # method in use
         if npus > 1:
             from ascend_v4.runtime.config import EngineConfig
             from ascend_v4.runtime.dist_engine import DistEngine
@@ -215,3 +222,22 @@ class LLM:
                        "decode_tok_s": (n - 1) / comp.decode_s if n > 1 and comp.decode_s > 0 else 0.0}
             results.append(RequestOutput(text, comp.prompt_token_ids, [co], metrics))
         return results
+
+
+def _with_speculative(cfg, args, method: str | None, tokens: int | None):
+    """`cfg` (None: the default `LLM` engine config) with the speculative settings given to `LLM`."""
+    if method is None and tokens is None:
+        return cfg
+    import dataclasses
+
+    from ascend_v4.runtime.config import EngineConfig
+    from ascend_v4.runtime.speculative import resolve_method
+
+    cfg = cfg or EngineConfig(max_num_batched_tokens=8192, enable_prefix_caching=False)
+    change = {}
+    if method is not None:
+        change.update(speculative=resolve_method(method, args), speculative_mtp=False)
+    if tokens is not None:
+        change["speculative_tokens"] = tokens
+    return dataclasses.replace(cfg, **change)
+

@@ -7,6 +7,9 @@ import dataclasses
 from dataclasses import dataclass
 
 
+SPECULATIVE_METHODS = ("none", "mtp", "dspark")
+
+
 @dataclass
 class EngineConfig:
     """Attributes:
@@ -24,8 +27,14 @@ class EngineConfig:
             prompts stay cached in cache_gib's pool until it needs them; least recently used go first).
         max_queue: requests allowed to wait beyond the running set; more are refused (server: 429).
         step_timeout_s: a step taking longer marks the engine unhealthy (hang detection).
-        speculative_mtp: MTP speculative decoding: the MTP block drafts one token per sequence, verified
-            in the next step together with the real one (2 tokens per step when accepted).
+        speculative: speculative decoding, "none", "mtp" (the April checkpoints' MTP block drafts one token
+            per sequence, verified in the next step with the real one) or "dspark" (the 0731/0813 DSpark
+            module drafts `speculative_tokens` per sequence, verified as a chain in the next step).
+        speculative_tokens: draft tokens per step and sequence (0: the default, 1 for MTP and the checkpoint's
+            dspark_block_size for DSpark; MTP supports 1 only).
+        speculative_threshold: DSpark's adaptive draft length: cut each draft at the first position whose
+            confidence sigmoid(confidence logit) is below this (0 = fixed length).
+        speculative_mtp: the older switch for speculative="mtp" (kept for existing callers).
     """
 
     max_num_seqs: int = 32
@@ -39,6 +48,9 @@ class EngineConfig:
     prefix_cache_gib: float = 1.0
     max_queue: int = 256
     step_timeout_s: float = 600.0
+    speculative: str = "none"
+    speculative_tokens: int = 0
+    speculative_threshold: float = 0.0
     speculative_mtp: bool = False
 
     def __post_init__(self) -> None:
@@ -47,6 +59,17 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{f} must be >= 1, got {getattr(self, f)}")
         if self.kv_cache_dtype not in ("auto", "fp8"):
             raise ValueError(f"EngineConfig.kv_cache_dtype must be 'auto' or 'fp8', got {self.kv_cache_dtype!r}")
+        if self.speculative_mtp and self.speculative == "none":
+            self.speculative = "mtp"
+        if self.speculative not in SPECULATIVE_METHODS:
+            raise ValueError(f"EngineConfig.speculative must be one of {', '.join(SPECULATIVE_METHODS)}, got "
+                             f"{self.speculative!r}")
+        self.speculative_mtp = self.speculative == "mtp"
+        if self.speculative_tokens < 0 or (self.speculative == "mtp" and self.speculative_tokens > 1):
+            raise ValueError(f"EngineConfig.speculative_tokens must be >= 0 (MTP: 0 or 1), got "
+                             f"{self.speculative_tokens}")
+        if not 0 <= self.speculative_threshold < 1:
+            raise ValueError(f"EngineConfig.speculative_threshold must be in [0, 1), got {self.speculative_threshold}")
         if self.max_queue < 0:
             raise ValueError(f"EngineConfig.max_queue must be >= 0, got {self.max_queue}")
 

@@ -41,6 +41,7 @@ from ascend_v4.model.layers import ModelOptions
 from ascend_v4.tokenizer import Tokenizer
 
 from .config import EngineConfig
+from .speculative import spec_ratios
 from .distributed import (SPEC_KEY, ParallelConfig, ParallelContext, broadcast_object, create_store,
                           destroy_process_groups, init_process_groups, put_object, ready_key)
 from .dp_router import DPRouter
@@ -75,6 +76,10 @@ def aggregate_stats(groups: list[dict]) -> dict:
     if len(groups) == 1:
         return dict(groups[0])
     out = {k: sum(g[k] for g in groups) for k, v in groups[0].items() if isinstance(v, (int, float))}
+    for k in ("spec_position_reached", "spec_position_accepted"):  # per draft position, summed position-wise
+        n = max(len(g.get(k, ())) for g in groups)
+        out[k] = [sum(g[k][j] for g in groups if j < len(g.get(k, ()))) for j in range(n)]
+    out = spec_ratios(out)
     out["cache_usage"] = out["blocks_used"] / out["blocks_total"] if out["blocks_total"] else 0.0
     q = out.get("prefix_query_tokens", 0)
     out["prefix_hit_rate"] = out.get("prefix_hit_tokens", 0) / q if q else 0.0

@@ -26,9 +26,11 @@ from ascend_v4.tokenizer import Tokenizer
 
 from .block_manager import BlockManager, PrefixCache, make_cache_pool
 from .config import EngineConfig
-from .sampling import PenaltyState, SampleRow, Sampled, SamplingParams, has_penalties, sample_batch, score_tokens
+from .sampling import (PenaltyState, SampleRow, Sampled, SamplingParams, has_penalties, position_generator,
+                       sample_batch, score_tokens)
 from .scheduler import Scheduler
 from .sequence import Sequence, SeqStatus
+from .speculative import SpecStats, accepted_prefix, check_method, default_tokens, dspark_propose, mtp_propose
 from .structured import GrammarCompiler, GrammarError, compute_masks, unpack_mask
 
 PROMPT_LOGPROB_ROWS = 256  # prompt positions per slice through the LM head when scoring a prompt
@@ -73,8 +75,12 @@ class Engine:
         self.prefix = PrefixCache(self.blocks, args.window_size) if cfg.enable_prefix_caching else None
         self.scheduler = Scheduler(cfg, self.blocks, self.prefix, pool)
         self.seqs: dict[str, Sequence] = {}
-        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "finished": 0, "aborted": 0,
-                         "spec_proposed": 0, "spec_accepted": 0}
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "finished": 0, "aborted": 0}
+        self.spec = cfg.speculative  # none | mtp | dspark (runtime/speculative.py)
+        if self.spec != "none":
+            check_method(self.spec, args, f"checkpoint {args.name}")
+        self.spec_tokens = default_tokens(self.spec, args, cfg.speculative_tokens)
+        self.spec_stats = SpecStats()
         self.device = device
         # Structured outputs: grammar compiler (built on the first request with a grammar) and one thread
         # that computes the step's token masks while the forward pass runs.
@@ -142,10 +148,18 @@ class Engine:
             return []
         self.counters["steps"] += 1
         # Draft-carrying chunks may be rejected: remember the cache state to return to.
-        marks = {id(c.seq): mark(c.seq.cache, len(c.tokens)) for c in chunks if c.draft is not None}
+        marks = {id(c.seq): mark(c.seq.cache, len(c.tokens)) for c in chunks if c.draft}
         masks = self._start_masks(chunks)  # structured outputs: grammar masks, computed beside the forward
         batch = StepBatch.build([(c.seq.cache, c.tokens) for c in chunks], self.device)
-        x = self.model(batch)
+        dspark = self.spec == "dspark"
+        if dspark and marks:  # the compressor inputs of drafting sequences, for a partial rollback
+            batch.memo["record_rows"] = torch.tensor(
+                [r for c, s in zip(chunks, batch.seqs) if c.draft for r in range(s.offset, s.offset + s.n)],
+                dtype=torch.long, device=self.device)
+        taps = [] if dspark else None
+        x = self.model(batch, taps)
+        if dspark:  # every token of the step goes into the DSpark rings
+            self.model.dspark_context(taps, batch)
         batch.commit()
         if self.prefix is not None:  # before sampling: a request may finish (and free its blocks) this step
             for c in chunks:
@@ -158,48 +172,61 @@ class Engine:
                 self._score_prompt(c.seq, x, s)
         # max_tokens == 0 (scoring only): nothing is sampled; the request ends once its prompt is in.
         need = [(c, s) for c, s in zip(chunks, batch.seqs) if c.needs_logits and c.seq.params.max_tokens > 0]
-        # Rows with logits: the last known token's row, and with a draft also the draft's row after it.
-        rows = [r for c, s in need for r in ([s.offset + s.n - 2, s.offset + s.n - 1] if c.draft is not None
-                                             else [s.offset + s.n - 1])]
+        # Rows with logits: the last known token's row and, with a draft, the row of every draft token after it.
+        rows = [r for c, s in need for r in range(s.offset + s.n - 1 - len(c.draft or ()), s.offset + s.n)]
         logits = self.model.logits(x[torch.tensor(rows, device=x.device)]) if need else None
-        allowed = self._finish_masks(masks)  # {id(seq): (bool [V], draft row's bool [V] | None), on the device}
-        todo = []  # one SampleRow per logit row: y0 from the real position; y1 from the draft's (used if y0 == draft)
+        allowed = self._finish_masks(masks)  # {id(seq): (bool [V], first draft row's bool [V] | None), on the device}
+        todo = []  # one SampleRow per logit row; row j counts the draft tokens before it as output
         for c, _ in need:
             a = allowed.get(id(c.seq))
             todo.append(self._sample_row(c.seq, allowed=None if a is None else a[0]))
-            if c.draft is not None:
-                todo.append(self._sample_row(c.seq, extra=[c.draft], allowed=None if a is None else a[1]))
+            for j in range(len(c.draft or ())):  # under a grammar a draft has one token (speculative.py)
+                todo.append(self._sample_row(c.seq, extra=c.draft[:j + 1], allowed=None if a is None else a[1]))
         sampled = sample_batch(logits, todo) if todo else []
         if self.token_sync is not None:
             sampled = self.token_sync(sampled)
 
-        outs, kept, k = [], [], 0
-        for c, s in zip(chunks, batch.seqs):
+        # Verify the chains, undo rejected positions, then append the kept tokens (a finished request frees its
+        # cache in `_advance`, so every cache change comes first).
+        plan, kept, cuts, k = [], [], {}, 0
+        for i, (c, s) in enumerate(zip(chunks, batch.seqs)):
             seq = c.seq
-            if not c.needs_logits:
+            if not c.needs_logits or seq.params.max_tokens == 0:
                 seq.num_computed += len(c.tokens)
-                kept.append((c, s))
+                if c.needs_logits:  # max_tokens == 0: the prompt is in, the request ends
+                    plan.append((seq, None))
+                else:
+                    kept.append((c, s))
                 continue
-            if seq.params.max_tokens == 0:
-                seq.num_computed += len(c.tokens)
-                outs.append(self._finish(seq, "length"))
-                continue
-            got = sampled[k:k + (2 if c.draft is not None else 1)]
+            nd = len(c.draft or ())
+            got = sampled[k:k + 1 + nd]
             k += len(got)
-            if c.draft is not None:
-                self.counters["spec_proposed"] += 1
-                seq.draft = None
-                if got[0].token == c.draft:
-                    self.counters["spec_accepted"] += 1
-                else:  # rejected: undo both positions; the real token is fed again next step
+            if nd:
+                n = accepted_prefix(got, c.draft)
+                self.spec_stats.record(nd, n)
+                seq.draft = seq.draft_confidence = None
+                got = got[:n + 1]
+                if n < nd and not dspark:  # MTP: undo both positions; the real token is fed again next step
                     rollback(seq.cache, marks[id(seq)])
-                    got = got[:1]
-            if len(got) == 2 or c.draft is None:
-                seq.num_computed += len(c.tokens)
-                kept.append((c, s))
-            outs.append(self._advance(seq, got))
-        if self.config.speculative_mtp and self.model.mtp:
-            self._mtp_step(x, kept)
+                    plan.append((seq, got))
+                    continue
+                if n < nd:  # DSpark: keep the last known token and the n accepted drafts
+                    cuts[i] = (marks[id(seq)], len(c.tokens) - nd + n)
+                    seq.num_computed += len(c.tokens) - nd + n
+                    plan.append((seq, got))
+                    continue
+            seq.num_computed += len(c.tokens)
+            kept.append((c, s))
+            plan.append((seq, got))
+        if cuts:
+            self.model.truncate_step(batch, cuts)
+        outs = []
+        for seq, got in plan:
+            outs.append(self._finish(seq, "length") if got is None else self._advance(seq, got))
+        if self.spec == "mtp" and self.model.mtp:
+            mtp_propose(self, x, kept)
+        elif dspark:
+            dspark_propose(self, [seq for seq, got in plan if got is not None])
         for c in chunks:  # drop window blocks the sequences' windows have left (after any rollback)
             if c.seq.cache is not None:
                 c.seq.cache.trim()
@@ -213,38 +240,11 @@ class Engine:
         """An idle DP group's step: the forward passes of an empty batch, whose MoE layers join the expert
         exchange of the busy groups (`lockstep`)."""
         batch = self._empty_batch()
-        x = self.model(batch)
-        if self.config.speculative_mtp and self.model.mtp:
+        x = self.model(batch, [] if self.spec == "dspark" else None)
+        if self.spec == "mtp":
             self.model.mtp_logits(x, batch.tokens, batch, rows=batch.tokens)
-
-    def _mtp_step(self, x: torch.Tensor, kept: list) -> None:
-        """Run the MTP block over every row the main model kept this step (its window cache needs them all)
-        and draft one token for each sequence that just produced one."""
-        live = [(c, s) for c, s in kept if not c.seq.finished]
-        if not live:
-            if self.lockstep:  # the MTP block's MoE exchanges with every rank
-                empty = self._empty_batch()
-                self.model.mtp_logits(x[:0], empty.tokens, empty, rows=empty.tokens)
-            return
-        seqs, toks, poss, idx, draft_rows, off = [], [], [], [], [], 0
-        for c, s in live:
-            seq, n = c.seq, len(c.tokens)
-            seqs.append(SeqSlice(seq.cache, off, s.start, n))
-            toks += seq.token_slice(s.start + 1, s.start + n + 1)  # the token after each position
-            poss += range(s.start, s.start + n)
-            idx += range(s.offset, s.offset + n)
-            if c.needs_logits:
-                draft_rows.append((seq, off + n - 1))
-            off += n
-        mb = StepBatch(torch.tensor(toks, device=x.device), torch.tensor(poss, device=x.device), seqs)
-        rows = torch.tensor([r for _, r in draft_rows], dtype=torch.long, device=x.device)
-        lg = self.model.mtp_logits(x[torch.tensor(idx, device=x.device)], mb.tokens, mb, rows=rows)
-        drafts = lg.max(-1).indices.tolist()
-        if self.token_sync is not None:  # every rank must verify the same drafts
-            drafts = [d.token for d in self.token_sync([Sampled(t) for t in drafts])]
-        for (seq, _), d in zip(draft_rows, drafts):
-            # structured outputs: a draft the grammar forbids cannot be accepted; do not verify it
-            seq.draft = d if seq.matcher is None or seq.matcher.allows(d) else None
+        elif self.spec == "dspark":
+            dspark_propose(self, [])
 
     def _score_prompt(self, seq: Sequence, x: torch.Tensor, s: SeqSlice) -> None:
         """Prompt log-probs of the positions this step's chunk predicts: row `offset + i` (position start + i)
@@ -280,7 +280,8 @@ class Engine:
                 seq.penalty_state = PenaltyState(seq.prompt_ids, self.model.args.vocab_size, self.device)
             seq.penalty_state.sync(seq.output_ids)
             penalties = (seq.penalty_state, list(extra))
-        return SampleRow(p, seq.generator, seq.prompt_ids, out, banned, allowed, penalties)
+        gen = seq.generator if p.greedy else position_generator(seq.generator, len(out))
+        return SampleRow(p, gen, seq.prompt_ids, out, banned, allowed, penalties)
 
     # -- structured outputs (runtime/structured.py) --------------------------------------------------
     def grammar_compiler(self) -> GrammarCompiler:
@@ -292,7 +293,7 @@ class Engine:
     def _start_masks(self, chunks) -> tuple[list, Future | None] | None:
         """Grammar masks of this step's sampled rows (with a draft: also the row after it), on a thread:
         llguidance releases the GIL, so this overlaps the forward pass."""
-        rows = [(c.seq, c.draft) for c in chunks
+        rows = [(c.seq, c.draft[0] if c.draft else None) for c in chunks
                 if c.needs_logits and c.seq.matcher is not None and c.seq.params.max_tokens > 0]
         if not rows:
             return None
@@ -382,7 +383,7 @@ class Engine:
                 "prefix_hit_tokens": self.prefix.hit_tokens if self.prefix else 0,
                 "prefix_query_tokens": self.prefix.query_tokens if self.prefix else 0,
                 "prefix_cached_bytes": cached, "cache_bytes": self.pool.nbytes(), **u,
-                "preemptions": s.num_preemptions, **self.counters}
+                "preemptions": s.num_preemptions, **self.counters, **self.spec_stats.as_dict()}
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[StepOutput]]:
         """Run requests to completion (offline use); returns every step output per request."""

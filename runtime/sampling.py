@@ -1,11 +1,13 @@
 """Per-request sampling settings and the sampler.
 
 `SamplingParams` is the per-request knob set (engine settings live in `EngineConfig`). Sampling draws from a
-per-request `torch.Generator`, so a seeded request is reproducible whatever else shares its batch.
+per-request, per-position `torch.Generator` (`position_generator`), so a seeded request is reproducible whatever
+else shares its batch, and whether or not speculative decoding drafts for it.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -94,6 +96,16 @@ class SamplingParams:
         else:
             g.manual_seed(self.seed)
         return g
+
+
+def position_generator(request: torch.Generator, index: int) -> torch.Generator:
+    """The generator that draws output token `index` of a request: seeded from the request generator's seed and
+    the index, so the token drawn at a position is a function of (seed, position, logits) alone. Speculative
+    decoding samples rows that verification then throws away; with per-position generators those draws do not
+    shift the later ones, so a seeded request gives the same tokens with drafts as without (the coupling the
+    DSpark/MTP equality tests use)."""
+    digest = hashlib.blake2b(f"{request.initial_seed()}/{index}".encode(), digest_size=8).digest()
+    return torch.Generator(device=request.device).manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
 
 
 @dataclass

@@ -25,9 +25,9 @@ from .sequence import Sequence, SeqStatus
 @dataclass
 class ScheduledChunk:
     seq: Sequence
-    tokens: list[int]  # token ids fed this step (ends with the MTP draft when `draft` is set)
+    tokens: list[int]  # token ids fed this step (ends with the draft tokens when `draft` is set)
     needs_logits: bool  # the chunk reaches the sequence's last known token
-    draft: int | None = None  # speculative token appended after the last known one
+    draft: list[int] | None = None  # speculative tokens appended after the last known one
 
 
 class Scheduler:
@@ -132,11 +132,10 @@ class Scheduler:
 
     @staticmethod
     def _draft_len(seq: Sequence, n: int) -> int:
-        return int(seq.draft is not None and seq.num_computed + n == seq.num_tokens)
+        return len(seq.draft) if seq.draft and seq.num_computed + n == seq.num_tokens else 0
 
     def _make(self, seq: Sequence, n: int) -> ScheduledChunk:
         toks = seq.token_slice(seq.num_computed, seq.num_computed + n)
-        draft = seq.draft if self._draft_len(seq, n) else None
-        return ScheduledChunk(seq, toks + ([draft] if draft is not None else []),
-                              seq.num_computed + n == seq.num_tokens, draft)
+        draft = list(seq.draft) if self._draft_len(seq, n) else None
+        return ScheduledChunk(seq, toks + (draft or []), seq.num_computed + n == seq.num_tokens, draft)
 

@@ -35,7 +35,8 @@ class Sequence:
     finish_reason: str | None = None  # stop | length | abort | error
     stop_reason: str | int | None = None  # matched stop string or stop token
     num_preemptions: int = 0
-    draft: int | None = None  # MTP draft for the position after the last output token
+    draft: list[int] | None = None  # draft tokens (MTP: one; DSpark: up to K) for the positions after the last one
+    draft_confidence: list[float] | None = None  # DSpark: sigmoid of each draft token's confidence logit
     arrival: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     # output text bookkeeping (stop strings are matched on text)

@@ -61,6 +61,8 @@ class OfflineBenchConfig:
         timeout_s: limit per engine process; None = none (--timeout).
         npus / tp / dp: our engine's layout (--npus, --tp, --dp; runtime/layout.py): N ranks (N - 1 worker
             processes), each DP group admitting ceil(level / DP) requests at once, so the level stays the total.
+        speculative / speculative_tokens / speculative_threshold: our speculative decoding (--speculative, ...;
+            auto = what the checkpoint carries).
     """
 
     model: str = "small"
@@ -78,6 +80,9 @@ class OfflineBenchConfig:
     npus: int = 1
     tp: int | None = None
     dp: int | None = None
+    speculative: str = "auto"
+    speculative_tokens: int = 0
+    speculative_threshold: float = 0.0
 
     def validate(self) -> None:
         """Raise OfflineBenchError naming the first bad setting."""
@@ -169,6 +174,7 @@ def engine_summary(raw: dict, workload: Workload) -> dict:
         "peak_rss_mib": raw["peak_rss_bytes"] / 2**20,
         "load_s": raw["load_s"],
         "threads": raw["threads"],
+        **({"speculative": raw["speculative"]} if "speculative" in raw else {}),
     }
 
 
@@ -212,7 +218,8 @@ def run_offline_bench(cfg: OfflineBenchConfig, progress: Callable[[str], None] |
             spec = {"model": str(Path(resolved.path).resolve()), "concurrency": c, "prompts": work.prompts,
                     "output_lens": work.output_lens, "warmup_prompts": warm.prompts, "quant_sim": cfg.quant_sim,
                     "prefix_caching": cfg.shared_prefix > 0, "threads": cfg.threads, "npus": cfg.npus,
-                    "tp": cfg.tp, "dp": cfg.dp}
+                    "tp": cfg.tp, "dp": cfg.dp, "speculative": cfg.speculative,
+                    "speculative_tokens": cfg.speculative_tokens, "speculative_threshold": cfg.speculative_threshold}
             row: dict = {"concurrency": c, "num_prompts": n, "output_tokens": work.output_tokens}
             for e in engines:
                 say(f"concurrency {c}: {e}, {n} requests x {cfg.input_len} input tokens, "
@@ -275,6 +282,13 @@ def format_table(result: dict) -> str:
         if peer:
             line += f" {h['peak_rss_mib']:>10.0f}"
         lines.append(line)
+    for r in result["levels"]:
+        sp = r["ours"].get("speculative")
+        if sp and sp["method"] != "none":
+            acc = ", ".join(f"{a:.2f}" for a in sp["acceptance_per_position"])
+            lines.append(f"  c={r['concurrency']}: {sp['method']}, {sp['tokens_per_step']:.2f} tokens per verify step, "
+                         f"{sp['accepted']} / {sp['proposed']} draft tokens accepted (per position: {acc or '-'}), "
+                         f"{sp['draft_seconds']:.2f} s drafting")
     if c["shared_prefix"]:
         hits = ", ".join(f"c={r['concurrency']}: {r['ours']['cached_prompt_tokens']}" for r in result["levels"])
         lines.append(f"  prompt tokens ours served from the prefix cache: {hits}")

@@ -57,9 +57,11 @@ def run_ours(spec: dict) -> dict:
     else:
         per_group = spec["concurrency"]
     cfg = EngineConfig(max_num_seqs=per_group, max_num_batched_tokens=STEP_TOKENS, max_queue=n,
-                       enable_prefix_caching=spec["prefix_caching"])
+                       enable_prefix_caching=spec["prefix_caching"],
+                       speculative_threshold=spec.get("speculative_threshold", 0.0))
     llm = LLM(spec["model"], quant_sim=spec["quant_sim"], npus=npus, tp=spec.get("tp"), dp=spec.get("dp"),
-              engine_config=cfg)
+              engine_config=cfg, speculative=spec.get("speculative", "none"),
+              speculative_tokens=spec.get("speculative_tokens", 0))
     load_s = time.perf_counter() - t_load
     # One engine for warm-up and timed pass: with a shared prefix, the warm-up leaves it in the prefix cache
     # like a long-lived system prompt (the warm-up prompts share nothing else with the timed ones).
@@ -85,11 +87,28 @@ def run_ours(spec: dict) -> dict:
                 "cached_prompt_tokens": cached}
 
     try:
+        from ascend_v4.cli.generate import speculative_report
+
         one_pass("warmup-", spec["warmup_prompts"], [min(WARMUP_TOKENS, k) for k in spec["output_lens"]])
-        return {"load_s": load_s, "layout": llm.layout.as_dict(), **one_pass("req-", spec["prompts"],
-                                                                             spec["output_lens"])}
+        before = engine.stats()
+        timed = one_pass("req-", spec["prompts"], spec["output_lens"])
+        return {"load_s": load_s, "layout": llm.layout.as_dict(), **timed,
+                "speculative": speculative_report(llm.speculative,
+                                                  _timed_counts(before, engine.stats()))}
     finally:
         llm.shutdown()
+
+
+def _timed_counts(before: dict, after: dict) -> dict:
+    """The speculative counters of the timed pass alone (the warm-up's subtracted), ratios recomputed."""
+    from ascend_v4.runtime.speculative import spec_ratios
+
+    out = {k: after.get(k, 0) - before.get(k, 0)
+           for k in ("spec_proposed", "spec_accepted", "spec_verify_steps", "spec_draft_seconds")}
+    for k in ("spec_position_reached", "spec_position_accepted"):
+        a, b = after.get(k, []), before.get(k, [])
+        out[k] = [x - (b[j] if j < len(b) else 0) for j, x in enumerate(a)]
+    return spec_ratios(out)
 
 
 def run_transformers(spec: dict) -> dict:

@@ -16,6 +16,8 @@ import json
 
 import click
 
+from ascend_v4.cli.generate import speculative_options
+
 # Re-exported: the logic lives in ascend_v4/bench/serve.py (imports nothing heavy: no torch, no httpx2).
 from ascend_v4.bench.serve import (
     BenchServeConfig,
@@ -129,10 +131,12 @@ def _parse_levels(ctx, param, values: tuple[str, ...]) -> tuple[int, ...]:
               help="Our engine on N ranks (N - 1 worker processes; each DP group admits its share of the level).")
 @click.option("--tp", type=click.IntRange(min=1), default=None, help="Attention TP of our engine (with --npus).")
 @click.option("--dp", type=click.IntRange(min=1), default=None, help="Attention DP groups (with --npus).")
+@speculative_options
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               help="Also write machine-readable results to PATH ('-': JSON on stdout, table on stderr).")
 def bench_offline(model, concurrency, num_prompts, input_len, output_len, output_len_spread, shared_prefix, peer,
-                  quant_sim, threads, seed, timeout, npus, tp, dp, json_path):
+                  quant_sim, threads, seed, timeout, npus, tp, dp, speculative, speculative_tokens,
+                  speculative_threshold, json_path):
     """Offline throughput and latency vs concurrency: ours against transformers on the same checkpoint.
 
     For each concurrency level C, C requests (or --num-prompts) of --input-len random token ids each
@@ -154,6 +158,10 @@ def bench_offline(model, concurrency, num_prompts, input_len, output_len, output
       ascend-v4 bench offline --concurrency 8 --shared-prefix 512 --input-len 640 --peer none
       ascend-v4 bench offline --model tiny --concurrency 1,2 --output-len 4 --json out.json
       ascend-v4 bench offline --concurrency 16 --npus 2 --dp 2 --peer none   # DP 2 (1 thread per rank here)
+      ascend-v4 bench offline --model tiny-dspark --concurrency 1,16 --peer none --speculative dspark
+    Speculative decoding follows the checkpoint (--speculative auto: MTP for April checkpoints, DSpark for
+    0731/0813); random dummy weights accept almost no drafts, so use --speculative none to time the engine
+    alone. The table then adds tokens per verify step and the acceptance of each draft position.
     Dummy checkpoints (tiny, small) measure speed only; their text is gibberish by design.
     """
     from ascend_v4.bench.offline import OfflineBenchConfig, OfflineBenchError, format_table, run_offline_bench
@@ -163,7 +171,9 @@ def bench_offline(model, concurrency, num_prompts, input_len, output_len, output
     cfg = OfflineBenchConfig(model=model, concurrency=concurrency, num_prompts=num_prompts, input_len=input_len,
                              output_len=output_len, output_len_spread=output_len_spread,
                              shared_prefix=shared_prefix, peer=peer, quant_sim=quant_sim == "on",
-                             threads=threads, seed=seed, timeout_s=timeout, npus=npus, tp=tp, dp=dp)
+                             threads=threads, seed=seed, timeout_s=timeout, npus=npus, tp=tp, dp=dp,
+                             speculative=speculative, speculative_tokens=speculative_tokens,
+                             speculative_threshold=speculative_threshold)
     try:
         res = run_offline_bench(cfg, progress=lambda msg: click.echo(f"[bench offline] {msg}", err=True))
     except (CheckpointError, ConfigError) as e:

@@ -32,6 +32,9 @@ class GenerateRequest:
     nnodes: int | None = None
     master_addr: str | None = None
     master_port: int | None = None
+    speculative: str = "auto"
+    speculative_tokens: int = 0
+    speculative_threshold: float = 0.0
 
 
 def run_generate(req: GenerateRequest) -> dict:
@@ -43,10 +46,17 @@ def run_generate(req: GenerateRequest) -> dict:
         raise click.UsageError("give exactly one of --prompt and --prompt-ids")
     if req.chat and req.prompt is None:
         raise click.UsageError("--chat needs --prompt (a user message), not --prompt-ids")
+    from ascend_v4.checkpoint.resolve import resolve_model
+    from ascend_v4.model.args import ModelArgs
+    from ascend_v4.runtime.config import EngineConfig
+
+    args = ModelArgs.from_dir(resolve_model(req.model, dummy=req.dummy).path)
+    cfg = EngineConfig(max_num_batched_tokens=8192, enable_prefix_caching=False,
+                       **engine_speculative(args, req.speculative, req.speculative_tokens, req.speculative_threshold))
     llm = LLM(req.model, device=req.device, dtype=req.dtype, quant_sim=req.quant_sim, dummy=req.dummy,
               progress=True, check_weights=req.check_weights,
               verify_checkpoint=req.verify_checkpoint, npus=req.npus, tp=req.tp, dp=req.dp, nnodes=req.nnodes,
-              master_addr=req.master_addr, master_port=req.master_port)
+              master_addr=req.master_addr, master_port=req.master_port, engine_config=cfg)
     try:
         if req.npus > 1:
             click.echo(f"[generate] layout: {llm.layout.describe()}", err=True)
@@ -57,6 +67,7 @@ def run_generate(req: GenerateRequest) -> dict:
         else:
             res = llm.generate([req.prompt if req.prompt is not None else req.prompt_ids], sp)[0]
         ranks = llm.rank_info()
+        stats = llm.engine.stats()
     finally:
         llm.shutdown()
     out = res.outputs[0]
@@ -65,10 +76,42 @@ def run_generate(req: GenerateRequest) -> dict:
             "text": out.text, "reasoning_content": out.reasoning_content,
             "tool_calls": [getattr(t, "__dict__", t) for t in out.tool_calls],
             "finish_reason": out.finish_reason, "metrics": res.metrics, "layout": llm.layout.as_dict(),
+            "speculative": speculative_report(cfg.speculative, stats),
             "ranks": [{k: r[k] for k in keep} for r in ranks]}
 
 
-# Shared with `ascend-v4 serve`.
+# Shared with `ascend-v4 serve` and `bench offline`.
+def speculative_options(f):
+    """--speculative / --speculative-tokens / --speculative-threshold (docs/dspark.md)."""
+    f = click.option("--speculative-threshold", default=0.0, show_default=True,
+                     type=click.FloatRange(0, 1, max_open=True),
+                     help="DSpark adaptive draft length: cut each draft before the first position whose confidence "
+                          "(sigmoid of the confidence head) is below this. 0 = fixed length.")(f)
+    f = click.option("--speculative-tokens", default=0, show_default=True, type=click.IntRange(min=0),
+                     help="Draft tokens per step and request. 0 = the method's default: MTP 1, DSpark the "
+                          "checkpoint's dspark_block_size (5; vLLM's DSpark recipe uses 7).")(f)
+    return click.option("--speculative", type=click.Choice(["auto", "none", "mtp", "dspark"]), default="auto",
+                        show_default=True,
+                        help="Speculative decoding. auto = what the checkpoint carries: DSpark for V4-Flash-0731 / "
+                             "V4-Pro-0813, MTP (1 token) for the April checkpoints. Output is the same as without "
+                             "drafts (greedy: identical; sampling: the same tokens for a seeded request).")(f)
+
+
+def engine_speculative(model_args, speculative: str, tokens: int, threshold: float) -> dict:
+    """EngineConfig keyword arguments for the --speculative options of a model."""
+    from ascend_v4.runtime.speculative import resolve_method
+
+    return dict(speculative=resolve_method(speculative, model_args), speculative_tokens=tokens,
+                speculative_threshold=threshold)
+
+
+def speculative_report(method: str, stats: dict) -> dict:
+    """The speculative decoding figures of an engine's stats (generate --json, bench offline)."""
+    keys = ("spec_proposed", "spec_accepted", "spec_verify_steps", "spec_tokens_per_step",
+            "spec_acceptance_per_position", "spec_draft_seconds")
+    return {"method": method, **{k.removeprefix("spec_"): stats.get(k, 0) for k in keys}}
+
+
 def multinode_options(f):
     """--nnodes / --node-rank / --master-addr / --master-port (torchrun-style variables as defaults)."""
     f = click.option("--master-port", type=click.IntRange(1, 65535), default=None,
@@ -154,11 +197,13 @@ def _parse_ids(ctx, param, value: str | None) -> list[int] | None:
 @click.option("--tp", type=click.IntRange(min=1), default=None, help=TP_HELP)
 @click.option("--dp", type=click.IntRange(min=1), default=None, help=DP_HELP)
 @multinode_options
+@speculative_options
 @click.option("--json", "as_json", is_flag=True,
-              help="Print ids, text, timings, the parallel layout and each rank's resident weight bytes as JSON.")
+              help="Print ids, text, timings, the parallel layout, each rank's resident weight bytes and the "
+                   "speculative decoding figures (drafted / accepted tokens, per-position acceptance) as JSON.")
 def generate(model, prompt, prompt_ids, chat, thinking, max_tokens, temperature, top_p, top_k, seed, dtype,
              device, no_quant_sim, dummy, check_weights, verify_checkpoint, npus, tp, dp, nnodes, node_rank,
-             master_addr, master_port, as_json):
+             master_addr, master_port, speculative, speculative_tokens, speculative_threshold, as_json):
     """Generate a completion for one prompt.
 
     \b
@@ -177,7 +222,7 @@ def generate(model, prompt, prompt_ids, chat, thinking, max_tokens, temperature,
     run_other_node(npus, nnodes, node_rank, master_addr, master_port)
     req = GenerateRequest(model, prompt, prompt_ids, chat, thinking, max_tokens, temperature, top_p, top_k,
                           seed, dtype, device, not no_quant_sim, dummy, check_weights, verify_checkpoint, npus, tp, dp,
-                          nnodes, master_addr, master_port)
+                          nnodes, master_addr, master_port, speculative, speculative_tokens, speculative_threshold)
     try:
         res = run_generate(req)
     except (CheckpointError, ConfigError, ValueError) as e:

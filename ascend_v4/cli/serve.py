@@ -7,7 +7,7 @@ import sys
 import click
 
 from ascend_v4.cli.generate import (CHECK_WEIGHTS_HELP, DP_HELP, NPUS_HELP, TP_HELP, VERIFY_CHECKPOINT_HELP,
-                                   multinode_options, run_other_node)
+                                   multinode_options, run_other_node, speculative_options)
 
 
 def _echo(line: str) -> None:
@@ -43,6 +43,7 @@ def _echo(line: str) -> None:
 @click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp8"]), default="auto", show_default=True,
               help="Cache entries in the activation dtype, or as 584-byte FP8 entries (e4m3 latent + bf16 RoPE "
                    "dims + UE8M0 scales; about half the bytes of bf16).")
+@speculative_options
 @click.option("--block-size", default=128, show_default=True, type=click.IntRange(min=1),
               help="Tokens per cache block (a multiple of 128 for V4): the unit of paging and prefix-cache hits.")
 @click.option("--no-prefix-caching", is_flag=True, help="Do not reuse cached prompt prefixes.")
@@ -70,7 +71,8 @@ def _echo(line: str) -> None:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def serve(model, npus, tp, dp, nnodes, node_rank, master_addr, master_port, host, port, api_key, served_model_names, max_num_seqs, max_queue, max_model_len,
-          max_num_batched_tokens, cache_gib, kv_cache_dtype, block_size, no_prefix_caching, device, dtype, dummy,
+          max_num_batched_tokens, cache_gib, kv_cache_dtype, speculative, speculative_tokens, speculative_threshold,
+          block_size, no_prefix_caching, device, dtype, dummy,
           hardware, check_weights, verify_checkpoint, require_reasoning_passback, honor_sampling_in_thinking, encoder_version,
           default_max_tokens, drain_timeout, access_log, log_level):
     """Serve a model over HTTP: OpenAI (/v1/chat/completions, /v1/completions, /v1/models) and Anthropic
@@ -101,7 +103,9 @@ def serve(model, npus, tp, dp, nnodes, node_rank, master_addr, master_port, host
                         master_port=master_port, api_key=api_key,
                         served_model_names=list(served_model_names), max_num_seqs=max_num_seqs, max_queue=max_queue,
                         max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
-                        cache_gib=cache_gib, kv_cache_dtype=kv_cache_dtype, block_size=block_size,
+                        cache_gib=cache_gib, kv_cache_dtype=kv_cache_dtype, speculative=speculative,
+                        speculative_tokens=speculative_tokens, speculative_threshold=speculative_threshold,
+                        block_size=block_size,
                         enable_prefix_caching=not no_prefix_caching, device=device, dtype=dtype,
                         dummy=dummy, hardware=hardware, check_weights=check_weights, verify_checkpoint=verify_checkpoint,
                         require_reasoning_passback=require_reasoning_passback,

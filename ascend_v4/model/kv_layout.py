@@ -98,7 +98,8 @@ def bytes_per_token_by_kind(args: ModelArgs, fmt: KVFormat) -> dict[str, float]:
 def comp_block_bytes(args: ModelArgs, fmt: KVFormat, block_size: int) -> int:
     """Bytes of one paged comp block of `block_size` tokens over every layer (main and MTP): the entries and
     indexer keys those tokens produce."""
-    return sum(int(block_size * layer_bytes_per_token(args, fmt, l)) for l in range(args.n_layers + args.n_draft_layers))
+    return sum(int(block_size * layer_bytes_per_token(args, fmt, l))
+               for l in range(args.n_layers + args.n_draft_layers))
 
 
 def window_ring_bytes(args: ModelArgs, fmt: KVFormat) -> int:

@@ -184,7 +184,8 @@ class Transformer(nn.Module):
         last = self.mtp[-1]
         h = ops.hc_head(x, last.hc_head_fn, last.hc_head_base, last.hc_head_scale, a.norm_eps, a.hc_eps)  # [S*k, D]
         logits = self._vocab_logits(last.norm(h))  # [S*k, V]
-        return markov_sample(last, h.view(S, k, -1), logits.view(S, k, -1), anchors, keep_logits)
+        return markov_sample(last, h.view(S, k, h.shape[-1]), logits.view(S, k, logits.shape[-1]), anchors,
+                             keep_logits)
 
     # -- speculative decoding: keep a prefix of a step ------------------------------------------------------
     @torch.no_grad()

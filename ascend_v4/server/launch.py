@@ -58,6 +58,9 @@ class ServeOptions:
     max_num_batched_tokens: int = 2048
     cache_gib: float = 4.0
     kv_cache_dtype: str = "auto"
+    speculative: str = "auto"  # auto = what the checkpoint carries (DSpark / MTP); none | mtp | dspark
+    speculative_tokens: int = 0
+    speculative_threshold: float = 0.0
     block_size: int = 128
     enable_prefix_caching: bool = True
     device: str = "auto"
@@ -176,7 +179,9 @@ def build_app(opts: ServeOptions):
     from ascend_v4.checkpoint.resolve import resolve_model
     from ascend_v4.platform import detect_platform
     from ascend_v4.runtime.async_engine import AsyncEngine
+    from ascend_v4.model.args import ModelArgs
     from ascend_v4.runtime.config import EngineConfig
+    from ascend_v4.runtime.speculative import check_method, default_tokens, resolve_method
 
     from .app import create_app
     from .serving import ServerConfig, encoder_version_of
@@ -188,10 +193,15 @@ def build_app(opts: ServeOptions):
     device = detect_platform().device if opts.device == "auto" else opts.device
     resolved = resolve_model(spec, dummy=opts.dummy)
     try:
+        margs = ModelArgs.from_dir(resolved.path)
         cfg = EngineConfig(max_num_seqs=opts.max_num_seqs, max_queue=opts.max_queue, max_model_len=opts.max_model_len,
                            max_num_batched_tokens=opts.max_num_batched_tokens, cache_gib=opts.cache_gib,
                            kv_cache_dtype=opts.kv_cache_dtype, block_size=opts.block_size,
-                           enable_prefix_caching=opts.enable_prefix_caching)
+                           enable_prefix_caching=opts.enable_prefix_caching,
+                           speculative=resolve_method(opts.speculative, margs),
+                           speculative_tokens=opts.speculative_tokens,
+                           speculative_threshold=opts.speculative_threshold)
+        check_method(cfg.speculative, margs, str(resolved.path)) if cfg.speculative != "none" else None
     except ValueError as e:
         raise ServeError(str(e)) from None
     # npus > 1: LLM starts the worker processes and its engine is rank 0's.
@@ -207,10 +217,12 @@ def build_app(opts: ServeOptions):
                           require_reasoning_passback=opts.require_reasoning_passback, encoder_version=encoder,
                           honor_sampling_in_thinking=opts.honor_sampling_in_thinking,
                           default_max_tokens=opts.default_max_tokens, model_root=str(llm.path))
+    k = default_tokens(cfg.speculative, margs, cfg.speculative_tokens)
+    drafts = f" x{k}" if cfg.speculative != "none" else ""
     dummy_note = ", dummy checkpoint: random weights, gibberish output" if resolved.is_dummy else ""
     what = (f"model {names[0]} ({llm.path}{dummy_note}; device {device}, {llm.layout.describe()}, max_model_len "
             f"{engine.engine.max_model_len}, max_num_seqs {cfg.max_num_seqs}, max_queue {cfg.max_queue}, "
-            f"encoder {encoder})")
+            f"encoder {encoder}, speculative {cfg.speculative}{drafts})")
     return create_app(engine, config), what
 
 

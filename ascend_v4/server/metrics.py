@@ -4,7 +4,8 @@ Per-request series are recorded by the serving layer: HTTP responses by route an
 requests by finish reason, client disconnects, and TTFT / TPOT / end-to-end latency histograms (measured
 from the request's arrival, so queueing counts in TTFT). Engine state is read at scrape time from
 `AsyncEngine.stats()` / `health()`: queue depth, running sequences, cache blocks and usage, prefix-cache
-hit rate, prompt / generation token totals, preemptions and aborted requests. Each app has its own
+hit rate, prompt / generation token totals, preemptions and aborted requests, and speculative decoding's
+drafts, draft and accepted tokens (per chain position too) and draft time. Each app has its own
 registry, so several servers can live in one process (tests).
 """
 
@@ -54,11 +55,21 @@ class _EngineCollector:
             "num_preemptions": ("sequences preempted (recomputed later)", "preemptions"),
             "request_aborted": ("requests aborted (client disconnects included)", "aborted"),
             "engine_steps": ("engine steps run", "steps"),
+            # speculative decoding (MTP / DSpark), vLLM's spec_decode_* names
+            "spec_decode_num_drafts": ("draft chains verified (one per request and step)", "spec_verify_steps"),
+            "spec_decode_num_draft_tokens": ("draft tokens verified", "spec_proposed"),
+            "spec_decode_num_accepted_tokens": ("draft tokens accepted", "spec_accepted"),
+            "spec_decode_draft_seconds": ("seconds spent in draft forwards", "spec_draft_seconds"),
         }
         for name, (doc, key) in counters.items():
             c = CounterMetricFamily(P + name, doc)
             c.add_metric([], float(s.get(key, 0)))
             yield c
+        c = CounterMetricFamily(P + "spec_decode_num_accepted_tokens_per_pos",
+                                "draft tokens accepted at each chain position", labels=["position"])
+        for j, n in enumerate(s.get("spec_position_accepted", [])):
+            c.add_metric([str(j)], float(n))
+        yield c
 
 
 class ServerMetrics:

@@ -12,6 +12,7 @@ import torch
 from ascend_v4.model.cache import StepBatch, new_seq_cache
 from ascend_v4.runtime.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from ascend_v4.runtime.config import EngineConfig
+from ascend_v4.runtime import speculative
 from ascend_v4.runtime.engine import Engine, RequestError
 from ascend_v4.runtime.sampling import SamplingParams, apply_penalties, sample
 
@@ -268,14 +269,14 @@ def test_mtp_accepted_drafts_emit_two_tokens_per_step(model, tok, monkeypatch):
     p = prompts(40, seed=12)[0]
     ref = naive_greedy(model, p, 9)
     e = Engine(model, tok, EngineConfig(speculative_mtp=True))
-    real = e._mtp_step
+    from ascend_v4.runtime import engine as engine_mod
 
-    def oracle(x, kept):
-        real(x, kept)  # keeps the MTP cache filled as usual
+    def oracle(eng, x, kept):
+        speculative.mtp_propose(eng, x, kept)  # keeps the MTP cache filled as usual
         for c, _ in kept:
             if c.seq.draft is not None:
-                c.seq.draft = ref[len(c.seq.output_ids)]
-    monkeypatch.setattr(e, "_mtp_step", oracle)
+                c.seq.draft = [ref[len(c.seq.output_ids)]]
+    monkeypatch.setattr(engine_mod, "mtp_propose", oracle)
     toks, outs = run(e, [p], SamplingParams(max_tokens=9, temperature=0, ignore_eos=True))
     assert toks[0] == ref
     st = e.stats()

@@ -13,6 +13,7 @@ pytest.importorskip("llguidance")
 jsonschema = pytest.importorskip("jsonschema")
 
 from ascend_v4.runtime.config import EngineConfig  # noqa: E402
+from ascend_v4.runtime import engine as engine_mod, speculative  # noqa: E402
 from ascend_v4.runtime.engine import Engine, RequestError  # noqa: E402
 from ascend_v4.runtime.sampling import SamplingParams  # noqa: E402
 from ascend_v4.runtime.structured import (  # noqa: E402
@@ -105,18 +106,17 @@ def test_mtp_drafts_respect_the_grammar(model, tok, monkeypatch):
     assert model.mtp, "the tiny preset has an MTP block"
     e = Engine(model, tok, EngineConfig(speculative_mtp=True))
     checked = []
-    real_mtp = e._mtp_step
 
-    def mtp(x, kept):
-        real_mtp(x, kept)
+    def mtp(eng, x, kept):
+        speculative.mtp_propose(eng, x, kept)
         for c, _ in kept:
             sm = c.seq.matcher
             if sm is not None and not c.seq.finished:
                 checked.append(c.seq.draft)
                 ff = sm.m.compute_ff_tokens()
                 if ff:
-                    c.seq.draft = ff[0]
-    monkeypatch.setattr(e, "_mtp_step", mtp)
+                    c.seq.draft = [ff[0]]
+    monkeypatch.setattr(engine_mod, "mtp_propose", mtp)
     g = GrammarSpec(json_grammar(COLOR))
     outs = e.generate([_prompt(tok)] * 2, [SamplingParams(max_tokens=30, temperature=0, grammar=g),
                                            SamplingParams(max_tokens=30, temperature=1.0, seed=5, grammar=g)])
@@ -124,7 +124,7 @@ def test_mtp_drafts_respect_the_grammar(model, tok, monkeypatch):
         text, reason = _text(tok, o)
         assert reason == "stop"
         jsonschema.validate(json.loads(text), COLOR)
-    assert checked and e.counters["spec_accepted"] > 0
+    assert checked and e.stats()["spec_accepted"] > 0
     # greedy output is the same with and without speculation
     plain = Engine(model, tok, EngineConfig()).generate([_prompt(tok)], [SamplingParams(max_tokens=30, temperature=0,
                                                                                           grammar=g)])

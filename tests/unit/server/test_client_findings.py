@@ -203,8 +203,10 @@ def test_invalid_tool_schemas_are_a_400_naming_the_tool(served):
 @pytest.fixture(scope="module")
 def real_app():
     """The app over the real tiny engine (build_app, as `serve` runs it), with `--honor-sampling-in-thinking`
-    on, and its model's logits replaceable by a forced token script."""
-    app, _ = build_app(ServeOptions(model="tiny", cache_gib=0.05, honor_sampling_in_thinking=True))
+    on, and its model's logits replaceable by a forced token script (one row per step: no speculative decoding,
+    whose verify steps would take several rows of the script at once)."""
+    app, _ = build_app(ServeOptions(model="tiny", cache_gib=0.05, honor_sampling_in_thinking=True,
+                                    speculative="none"))
     st = app.state.server
     model = st.engine.engine.model
     orig = model.logits

@@ -54,3 +54,30 @@ def test_cache_options_reach_the_engine():
         asyncio.run(ae.shutdown(drain=False))
     with pytest.raises(ValueError, match="block_size 64 must be a multiple"):
         build_app(ServeOptions(model="tiny", block_size=64, cache_gib=0.05))
+
+
+def test_speculative_follows_the_checkpoint_and_reaches_metrics():
+    """serve --speculative auto on a DSpark checkpoint drafts with DSpark; /metrics carries vLLM's spec_decode_*
+    counters (per chain position too); a method the checkpoint cannot run is refused before serving."""
+    import asyncio
+
+    from ascend_v4.runtime.sampling import SamplingParams
+    from ascend_v4.server.launch import build_app
+    from ascend_v4.server.metrics import ServerMetrics
+
+    app, what = build_app(ServeOptions(model="tiny-dspark", cache_gib=0.05))
+    ae = app.state.server.engine
+    try:
+        eng = ae.engine
+        assert eng.config.speculative == "dspark" and eng.spec_tokens == 5 and "speculative dspark x5" in what
+        eng.generate([[0, 100, 200, 300]], [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)])
+        st = eng.stats()
+        text = ServerMetrics(eng.stats, lambda: {"healthy": True}).render().decode()
+        assert f"ascend_v4:spec_decode_num_draft_tokens_total {float(st['spec_proposed'])}" in text
+        assert st["spec_proposed"] > 0 and 'ascend_v4:spec_decode_num_accepted_tokens_per_pos_total{position="0"}' in text
+    finally:
+        asyncio.run(ae.shutdown(drain=False))
+    with pytest.raises(ServeError, match="carries no MTP weights"):
+        build_app(ServeOptions(model="tiny-dspark", speculative="mtp", cache_gib=0.05))
+    out = CliRunner().invoke(main, ["serve", "--help"]).output
+    assert "--speculative" in out and "--speculative-tokens" in out and "--speculative-threshold" in out
