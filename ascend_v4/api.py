@@ -85,6 +85,8 @@ class LLM:
             `engine_config`'s setting (default none, as vLLM).
         speculative_tokens: draft tokens per step (None: `engine_config`'s; 0: the method's default, MTP 1,
             DSpark the checkpoint's block size).
+        speculative_threshold: DSpark's adaptive draft length: cut each chain before the first position whose
+            confidence is below it (None: `engine_config`'s; 0: fixed length).
         check_weights: check every float weight for NaN / inf while loading (UE8M0 scales are always checked);
             with `npus > 1`, one pass over the whole checkpoint before the ranks load.
         verify_checkpoint: before loading, re-hash every file of an `ascend-v4 quantize` output against its
@@ -99,6 +101,7 @@ class LLM:
                  progress: bool = False, npus: int = 1, tp: int | None = None, dp: int | None = None,
                  nnodes: int | None = None, master_addr: str | None = None, master_port: int | None = None,
                  engine_config=None, speculative: str | None = None, speculative_tokens: int | None = None,
+                 speculative_threshold: float | None = None,
                  check_weights: bool = False, verify_checkpoint: bool = False):
         if dtype == "auto":
             dtype = "fp32" if torch.device(device).type == "cpu" else "bf16"
@@ -119,7 +122,8 @@ class LLM:
         self.options = ModelOptions(dtype=tdtype, quant_sim=quant_sim, dequantize_weights=dequantize_weights)
         tok_file = self.path / "tokenizer.json"
         self.tokenizer = Tokenizer.from_dir(self.path) if tok_file.is_file() else Tokenizer.default()
-        engine_config = _with_speculative(engine_config, self.args, speculative, speculative_tokens)
+        engine_config = _with_speculative(engine_config, self.args, speculative, speculative_tokens,
+                                          speculative_threshold)
         self.speculative = engine_config.speculative if engine_config is not None else "none"  # method in use
         if npus > 1:
             from ascend_v4.runtime.config import EngineConfig
@@ -224,9 +228,9 @@ class LLM:
         return results
 
 
-def _with_speculative(cfg, args, method: str | None, tokens: int | None):
+def _with_speculative(cfg, args, method: str | None, tokens: int | None, threshold: float | None):
     """`cfg` (None: the default `LLM` engine config) with the speculative settings given to `LLM`."""
-    if method is None and tokens is None:
+    if method is None and tokens is None and threshold is None:
         return cfg
     import dataclasses
 
@@ -239,5 +243,7 @@ def _with_speculative(cfg, args, method: str | None, tokens: int | None):
         change.update(speculative=resolve_method(method, args), speculative_mtp=False)
     if tokens is not None:
         change["speculative_tokens"] = tokens
+    if threshold is not None:
+        change["speculative_threshold"] = threshold
     return dataclasses.replace(cfg, **change)
 

@@ -323,7 +323,8 @@ class Engine:
         return {k: (bits[r0], None if r1 is None else bits[r1]) for k, (r0, r1) in where.items()}
 
     def _advance(self, seq: Sequence, got: list[Sampled]) -> StepOutput:
-        """Append the step's accepted tokens (1, or 2 with an accepted draft) and apply stop conditions."""
+        """Append the step's kept tokens (the target's token, after any accepted draft tokens) and apply stop
+        conditions token by token: tokens after a stop are dropped."""
         p, args = seq.params, self.model.args
         stops = self._stops(seq)
         if seq.detok is None:

@@ -1,7 +1,8 @@
 """Continuous batching: which sequences run in the next step, and how many tokens each.
 
 Policy per step, within a token budget (`max_num_batched_tokens`):
-1. running sequences that only need their last token (decode) get 1 token each;
+1. running sequences that only need their last token (decode) get 1 token each, plus their draft tokens
+   (speculative decoding; cut to the budget left);
 2. running sequences still prefilling get chunks of what is left of the budget;
 3. waiting sequences are admitted in arrival order while fewer than `max_num_seqs` run, the budget lasts
    and their blocks can be allocated (prefix-cache hits restore their state first).
@@ -84,7 +85,8 @@ class Scheduler:
             if seq not in self.running or budget == 0:
                 continue
             n = self._chunk_len(seq, budget)
-            while not self._grow(seq, seq.num_computed + n + self._draft_len(seq, n)):
+            d = self._draft_len(seq, n, budget)
+            while not self._grow(seq, seq.num_computed + n + d):
                 # preempt the latest admitted sequence not already scheduled this step (else this one)
                 scheduled = {id(c.seq) for c in out}
                 victim = next((s for s in reversed(self.running) if id(s) not in scheduled), seq)
@@ -93,22 +95,23 @@ class Scheduler:
                     break
             if seq.status is not SeqStatus.RUNNING:
                 continue
-            out.append(self._make(seq, n))
-            budget -= n
+            out.append(self._make(seq, n, d))
+            budget -= n + d
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
             if seq.cache is None:
                 self._restore(seq)
             n = self._chunk_len(seq, budget)
-            if not self._grow(seq, seq.num_computed + n + self._draft_len(seq, n)):
+            d = self._draft_len(seq, n, budget)
+            if not self._grow(seq, seq.num_computed + n + d):
                 seq.cache.free()  # stays waiting; blocks shared from the prefix cache go back too
                 seq.cache = None
                 break
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            out.append(self._make(seq, n))
-            budget -= n
+            out.append(self._make(seq, n, d))
+            budget -= n + d
         return out
 
     def _restore(self, seq: Sequence) -> None:
@@ -131,11 +134,15 @@ class Scheduler:
         seq.cache.state_upto = len(seq.block_hashes) if self.prefix is not None and self.pool.has_state else 0
 
     @staticmethod
-    def _draft_len(seq: Sequence, n: int) -> int:
-        return len(seq.draft) if seq.draft and seq.num_computed + n == seq.num_tokens else 0
+    def _draft_len(seq: Sequence, n: int, budget: int) -> int:
+        """Draft tokens the chunk of n tokens carries: the sequence's draft when the chunk reaches its last token,
+        cut to what the step's token budget has left (drafts count against it, as in vLLM)."""
+        if not seq.draft or seq.num_computed + n != seq.num_tokens:
+            return 0
+        return max(0, min(len(seq.draft), budget - n))
 
-    def _make(self, seq: Sequence, n: int) -> ScheduledChunk:
+    def _make(self, seq: Sequence, n: int, d: int) -> ScheduledChunk:
         toks = seq.token_slice(seq.num_computed, seq.num_computed + n)
-        draft = list(seq.draft) if self._draft_len(seq, n) else None
+        draft = list(seq.draft[:d]) if d else None
         return ScheduledChunk(seq, toks + (draft or []), seq.num_computed + n == seq.num_tokens, draft)
 

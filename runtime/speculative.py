@@ -124,13 +124,14 @@ def dspark_propose(engine, seqs: list) -> None:
     main_pos = torch.tensor([s.num_computed - 1 for s, _ in want], dtype=torch.long, device=dev)
     draft = model.dspark_draft(anchors, main_pos, [s.cache for s, _ in want], k)
     tokens = draft.tokens.tolist()
-    if engine.token_sync is not None:  # every rank of a TP group must verify the same drafts
-        flat = engine.token_sync([Sampled(t) for row in tokens for t in row])
-        tokens = [[flat[i * k + j].token for j in range(k)] for i in range(len(tokens))]
     conf = torch.sigmoid(draft.confidence).tolist()
-    for (seq, n), row, c in zip(want, tokens, conf):
-        if cfg.speculative_threshold > 0:
-            n = next((j for j in range(n) if c[j] < cfg.speculative_threshold), n)
+    lengths = [n if cfg.speculative_threshold <= 0 else next((j for j in range(n) if c[j] < cfg.speculative_threshold), n)
+               for (_, n), c in zip(want, conf)]
+    if engine.token_sync is not None:  # a TP group verifies its leader's chains: tokens and lengths
+        flat = engine.token_sync([Sampled(t) for row in tokens for t in row] + [Sampled(n) for n in lengths])
+        tokens = [[flat[i * k + j].token for j in range(k)] for i in range(len(tokens))]
+        lengths = [s.token for s in flat[len(tokens) * k:]]
+    for (seq, _), row, c, n in zip(want, tokens, conf, lengths):
         if seq.matcher is not None and n and not seq.matcher.allows(row[0]):
             n = 0
         seq.draft = row[:n] or None

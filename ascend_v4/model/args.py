@@ -198,8 +198,9 @@ class ModelArgs:
             need(0 <= self.dspark_noise_token_id < self.vocab_size,
                  f"dspark_noise_token_id {self.dspark_noise_token_id} is outside the vocabulary [0, {self.vocab_size})")
             need(len(self.dspark_target_layer_ids) >= 1
+                 and len(set(self.dspark_target_layer_ids)) == len(self.dspark_target_layer_ids)
                  and all(0 <= i < self.n_layers for i in self.dspark_target_layer_ids),
-                 f"dspark_target_layer_ids {list(self.dspark_target_layer_ids)} must name main layers "
+                 f"dspark_target_layer_ids {list(self.dspark_target_layer_ids)} must name distinct main layers "
                  f"0..{self.n_layers - 1}")
         bad = sorted({r for r in self.compress_ratios if r not in _RATIO_TO_KIND})
         need(not bad, f"compress_ratios contains {bad}; DeepSeek-V4 uses only 0, 4 and 128")

@@ -288,8 +288,9 @@ class SeqCache:
             self.state_slots += self.alloc.allocate(STATE_KIND, 1) if ok else [-1]
 
     def trim(self, margin: int = 2) -> None:
-        """Release window blocks no future query can see. `margin` positions of slack cover a rollback of
-        speculative tokens (MTP: at most 2) after the trim."""
+        """Release window blocks no future query can see. `margin` positions of slack below the window; the
+        engine trims after a step's rollbacks (speculative decoding), so the next step never rolls back below
+        the length trimmed at."""
         first_needed = max(0, self.length - margin - self.pool.args.window_size + 1) // self.pool.window_block
         dead = [b for b in self.win_blocks[:first_needed] if b >= 0]
         if dead:

@@ -13,7 +13,7 @@ from torch import nn
 
 from ascend_v4 import ops
 
-from .args import ModelArgs
+from .args import WINDOW, ModelArgs
 from .block import Block, _f32
 from .dspark import BlockContext, Draft, DSparkStage, markov_sample, write_context
 from .cache import CacheMark, SeqSlice, StepBatch, rollback
@@ -214,9 +214,13 @@ class Transformer(nn.Module):
         rows_t = recorded[src_t]
         sub = StepBatch(batch.tokens[rows_t], batch.positions[rows_t], slices)
         for layer in self.layers:
+            if layer.attn.kind == WINDOW:
+                continue
             comp = batch.memo.get(("proj", layer.layer_id))
-            if comp is not None:
-                layer.attn.replay_compress(sub, tuple(t[src_t] for t in comp))
+            if comp is None:  # recorded only for a batch on one cache pool (as the engine's)
+                raise ValueError(f"truncate_step: layer {layer.layer_id}'s compressor inputs were not recorded: run "
+                                 "the forward with batch.memo['record_rows'] set, all sequences on one CachePool")
+            layer.attn.replay_compress(sub, tuple(t[src_t] for t in comp))
         for s in slices:
             s.cache.length = s.start + s.n
 

@@ -205,3 +205,122 @@ def test_speculative_settings_are_checked(model, ds, tok):
         EngineConfig(speculative="dspark", speculative_threshold=1.5)
     e = Engine(ds, tok, EngineConfig(speculative="dspark", speculative_tokens=7))
     assert e.spec_tokens == 7
+
+
+# -- requests that end, are penalised, constrained or scored inside a chain ------------------------------------
+def _same_with_oracle(ds, tok, monkeypatch, ps, params, cfg=None):
+    """Output without drafts, then with DSpark whose drafts are that output (all accepted): equal."""
+    cfg = dict(cfg or {})
+    plain = Engine(ds, tok, EngineConfig(**cfg)).generate(ps, [params] * len(ps))
+    ref = [[t for o in os for t in o.new_token_ids] for os in plain]
+    _oracle(monkeypatch, {tuple(p): r for p, r in zip(ps, ref)})
+    e = Engine(ds, tok, EngineConfig(speculative="dspark", **cfg))
+    outs = e.generate(ps, [params] * len(ps))
+    assert [[t for o in os for t in o.new_token_ids] for os in outs] == ref
+    return plain, outs, e
+
+
+def test_a_stop_token_inside_an_accepted_chain_ends_the_request_there(ds, tok, monkeypatch):
+    ps = prompts(30, seed=7)
+    free = Engine(ds, tok, EngineConfig()).generate(ps, [SamplingParams(max_tokens=14, temperature=0,
+                                                                        ignore_eos=True)])
+    ref = [t for o in free[0] for t in o.new_token_ids]
+    stop = next(t for i, t in enumerate(ref) if i >= 3 and t not in ref[:i])  # first occurs mid-chain
+    params = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True, stop_token_ids=[stop])
+    plain, outs, e = _same_with_oracle(ds, tok, monkeypatch, ps, params)
+    assert outs[0][-1].finish_reason == "stop" and outs[0][-1].stop_reason == stop
+    assert [t for o in outs[0] for t in o.new_token_ids][-1] == stop and e.blocks.used == 0
+
+
+def test_penalties_and_min_tokens_see_the_draft_tokens_before_each_row(ds, tok, monkeypatch):
+    params = SamplingParams(max_tokens=12, temperature=0, repetition_penalty=1.3, presence_penalty=0.5,
+                            frequency_penalty=0.3, min_tokens=6, logprobs=1)
+    plain, outs, _ = _same_with_oracle(ds, tok, monkeypatch, prompts(20, 50, seed=8), params)
+    lp = [[round(s.logprob, 4) for o in os for s in o.logprobs] for os in outs]
+    assert lp == [[round(s.logprob, 4) for o in os for s in o.logprobs] for os in plain]
+
+
+def test_prompt_logprobs_and_a_small_step_budget(ds, tok, monkeypatch):
+    """Prompt log-probs are the same with drafts; a step budget smaller than the chains cuts them (drafts count
+    against max_num_batched_tokens)."""
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, prompt_logprobs=1)
+    plain, outs, e = _same_with_oracle(ds, tok, monkeypatch, prompts(20, 33, seed=9), params,
+                                       cfg=dict(max_num_batched_tokens=8))
+    assert [[None if x is None else round(x.logprob, 4) for x in os[0].prompt_logprobs] for os in outs] == \
+        [[None if x is None else round(x.logprob, 4) for x in os[0].prompt_logprobs] for os in plain]
+    reached = e.stats()["spec_position_reached"]  # 2 x (1 + K) > 8 tokens: the second chain of a step is cut
+    assert reached[K - 1] < reached[0]
+
+
+def test_structured_output_with_dspark(ds, tok, monkeypatch):
+    """Under a grammar a chain is one token (only the first draft row gets a mask): the output is valid JSON and
+    the same as without drafts. Random drafts are nearly always outside the grammar (dropped before
+    verification); to verify some, a draft is replaced by the grammar's forced next token when there is one."""
+    import json
+
+    from ascend_v4.runtime.structured import GrammarSpec
+    from ascend_v4.server.structured import json_grammar
+
+    schema = {"type": "object", "properties": {"a": {"enum": ["x", "y"]}}, "required": ["a"],
+              "additionalProperties": False}
+    params = SamplingParams(max_tokens=64, temperature=0, grammar=GrammarSpec(json_grammar(schema)))
+    ps = prompts(12, seed=10)
+    plain = Engine(ds, tok, EngineConfig()).generate(ps, [params])
+
+    def propose(eng, seqs):
+        speculative.dspark_propose(eng, seqs)
+        for seq in seqs:
+            ff = seq.matcher.m.compute_ff_tokens() if seq.matcher is not None and not seq.finished else []
+            if ff:
+                seq.draft = [ff[0]]
+    monkeypatch.setattr(engine_mod, "dspark_propose", propose)
+    e = Engine(ds, tok, EngineConfig(speculative="dspark"))
+    outs = e.generate(ps, [params])
+    got = [t for o in outs[0] for t in o.new_token_ids]
+    assert got == [t for o in plain[0] for t in o.new_token_ids]
+    assert outs[0][-1].finish_reason == "stop" and "a" in json.loads(tok.decode(got[:-1]))
+    assert e.stats()["spec_accepted"] > 0 and len(e.stats()["spec_acceptance_per_position"]) == 1
+
+
+def test_two_sequences_cut_to_different_lengths_in_one_step(ds):
+    """truncate_step over a batch of two sequences on one pool, cut to 2 and 5 of 6 tokens: each cache equals
+    one fed only its kept tokens."""
+    from ascend_v4.model.cache import CachePool, SeqCache
+    from ascend_v4.runtime.block_manager import BlockManager
+
+    ids = prompts(140, 140, seed=11)
+    starts, keeps = (125, 62), (2, 5)
+
+    def caches():
+        pool = CachePool(ds.args, 128, 64, 16, torch.float32, num_run_slots=4)
+        bm = BlockManager.for_pool(pool)
+        return [SeqCache(pool, bm) for _ in ids]
+
+    a, b = caches(), caches()
+    for cs in (a, b):
+        sb = StepBatch.build([(c, i[:s]) for c, i, s in zip(cs, ids, starts)])
+        ds(sb)
+        sb.commit()
+    marks = [mark(c, 6) for c in a]
+    sb = StepBatch.build([(c, i[s:s + 6]) for c, i, s in zip(a, ids, starts)])
+    sb.memo["record_rows"] = torch.arange(12)
+    ds(sb)
+    sb.commit()
+    ds.truncate_step(sb, {0: (marks[0], keeps[0]), 1: (marks[1], keeps[1])})
+    sb = StepBatch.build([(c, i[s:s + k]) for c, i, s, k in zip(b, ids, starts, keeps)])
+    ds(sb)
+    sb.commit()
+    for ca, cb in zip(a, b):
+        sa, sb_ = _state(ca), _state(cb)
+        assert sa.keys() == sb_.keys() and sa["len"] == sb_["len"]
+        for key in sa:
+            if key != "len":
+                for x, y in zip(sa[key], sb_[key], strict=True):
+                    torch.testing.assert_close(x.float(), y.float(), rtol=0, atol=1e-5, msg=str(key))
+    with pytest.raises(ValueError, match="were not recorded"):
+        c = new_seq_cache(ds.args, torch.float32)
+        m = mark(c, 3)
+        sb = StepBatch.build([(c, ids[0][:3])])
+        ds(sb)
+        sb.commit()
+        ds.truncate_step(sb, {0: (m, 1)})

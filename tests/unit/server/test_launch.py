@@ -70,7 +70,12 @@ def test_speculative_follows_the_checkpoint_and_reaches_metrics():
     try:
         eng = ae.engine
         assert eng.config.speculative == "dspark" and eng.spec_tokens == 5 and "speculative dspark x5" in what
-        eng.generate([[0, 100, 200, 300]], [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)])
+
+        async def one():  # through the AsyncEngine, whose thread steps the engine
+            async for _ in ae.generate([0, 100, 200, 300], SamplingParams(max_tokens=8, temperature=0,
+                                                                          ignore_eos=True)):
+                pass
+        asyncio.run(one())
         st = eng.stats()
         text = ServerMetrics(eng.stats, lambda: {"healthy": True}).render().decode()
         assert f"ascend_v4:spec_decode_num_draft_tokens_total {float(st['spec_proposed'])}" in text
