@@ -34,6 +34,12 @@ class EngineConfig:
             dspark_block_size for DSpark; MTP supports 1 only).
         speculative_threshold: DSpark's adaptive draft length: cut each draft at the first position whose
             confidence sigmoid(confidence logit) is below this (0 = fixed length).
+        speculative_draft_sampling: DSpark drafts for requests with temperature > 0: "greedy" (argmax of the
+            Markov-corrected logits, as vLLM's DSpark recipe; verified by matching the target's sample, which
+            keeps a seeded request's tokens identical to decoding without drafts) or "sample" (drawn from
+            softmax(logits / T) like the official reference; verified by speculative sampling against that
+            distribution: the same output distribution, more drafts accepted at high temperature, but no longer
+            the same tokens as without drafts). Greedy requests always get greedy drafts.
         speculative_mtp: the older switch for speculative="mtp" (kept for existing callers).
     """
 
@@ -51,6 +57,7 @@ class EngineConfig:
     speculative: str = "none"
     speculative_tokens: int = 0
     speculative_threshold: float = 0.0
+    speculative_draft_sampling: str = "greedy"
     speculative_mtp: bool = False
 
     def __post_init__(self) -> None:
@@ -68,6 +75,9 @@ class EngineConfig:
         if self.speculative_tokens < 0 or (self.speculative == "mtp" and self.speculative_tokens > 1):
             raise ValueError(f"EngineConfig.speculative_tokens must be >= 0 (MTP: 0 or 1), got "
                              f"{self.speculative_tokens}")
+        if self.speculative_draft_sampling not in ("greedy", "sample"):
+            raise ValueError(f"EngineConfig.speculative_draft_sampling must be 'greedy' or 'sample', got "
+                             f"{self.speculative_draft_sampling!r}")
         if not 0 <= self.speculative_threshold < 1:
             raise ValueError(f"EngineConfig.speculative_threshold must be in [0, 1), got {self.speculative_threshold}")
         if self.max_queue < 0:

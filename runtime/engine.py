@@ -27,10 +27,11 @@ from ascend_v4.tokenizer import Tokenizer
 from .block_manager import BlockManager, PrefixCache, make_cache_pool
 from .config import EngineConfig
 from .sampling import (PenaltyState, SampleRow, Sampled, SamplingParams, has_penalties, position_generator,
-                       sample_batch, score_tokens)
+                       score_tokens)
 from .scheduler import Scheduler
 from .sequence import Sequence, SeqStatus
-from .speculative import SpecStats, accepted_prefix, check_method, default_tokens, dspark_propose, mtp_propose
+from .speculative import (SpecStats, accepted_prefix, check_method, default_tokens, dspark_propose, mtp_propose,
+                          sample_step)
 from .structured import GrammarCompiler, GrammarError, compute_masks, unpack_mask
 
 PROMPT_LOGPROB_ROWS = 256  # prompt positions per slice through the LM head when scoring a prompt
@@ -176,13 +177,15 @@ class Engine:
         rows = [r for c, s in need for r in range(s.offset + s.n - 1 - len(c.draft or ()), s.offset + s.n)]
         logits = self.model.logits(x[torch.tensor(rows, device=x.device)]) if need else None
         allowed = self._finish_masks(masks)  # {id(seq): (bool [V], first draft row's bool [V] | None), on the device}
-        todo = []  # one SampleRow per logit row; row j counts the draft tokens before it as output
+        todo, chains = [], []  # one SampleRow per logit row; row j counts the draft tokens before it as output
         for c, _ in need:
             a = allowed.get(id(c.seq))
+            if c.draft and c.seq.draft_probs is not None:  # sampled drafts: speculative sampling
+                chains.append((len(todo), c.draft, c.seq.draft_probs))
             todo.append(self._sample_row(c.seq, allowed=None if a is None else a[0]))
             for j in range(len(c.draft or ())):  # under a grammar a draft has one token (speculative.py)
                 todo.append(self._sample_row(c.seq, extra=c.draft[:j + 1], allowed=None if a is None else a[1]))
-        sampled = sample_batch(logits, todo) if todo else []
+        sampled = sample_step(logits, todo, chains) if todo else []
         if self.token_sync is not None:
             sampled = self.token_sync(sampled)
 
@@ -204,7 +207,7 @@ class Engine:
             if nd:
                 n = accepted_prefix(got, c.draft)
                 self.spec_stats.record(nd, n)
-                seq.draft = seq.draft_confidence = None
+                seq.draft = seq.draft_confidence = seq.draft_probs = None
                 got = got[:n + 1]
                 if n < nd and not dspark:  # MTP: undo both positions; the real token is fed again next step
                     rollback(seq.cache, marks[id(seq)])

@@ -191,6 +191,20 @@ def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator, *
     over `banned` when the grammar allows nothing else (e.g. only EOS once a JSON value is complete).
     `penalties`: (the request's PenaltyState, extra draft tokens) used instead of `prompt` / `output`."""
     raw = logits.float()
+    x = processed_logits(raw, params, prompt=prompt, output=output, banned=banned, allowed=allowed,
+                         penalties=penalties)
+    if params.greedy:
+        tok = int(torch.max(x, -1).indices)
+    else:
+        tok = int(torch.multinomial(probabilities(x, params), 1, generator=gen))
+    return with_logprobs(raw, params, tok)
+
+
+def processed_logits(raw: torch.Tensor, params: SamplingParams, *, prompt: list[int] | None = None,
+                     output: list[int] | None = None, banned: list[int] | None = None,
+                     allowed: torch.Tensor | None = None,
+                     penalties: tuple[PenaltyState, list[int]] | None = None) -> torch.Tensor:
+    """fp32 logits [V] after penalties, the grammar mask and banned ids (see `sample`)."""
     if penalties is not None and has_penalties(params):
         x = penalties[0].apply(raw, params, penalties[1])
     else:
@@ -202,21 +216,28 @@ def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator, *
         y = x.clone()
         y[banned] = float("-inf")
         x = y if allowed is None or bool(torch.isfinite(y).any()) else x
-    if params.greedy:
-        tok = int(torch.max(x, -1).indices)
-    else:
-        x = x / params.temperature
-        if 0 < params.top_k < x.shape[-1]:
-            kth = torch.topk(x, params.top_k).values[-1]
-            x = x.masked_fill(x < kth, float("-inf"))
-        probs = torch.softmax(x, dim=-1)
-        if params.min_p > 0:
-            probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-        if params.top_p < 1.0:
-            sp, si = torch.sort(probs, descending=True)
-            drop = sp.cumsum(-1) - sp > params.top_p  # keep the smallest prefix reaching top_p mass
-            probs = torch.zeros_like(probs).scatter_(-1, si, sp.masked_fill(drop, 0.0))
-        tok = int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+    return x
+
+
+def probabilities(x: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a non-greedy request samples from, given its logits x [V] after penalties and masks:
+    temperature, top-k, softmax, min-p, top-p, normalised."""
+    x = x / params.temperature
+    if 0 < params.top_k < x.shape[-1]:
+        kth = torch.topk(x, params.top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    if params.top_p < 1.0:
+        sp, si = torch.sort(probs, descending=True)
+        drop = sp.cumsum(-1) - sp > params.top_p  # keep the smallest prefix reaching top_p mass
+        probs = torch.zeros_like(probs).scatter_(-1, si, sp.masked_fill(drop, 0.0))
+    return probs / probs.sum()
+
+
+def with_logprobs(raw: torch.Tensor, params: SamplingParams, tok: int) -> Sampled:
+    """`tok` with its log-probability and the top alternatives under the raw logits [V], when asked for."""
     if params.logprobs is None:
         return Sampled(tok)
     lp = torch.log_softmax(raw, dim=-1)
@@ -281,4 +302,12 @@ def sample_batch(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled]:
         if out[i] is None:
             out[i] = Sampled(toks[i])
     return out  # type: ignore[return-value]
+
+
+def target_probabilities(logits: torch.Tensor, row: SampleRow) -> torch.Tensor:
+    """The distribution row `row` (a non-greedy request) samples from, given its fp32 logits [V]: what speculative
+    sampling compares a sampled draft token against."""
+    x = processed_logits(logits.float(), row.params, prompt=row.prompt, output=row.output, banned=row.banned,
+                         allowed=row.allowed, penalties=row.penalties)
+    return probabilities(x, row.params)
 

@@ -37,6 +37,7 @@ class Sequence:
     num_preemptions: int = 0
     draft: list[int] | None = None  # draft tokens (MTP: one; DSpark: up to K) for the positions after the last one
     draft_confidence: list[float] | None = None  # DSpark: sigmoid of each draft token's confidence logit
+    draft_probs: object | None = None  # DSpark sampled drafts: the distributions [k, V] they were drawn from
     arrival: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     # output text bookkeeping (stop strings are matched on text)

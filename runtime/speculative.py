@@ -8,6 +8,10 @@ the distribution of decoding without drafts (greedy: the same tokens). With a gr
 the standard accept rule of speculative sampling: d_n is accepted with probability p_t(d_n), and at the first
 rejection y_n is distributed as norm(max(p_t - p_d, 0)) = p_t without d_n, renormalised (dspark-spec.md §3).
 
+With `speculative_draft_sampling="sample"` a sampled request's DSpark drafts are drawn at its temperature from
+the Markov-corrected distribution q (as the official reference does) and verified by speculative sampling against
+q (`verify_sampled`): the same output distribution, not the same tokens as without drafts.
+
 Rejected positions are undone: MTP rolls the whole step back (the real token is fed again next step); DSpark
 keeps the accepted prefix (`Transformer.truncate_step`: cache rollback, then the kept tokens' compressor updates
 replayed from the recorded projections), so the next step starts right after the bonus token.
@@ -22,7 +26,8 @@ import torch
 
 from ascend_v4.model.cache import SeqSlice, StepBatch
 
-from .sampling import Sampled
+from .sampling import (SampleRow, Sampled, position_generator, sample_batch, target_probabilities,
+                       with_logprobs)
 
 
 def accepted_prefix(sampled: list[Sampled], draft: list[int]) -> int:
@@ -122,7 +127,12 @@ def dspark_propose(engine, seqs: list) -> None:
     dev = engine.device
     anchors = torch.tensor([s.output_ids[-1] for s, _ in want], dtype=torch.long, device=dev)
     main_pos = torch.tensor([s.num_computed - 1 for s, _ in want], dtype=torch.long, device=dev)
-    draft = model.dspark_draft(anchors, main_pos, [s.cache for s, _ in want], k)
+    sample = {}  # sampled drafts: each slot its own generator, keyed like the target's (seed, position)
+    if cfg.speculative_draft_sampling == "sample":
+        sample = {i: (s.params.temperature, [position_generator(s.generator, DRAFT_SALT + len(s.output_ids) + j)
+                                             for j in range(k)])
+                  for i, (s, _) in enumerate(want) if not s.params.greedy}
+    draft = model.dspark_draft(anchors, main_pos, [s.cache for s, _ in want], k, sample=sample)
     tokens = draft.tokens.tolist()
     conf = torch.sigmoid(draft.confidence).tolist()
     lengths = [n if cfg.speculative_threshold <= 0 else next((j for j in range(n) if c[j] < cfg.speculative_threshold), n)
@@ -131,11 +141,12 @@ def dspark_propose(engine, seqs: list) -> None:
         flat = engine.token_sync([Sampled(t) for row in tokens for t in row] + [Sampled(n) for n in lengths])
         tokens = [[flat[i * k + j].token for j in range(k)] for i in range(len(tokens))]
         lengths = [s.token for s in flat[len(tokens) * k:]]
-    for (seq, _), row, c, n in zip(want, tokens, conf, lengths):
+    for i, ((seq, _), row, c, n) in enumerate(zip(want, tokens, conf, lengths)):
         if seq.matcher is not None and n and not seq.matcher.allows(row[0]):
             n = 0
         seq.draft = row[:n] or None
         seq.draft_confidence = c[:n] or None
+        seq.draft_probs = draft.probs[i][:n] if n and i in draft.probs else None
     engine.spec_stats.draft_seconds += time.perf_counter() - t0
 
 
@@ -147,6 +158,51 @@ def carried_method(args) -> str:
 def resolve_method(method: str | None, args) -> str:
     """`auto` (or None) -> what the checkpoint carries; anything else as given (checked by the engine)."""
     return carried_method(args) if method in (None, "auto") else method
+
+
+DRAFT_SALT = 1 << 40  # draft slot generators: (seed, DRAFT_SALT + position), apart from the target's
+
+
+def verify_sampled(logits: torch.Tensor, rows: list[SampleRow], draft: list[int], q: torch.Tensor) -> list[Sampled]:
+    """Speculative sampling of one chain whose drafts were sampled: logits [k+1, V] (the rows of the last known
+    token and of each draft token), their SampleRows, the draft d_0 .. d_{k-1} and the distributions q [k, V] it
+    was drawn from. Draft j is accepted with probability min(1, p_j(d_j) / q_j(d_j)) (p_j: the target's
+    distribution after penalties, masks, temperature, top-k/p); at the first rejection the token is drawn from
+    norm(max(p_j - q_j, 0)); after k acceptances a bonus token from p_k. Each row draws with its own position
+    generator. Returns one Sampled per row like `sample_batch` (rows after the first rejection: token -1, never
+    compared), so the caller's prefix match keeps exactly the accepted tokens and the final one."""
+    out: list[Sampled] = []
+    for j, d in enumerate(draft):
+        row = rows[j]
+        p = target_probabilities(logits[j], row)
+        u = float(torch.rand((), generator=row.gen))
+        if u * float(q[j, d]) < float(p[d]):
+            out.append(with_logprobs(logits[j].float(), row.params, d))
+            continue
+        residual = (p - q[j]).clamp_min(0.0)
+        total = float(residual.sum())
+        dist = residual / total if total > 0 else p  # p == q: nothing left to correct
+        out.append(with_logprobs(logits[j].float(), row.params, int(torch.multinomial(dist, 1, generator=row.gen))))
+        return out + [Sampled(-1)] * (len(draft) - j)
+    row = rows[len(draft)]
+    tok = int(torch.multinomial(target_probabilities(logits[len(draft)], row), 1, generator=row.gen))
+    return out + [with_logprobs(logits[len(draft)].float(), row.params, tok)]
+
+
+def sample_step(logits: torch.Tensor, rows: list[SampleRow], chains: list[tuple[int, list[int], torch.Tensor]]):
+    """Sample a step's logit rows: the chains with sampled drafts ((first row, draft, q)) by `verify_sampled`,
+    every other row by `sample_batch`."""
+    special = {r for first, d, _ in chains for r in range(first, first + len(d) + 1)}
+    plain = [i for i in range(len(rows)) if i not in special]
+    out: list[Sampled | None] = [None] * len(rows)
+    if plain:
+        sel = logits if len(plain) == len(rows) else logits[torch.tensor(plain, device=logits.device)]
+        for i, s in zip(plain, sample_batch(sel, [rows[i] for i in plain])):
+            out[i] = s
+    for first, d, q in chains:
+        end = first + len(d) + 1
+        out[first:end] = verify_sampled(logits[first:end], rows[first:end], d, q)
+    return out
 
 
 def default_tokens(method: str, args, requested: int) -> int:
@@ -165,5 +221,5 @@ def check_method(method: str, args, where: str) -> None:
                                                                              else ""))
 
 
-__all__ = ["accepted_prefix", "SpecStats", "spec_ratios", "mtp_propose", "dspark_propose", "carried_method",
+__all__ = ["accepted_prefix", "SpecStats", "spec_ratios", "verify_sampled", "sample_step", "DRAFT_SALT", "mtp_propose", "dspark_propose", "carried_method",
            "resolve_method", "default_tokens", "check_method"]

@@ -61,8 +61,8 @@ class OfflineBenchConfig:
         timeout_s: limit per engine process; None = none (--timeout).
         npus / tp / dp: our engine's layout (--npus, --tp, --dp; runtime/layout.py): N ranks (N - 1 worker
             processes), each DP group admitting ceil(level / DP) requests at once, so the level stays the total.
-        speculative / speculative_tokens / speculative_threshold: our speculative decoding (--speculative, ...;
-            auto = what the checkpoint carries).
+        speculative / speculative_tokens / speculative_threshold / speculative_draft_sampling: our speculative
+            decoding (--speculative, ...; auto = what the checkpoint carries).
     """
 
     model: str = "small"
@@ -83,6 +83,7 @@ class OfflineBenchConfig:
     speculative: str = "auto"
     speculative_tokens: int = 0
     speculative_threshold: float = 0.0
+    speculative_draft_sampling: str = "greedy"
 
     def validate(self) -> None:
         """Raise OfflineBenchError naming the first bad setting."""
@@ -219,7 +220,8 @@ def run_offline_bench(cfg: OfflineBenchConfig, progress: Callable[[str], None] |
                     "output_lens": work.output_lens, "warmup_prompts": warm.prompts, "quant_sim": cfg.quant_sim,
                     "prefix_caching": cfg.shared_prefix > 0, "threads": cfg.threads, "npus": cfg.npus,
                     "tp": cfg.tp, "dp": cfg.dp, "speculative": cfg.speculative,
-                    "speculative_tokens": cfg.speculative_tokens, "speculative_threshold": cfg.speculative_threshold}
+                    "speculative_tokens": cfg.speculative_tokens, "speculative_threshold": cfg.speculative_threshold,
+                    "speculative_draft_sampling": cfg.speculative_draft_sampling}
             row: dict = {"concurrency": c, "num_prompts": n, "output_tokens": work.output_tokens}
             for e in engines:
                 say(f"concurrency {c}: {e}, {n} requests x {cfg.input_len} input tokens, "

@@ -58,7 +58,8 @@ def run_ours(spec: dict) -> dict:
         per_group = spec["concurrency"]
     cfg = EngineConfig(max_num_seqs=per_group, max_num_batched_tokens=STEP_TOKENS, max_queue=n,
                        enable_prefix_caching=spec["prefix_caching"],
-                       speculative_threshold=spec.get("speculative_threshold", 0.0))
+                       speculative_threshold=spec.get("speculative_threshold", 0.0),
+                       speculative_draft_sampling=spec.get("speculative_draft_sampling", "greedy"))
     llm = LLM(spec["model"], quant_sim=spec["quant_sim"], npus=npus, tp=spec.get("tp"), dp=spec.get("dp"),
               engine_config=cfg, speculative=spec.get("speculative", "none"),
               speculative_tokens=spec.get("speculative_tokens", 0))

@@ -136,7 +136,7 @@ def _parse_levels(ctx, param, values: tuple[str, ...]) -> tuple[int, ...]:
               help="Also write machine-readable results to PATH ('-': JSON on stdout, table on stderr).")
 def bench_offline(model, concurrency, num_prompts, input_len, output_len, output_len_spread, shared_prefix, peer,
                   quant_sim, threads, seed, timeout, npus, tp, dp, speculative, speculative_tokens,
-                  speculative_threshold, json_path):
+                  speculative_threshold, speculative_draft_sampling, json_path):
     """Offline throughput and latency vs concurrency: ours against transformers on the same checkpoint.
 
     For each concurrency level C, C requests (or --num-prompts) of --input-len random token ids each
@@ -173,7 +173,8 @@ def bench_offline(model, concurrency, num_prompts, input_len, output_len, output
                              shared_prefix=shared_prefix, peer=peer, quant_sim=quant_sim == "on",
                              threads=threads, seed=seed, timeout_s=timeout, npus=npus, tp=tp, dp=dp,
                              speculative=speculative, speculative_tokens=speculative_tokens,
-                             speculative_threshold=speculative_threshold)
+                             speculative_threshold=speculative_threshold,
+                             speculative_draft_sampling=speculative_draft_sampling)
     try:
         res = run_offline_bench(cfg, progress=lambda msg: click.echo(f"[bench offline] {msg}", err=True))
     except (CheckpointError, ConfigError) as e:

@@ -35,6 +35,7 @@ class GenerateRequest:
     speculative: str = "auto"
     speculative_tokens: int = 0
     speculative_threshold: float = 0.0
+    speculative_draft_sampling: str = "greedy"
 
 
 def run_generate(req: GenerateRequest) -> dict:
@@ -52,7 +53,8 @@ def run_generate(req: GenerateRequest) -> dict:
 
     args = ModelArgs.from_dir(resolve_model(req.model, dummy=req.dummy).path)
     cfg = EngineConfig(max_num_batched_tokens=8192, enable_prefix_caching=False,
-                       **engine_speculative(args, req.speculative, req.speculative_tokens, req.speculative_threshold))
+                       **engine_speculative(args, req.speculative, req.speculative_tokens, req.speculative_threshold,
+                                            req.speculative_draft_sampling))
     llm = LLM(req.model, device=req.device, dtype=req.dtype, quant_sim=req.quant_sim, dummy=req.dummy,
               progress=True, check_weights=req.check_weights,
               verify_checkpoint=req.verify_checkpoint, npus=req.npus, tp=req.tp, dp=req.dp, nnodes=req.nnodes,
@@ -82,7 +84,14 @@ def run_generate(req: GenerateRequest) -> dict:
 
 # Shared with `ascend-v4 serve` and `bench offline`.
 def speculative_options(f):
-    """--speculative / --speculative-tokens / --speculative-threshold (docs/dspark.md)."""
+    """--speculative / --speculative-tokens / --speculative-threshold / --speculative-draft-sampling
+    (docs/dspark.md)."""
+    f = click.option("--speculative-draft-sampling", type=click.Choice(["greedy", "sample"]), default="greedy",
+                     show_default=True,
+                     help="DSpark drafts for sampled requests (temperature > 0): greedy (vLLM's recipe; a seeded "
+                          "request gives the same tokens as without drafts) or sample (drawn at the request's "
+                          "temperature as the official reference, verified by speculative sampling: the same output "
+                          "distribution, more drafts accepted).")(f)
     f = click.option("--speculative-threshold", default=0.0, show_default=True,
                      type=click.FloatRange(0, 1, max_open=True),
                      help="DSpark adaptive draft length: cut each draft before the first position whose confidence "
@@ -97,12 +106,12 @@ def speculative_options(f):
                              "drafts (greedy: identical; sampling: the same tokens for a seeded request).")(f)
 
 
-def engine_speculative(model_args, speculative: str, tokens: int, threshold: float) -> dict:
+def engine_speculative(model_args, speculative: str, tokens: int, threshold: float, draft_sampling: str) -> dict:
     """EngineConfig keyword arguments for the --speculative options of a model."""
     from ascend_v4.runtime.speculative import resolve_method
 
     return dict(speculative=resolve_method(speculative, model_args), speculative_tokens=tokens,
-                speculative_threshold=threshold)
+                speculative_threshold=threshold, speculative_draft_sampling=draft_sampling)
 
 
 def speculative_report(method: str, stats: dict) -> dict:
@@ -203,7 +212,8 @@ def _parse_ids(ctx, param, value: str | None) -> list[int] | None:
                    "speculative decoding figures (drafted / accepted tokens, per-position acceptance) as JSON.")
 def generate(model, prompt, prompt_ids, chat, thinking, max_tokens, temperature, top_p, top_k, seed, dtype,
              device, no_quant_sim, dummy, check_weights, verify_checkpoint, npus, tp, dp, nnodes, node_rank,
-             master_addr, master_port, speculative, speculative_tokens, speculative_threshold, as_json):
+             master_addr, master_port, speculative, speculative_tokens, speculative_threshold,
+             speculative_draft_sampling, as_json):
     """Generate a completion for one prompt.
 
     \b
@@ -222,7 +232,8 @@ def generate(model, prompt, prompt_ids, chat, thinking, max_tokens, temperature,
     run_other_node(npus, nnodes, node_rank, master_addr, master_port)
     req = GenerateRequest(model, prompt, prompt_ids, chat, thinking, max_tokens, temperature, top_p, top_k,
                           seed, dtype, device, not no_quant_sim, dummy, check_weights, verify_checkpoint, npus, tp, dp,
-                          nnodes, master_addr, master_port, speculative, speculative_tokens, speculative_threshold)
+                          nnodes, master_addr, master_port, speculative, speculative_tokens, speculative_threshold,
+                          speculative_draft_sampling)
     try:
         res = run_generate(req)
     except (CheckpointError, ConfigError, ValueError) as e:

@@ -72,7 +72,7 @@ def _echo(line: str) -> None:
               show_default=True)
 def serve(model, npus, tp, dp, nnodes, node_rank, master_addr, master_port, host, port, api_key, served_model_names, max_num_seqs, max_queue, max_model_len,
           max_num_batched_tokens, cache_gib, kv_cache_dtype, speculative, speculative_tokens, speculative_threshold,
-          block_size, no_prefix_caching, device, dtype, dummy,
+          speculative_draft_sampling, block_size, no_prefix_caching, device, dtype, dummy,
           hardware, check_weights, verify_checkpoint, require_reasoning_passback, honor_sampling_in_thinking, encoder_version,
           default_max_tokens, drain_timeout, access_log, log_level):
     """Serve a model over HTTP: OpenAI (/v1/chat/completions, /v1/completions, /v1/models) and Anthropic
@@ -105,6 +105,7 @@ def serve(model, npus, tp, dp, nnodes, node_rank, master_addr, master_port, host
                         max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
                         cache_gib=cache_gib, kv_cache_dtype=kv_cache_dtype, speculative=speculative,
                         speculative_tokens=speculative_tokens, speculative_threshold=speculative_threshold,
+                        speculative_draft_sampling=speculative_draft_sampling,
                         block_size=block_size,
                         enable_prefix_caching=not no_prefix_caching, device=device, dtype=dtype,
                         dummy=dummy, hardware=hardware, check_weights=check_weights, verify_checkpoint=verify_checkpoint,

@@ -23,7 +23,7 @@ Shapes: S sequences drafting, K block slots each, rows ordered sequence-major ([
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -116,12 +116,14 @@ class ConfidenceHead(nn.Module):
 @dataclass
 class Draft:
     """One draft forward's result for S sequences: tokens [S, K] (d_0 .. d_{K-1}, position p+2+k), the
-    Markov-corrected fp32 logits [S, K, V] they were drawn from (when asked for) and the raw confidence
-    logits [S, K] (sigmoid: P(d_k accepted | d_0 .. d_{k-1} accepted))."""
+    Markov-corrected fp32 logits [S, K, V] they were drawn from (when asked for), the raw confidence logits
+    [S, K] (sigmoid: P(d_k accepted | d_0 .. d_{k-1} accepted)) and, for the sequences whose tokens were sampled,
+    the distributions they were sampled from ({sequence index: [K, V]})."""
 
     tokens: torch.Tensor
     confidence: torch.Tensor
     logits: torch.Tensor | None = None
+    probs: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def write_context(stages: nn.ModuleList, taps: list[torch.Tensor], batch: StepBatch, window: int) -> None:
@@ -146,19 +148,30 @@ def write_context(stages: nn.ModuleList, taps: list[torch.Tensor], batch: StepBa
             pool.write_kv(st.attn.layer_id, rows, st.attn.context_kv(x, pos))
 
 
-def markov_sample(stage, h: torch.Tensor, logits: torch.Tensor, anchors: torch.Tensor,
-                  keep_logits: bool) -> Draft:
-    """Draw the block's tokens one slot at a time (greedy: argmax of the corrected logits).
+def markov_sample(stage, h: torch.Tensor, logits: torch.Tensor, anchors: torch.Tensor, keep_logits: bool,
+                  sample: dict[int, tuple[float, list[torch.Generator]]] | None = None) -> Draft:
+    """Draw the block's tokens one slot at a time: argmax of the corrected logits, or for the sequences in
+    `sample` ({index: (temperature, one generator per slot)}) a draw from softmax(corrected logits / T), as the
+    reference does with T > 0 (dspark-spec.md §2 step 5; a categorical draw instead of its Gumbel-max, the same
+    distribution).
 
     h [S, K, D] the last stage's mHC head output (before the norm), logits [S, K, V] fp32 from the LM head,
     anchors [S]. Slot k adds markov_w2 . markov_w1[prev] to its logits, prev = the anchor for k = 0, else
     d_{k-1}; its confidence logit is proj([h_k ; markov_w1[prev]])."""
     mh, proj = stage.markov_head, stage.confidence_head.proj.weight
     prev, toks, conf, out = anchors, [], [], []
+    sample = sample or {}
+    probs: dict[int, list[torch.Tensor]] = {i: [] for i in sample}
     for k in range(logits.shape[1]):
         e = mh.markov_w1.weight[prev].float()  # [S, r]
         u = logits[:, k] + F.linear(e, mh.markov_w2.weight)  # [S, V]
         prev = u.max(-1).indices
+        if sample:
+            prev = prev.clone()
+            for i, (temp, gens) in sample.items():
+                p = torch.softmax(u[i] / temp, dim=-1)
+                prev[i] = torch.multinomial(p, 1, generator=gens[k])[0]
+                probs[i].append(p)
         toks.append(prev)
         conf.append(F.linear(torch.cat((h[:, k].float(), e), -1), proj).squeeze(-1))
         if keep_logits:
@@ -166,7 +179,8 @@ def markov_sample(stage, h: torch.Tensor, logits: torch.Tensor, anchors: torch.T
     dev = anchors.device
     return Draft(torch.stack(toks, 1) if toks else torch.zeros(anchors.shape[0], 0, dtype=torch.long, device=dev),
                  torch.stack(conf, 1) if conf else torch.zeros(anchors.shape[0], 0, device=dev),
-                 torch.stack(out, 1) if keep_logits and out else None)
+                 torch.stack(out, 1) if keep_logits and out else None,
+                 {i: torch.stack(ps) for i, ps in probs.items() if ps})
 
 
 class DSparkStage(Block):

@@ -61,6 +61,7 @@ class ServeOptions:
     speculative: str = "auto"  # auto = what the checkpoint carries (DSpark / MTP); none | mtp | dspark
     speculative_tokens: int = 0
     speculative_threshold: float = 0.0
+    speculative_draft_sampling: str = "greedy"
     block_size: int = 128
     enable_prefix_caching: bool = True
     device: str = "auto"
@@ -200,7 +201,8 @@ def build_app(opts: ServeOptions):
                            enable_prefix_caching=opts.enable_prefix_caching,
                            speculative=resolve_method(opts.speculative, margs),
                            speculative_tokens=opts.speculative_tokens,
-                           speculative_threshold=opts.speculative_threshold)
+                           speculative_threshold=opts.speculative_threshold,
+                           speculative_draft_sampling=opts.speculative_draft_sampling)
         check_method(cfg.speculative, margs, str(resolved.path)) if cfg.speculative != "none" else None
     except ValueError as e:
         raise ServeError(str(e)) from None
