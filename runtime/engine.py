@@ -32,7 +32,7 @@ from .scheduler import Scheduler
 from .sequence import Sequence, SeqStatus
 from .speculative import (SpecStats, accepted_prefix, check_method, default_tokens, dspark_propose, mtp_propose,
                           sample_step)
-from .structured import GrammarCompiler, GrammarError, compute_masks, unpack_mask
+from .structured import GrammarCompiler, GrammarError, compute_masks, mask_rows, unpack_mask
 
 PROMPT_LOGPROB_ROWS = 256  # prompt positions per slice through the LM head when scoring a prompt
 
@@ -176,15 +176,15 @@ class Engine:
         # Rows with logits: the last known token's row and, with a draft, the row of every draft token after it.
         rows = [r for c, s in need for r in range(s.offset + s.n - 1 - len(c.draft or ()), s.offset + s.n)]
         logits = self.model.logits(x[torch.tensor(rows, device=x.device)]) if need else None
-        allowed = self._finish_masks(masks)  # {id(seq): (bool [V], first draft row's bool [V] | None), on the device}
+        allowed = self._finish_masks(masks)  # {id(seq): bool [1 + draft tokens, V]: each verify row's mask}
         todo, chains = [], []  # one SampleRow per logit row; row j counts the draft tokens before it as output
         for c, _ in need:
             a = allowed.get(id(c.seq))
             if c.draft and c.seq.draft_probs is not None:  # sampled drafts: speculative sampling
                 chains.append((len(todo), c.draft, c.seq.draft_probs))
             todo.append(self._sample_row(c.seq, allowed=None if a is None else a[0]))
-            for j in range(len(c.draft or ())):  # under a grammar a draft has one token (speculative.py)
-                todo.append(self._sample_row(c.seq, extra=c.draft[:j + 1], allowed=None if a is None else a[1]))
+            for j in range(len(c.draft or ())):
+                todo.append(self._sample_row(c.seq, extra=c.draft[:j + 1], allowed=None if a is None else a[j + 1]))
         sampled = sample_step(logits, todo, chains) if todo else []
         if self.token_sync is not None:
             sampled = self.token_sync(sampled)
@@ -294,9 +294,9 @@ class Engine:
         return self._grammars
 
     def _start_masks(self, chunks) -> tuple[list, Future | None] | None:
-        """Grammar masks of this step's sampled rows (with a draft: also the row after it), on a thread:
+        """Grammar masks of this step's sampled rows (with a draft: also the row after each draft token), on a thread:
         llguidance releases the GIL, so this overlaps the forward pass."""
-        rows = [(c.seq, c.draft[0] if c.draft else None) for c in chunks
+        rows = [(c.seq, c.draft or None) for c in chunks
                 if c.needs_logits and c.seq.matcher is not None and c.seq.params.max_tokens > 0]
         if not rows:
             return None
@@ -311,19 +311,16 @@ class Engine:
                 self.mask_seconds += time.perf_counter() - t0
         return rows, self._mask_thread.submit(run)
 
-    def _finish_masks(self, masks) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+    def _finish_masks(self, masks) -> dict[int, torch.Tensor]:
+        """{id(seq): bool [1 + len(draft), V]} on the device: the mask of each of its verify rows."""
         if masks is None:
             return {}
         rows, fut = masks
         t0 = time.perf_counter()
         done = fut.result()
         self.mask_wait_seconds += time.perf_counter() - t0
-        idx, where = [], {}  # unpack only the rows used: the next token's, and the draft's when there is one
-        for i, (seq, d) in enumerate(rows):
-            where[id(seq)] = (len(idx), len(idx) + 1 if d is not None else None)
-            idx += [2 * i] if d is None else [2 * i, 2 * i + 1]
-        bits = unpack_mask(done[idx], self.model.args.vocab_size, self.device)
-        return {k: (bits[r0], None if r1 is None else bits[r1]) for k, (r0, r1) in where.items()}
+        bits = unpack_mask(done, self.model.args.vocab_size, self.device)
+        return {id(seq): bits[r:r + 1 + len(d or ())] for (seq, d), r in zip(rows, mask_rows(rows))}
 
     def _advance(self, seq: Sequence, got: list[Sampled]) -> StepOutput:
         """Append the step's kept tokens (the target's token, after any accepted draft tokens) and apply stop

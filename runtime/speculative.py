@@ -106,21 +106,21 @@ def mtp_propose(engine, x: torch.Tensor, kept: list) -> None:
         drafts = [d.token for d in engine.token_sync([Sampled(t) for t in drafts])]
     for (seq, _), d in zip(draft_rows, drafts):
         # structured outputs: a draft the grammar forbids cannot be accepted; do not verify it
-        seq.draft = [d] if seq.matcher is None or seq.matcher.allows(d) else None
+        seq.draft = [d] if seq.matcher is None or seq.matcher.valid_prefix([d]) else None
 
 
 def dspark_propose(engine, seqs: list) -> None:
     """Draft the next chain of every sequence in `seqs` that just produced a token and may produce more: one
     DSpark forward for all of them (anchor = its last token, main position = its last computed one), cut to what
-    the request can still use, to 1 token under a grammar (only the first draft token gets a grammar mask) and,
-    with `speculative_threshold`, at the first position whose confidence falls below it."""
+    the request can still use, under a grammar before its first disallowed token (each verify row then gets its
+    own mask) and, with `speculative_threshold`, at the first position whose confidence falls below it."""
     cfg, model = engine.config, engine.model
     k = engine.spec_tokens
     want = []
     for seq in seqs:
         left = min(seq.params.max_tokens - len(seq.output_ids), engine.max_model_len - seq.num_tokens + 1) - 1
         if not seq.finished and left > 0:
-            want.append((seq, min(k, left, 1 if seq.matcher is not None else k)))
+            want.append((seq, min(k, left)))
     if not want and not engine.lockstep:
         return
     t0 = time.perf_counter()
@@ -142,8 +142,8 @@ def dspark_propose(engine, seqs: list) -> None:
         tokens = [[flat[i * k + j].token for j in range(k)] for i in range(len(tokens))]
         lengths = [s.token for s in flat[len(tokens) * k:]]
     for i, ((seq, _), row, c, n) in enumerate(zip(want, tokens, conf, lengths)):
-        if seq.matcher is not None and n and not seq.matcher.allows(row[0]):
-            n = 0
+        if seq.matcher is not None and n:  # structured outputs: the draft stops before its first disallowed token
+            n = seq.matcher.valid_prefix(row[:n])
         seq.draft = row[:n] or None
         seq.draft_confidence = c[:n] or None
         seq.draft_probs = draft.probs[i][:n] if n and i in draft.probs else None

@@ -9,7 +9,7 @@ grammar on (thinking mode: `</think>`; until then the output is free). Per seque
     masks   = compute_masks([(matcher, draft or None), ...])   # CPU bitmasks, can run beside the forward pass
     logits  = apply_mask(logits_row, mask_row)                   # a tensor op on the logits' device
     matcher.accept(token)                                         # for each accepted token
-    matcher.allows(draft)                                         # MTP drafts: reject at the first disallowed one
+    matcher.valid_prefix(draft)                                   # drafts are cut at the first disallowed token
 
 Compiled grammars are cached (`GrammarCompiler`, LRU keyed by the grammar text): a new sequence gets a
 `deep_copy()` of the cached matcher, so n > 1 choices and repeated schemas compile once.
@@ -114,9 +114,19 @@ class SeqMatcher:
 
     def allows(self, token: int) -> bool:
         """Whether `token` may come next (a draft check; the state does not change)."""
+        return self.valid_prefix([token]) == 1
+
+    def valid_prefix(self, tokens: list[int]) -> int:
+        """How many of `tokens` may come next, in order (a draft check; the state does not change). Before the
+        grammar is switched on, a draft may run up to and including the `start_after` token, not past it (its
+        mask rows after the trigger would need the matcher started)."""
+        if not tokens:
+            return 0
         if not self.constraining:
-            return True
-        return self.m.validate_tokens([token]) == 1
+            if self.active or self.start_after not in tokens:
+                return len(tokens)
+            return tokens.index(self.start_after) + 1
+        return self.m.validate_tokens(list(tokens))
 
     def accept(self, token: int) -> None:
         if not self.constraining:
@@ -146,23 +156,36 @@ class SeqMatcher:
             self.active = False
 
 
-def compute_masks(compiler: GrammarCompiler, rows: list[tuple[SeqMatcher, int | None]]) -> torch.Tensor:
-    """Bitmasks (int32 [len(rows) * 2, words], bit t of word t // 32 = token t allowed) for each
-    (matcher, draft) row: row 2i is the mask of the next token, row 2i+1 that of the token after `draft`
-    (all-ones when there is no draft). Unconstrained matchers get all-ones. Runs llguidance's parallel
-    executor (it releases the GIL, so this can overlap the model's forward pass)."""
+def mask_rows(rows: list[tuple[SeqMatcher, list[int] | None]]) -> list[int]:
+    """First bitmask row of each (matcher, draft) in `compute_masks`' output: 1 + len(draft) rows each."""
+    out, r = [], 0
+    for _, draft in rows:
+        out.append(r)
+        r += 1 + len(draft or ())
+    return out
+
+
+def compute_masks(compiler: GrammarCompiler, rows: list[tuple[SeqMatcher, list[int] | None]]) -> torch.Tensor:
+    """Bitmasks (int32 [sum of 1 + len(draft), words], bit t of word t // 32 = token t allowed) for each
+    (matcher, draft) row: at `mask_rows(rows)[i]` the mask of the next token, then one after each draft token
+    (speculative decoding's verify rows). Drafts must be valid prefixes (`SeqMatcher.valid_prefix`).
+    Unconstrained matchers get all-ones, except the row right after a draft's `start_after` token, which gets
+    the grammar's first mask. Runs llguidance's parallel executor (it releases the GIL, so this can overlap the
+    model's forward pass)."""
     llt = _llg().torch
     words = compiler.mask_words()
-    out = torch.full((max(1, 2 * len(rows)), words), -1, dtype=torch.int32)
+    first = mask_rows(rows)
+    total = first[-1] + 1 + len(rows[-1][1] or ()) if rows else 0
+    out = torch.full((max(1, total), words), -1, dtype=torch.int32)
     plain, drafted = [], []
-    for i, (sm, draft) in enumerate(rows):
+    for (sm, draft), r in zip(rows, first):
         if sm.constraining:
-            if draft is None:
-                plain.append((sm.m, 2 * i))
+            if not draft:
+                plain.append((sm.m, r))
             else:
-                drafted.append((sm.m, 2 * i, [draft]))
-        elif draft is not None and not sm.active and draft == sm.start_after:
-            plain.append((sm.m, 2 * i + 1))  # the draft switches the grammar on: its first mask
+                drafted.append((sm.m, r, list(draft)))
+        elif draft and not sm.active and draft[-1] == sm.start_after:
+            plain.append((sm.m, r + len(draft)))  # the draft switches the grammar on: its first mask
     if plain:
         llt.fill_next_token_bitmask_par(compiler.executor(), plain, out)
     if drafted:

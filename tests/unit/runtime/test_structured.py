@@ -149,10 +149,13 @@ def test_matcher_trigger_rollback_and_draft_masks(model, tok):
     assert sm.constraining
     brace = tok.encode('{"')
     assert sm.allows(brace[0]) and not sm.allows(tok.encode("hello")[0])
-    # masks: row 0 = next token, row 1 = after a draft
-    bits = unpack_mask(compute_masks(comp, [(sm, brace[0])]), model.args.vocab_size, torch.device("cpu"))
-    assert bits[0, brace[0]] and not bits[0, free[0]]
-    assert not bits[1, brace[0]] and bits[1].sum() >= 1
+    # masks: row 0 = next token, then one row after each draft token (a 2-token chain: `{"` then its next)
+    assert sm.valid_prefix(brace + tok.encode("hello")) >= len(brace)
+    chain = brace[:2] if len(brace) > 1 else brace + [tok.encode('"')[0]]
+    n = sm.valid_prefix(chain)
+    bits = unpack_mask(compute_masks(comp, [(sm, chain[:n])]), model.args.vocab_size, torch.device("cpu"))
+    assert bits.shape[0] == 1 + n and bits[0, brace[0]] and not bits[0, free[0]]
+    assert not bits[1, brace[0]] and bits[1].sum() >= 1 and all(bits[r].sum() >= 1 for r in range(1, 1 + n))
     logits = torch.zeros(model.args.vocab_size)
     assert int(torch.isfinite(apply_mask(logits, bits[0])).sum()) == int(bits[0].sum())
     sm.accept(brace[0])
