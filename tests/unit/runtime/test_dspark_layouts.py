@@ -1,5 +1,5 @@
-"""DSpark speculative decoding under the parallel layouts (issue 15 with issue 11's runtime): real worker
-processes and Gloo groups on `tiny-dspark`. Every rank runs the draft forward each step (an idle DP group an empty
+"""DSpark speculative decoding under the parallel layouts (issue 15 with issue 11's runtime): TP 2, DP 2 and
+TP 2 x DP 2 on real worker processes and Gloo groups, `tiny-dspark`. Every rank runs the draft forward each step (an idle DP group an empty
 one, so the draft stages' expert exchange matches); a TP group verifies the drafts of its leader. Greedy tokens
 equal one process without drafts (quant simulation off: with it on, this random model's near-ties can break on
 any fp32 reordering; tests/unit/runtime/test_tensor_parallel.py measures that)."""
@@ -32,8 +32,8 @@ def _prompts():
     return [[0] + base[:n] for n in (1, 36, 140)] + [[0] + base[:130] + [5, 6, 7]]
 
 
-@pytest.mark.parametrize("tp", [2, 1], ids=["tp2", "dp2"])
-def test_dspark_in_a_two_rank_layout_equals_one_process(tok, tp):
+@pytest.mark.parametrize("world,tp", [(2, 2), (2, 1), (4, 2)], ids=["tp2", "dp2", "tp2xdp2"])
+def test_dspark_in_a_parallel_layout_equals_one_process(tok, world, tp):
     ckpt = ensure_dummy_checkpoint("tiny-dspark")
     cfg = dict(max_num_batched_tokens=48, max_num_seqs=4, enable_prefix_caching=True)
     prompts = _prompts()
@@ -41,7 +41,7 @@ def test_dspark_in_a_two_rank_layout_equals_one_process(tok, tp):
     ref = [[t for o in os for t in o.new_token_ids] for os in one.generate(prompts, [GREEDY] * len(prompts))]
     before = _children()
     eng = DistEngine(ckpt, OPTS, EngineConfig(speculative="dspark", **cfg),
-                     ParallelConfig(world_size=2, tp=tp, timeout_s=60), tokenizer=tok)
+                     ParallelConfig(world_size=world, tp=tp, timeout_s=60), tokenizer=tok)
     try:
         pids = eng.worker_pids
         outs = eng.generate(prompts, [GREEDY] * len(prompts))
