@@ -290,7 +290,8 @@ def format_table(result: dict) -> str:
             acc = ", ".join(f"{a:.2f}" for a in sp["acceptance_per_position"])
             lines.append(f"  c={r['concurrency']}: {sp['method']}, {sp['tokens_per_step']:.2f} tokens per verify step, "
                          f"{sp['accepted']} / {sp['proposed']} draft tokens accepted (per position: {acc or '-'}), "
-                         f"{sp['draft_seconds']:.2f} s drafting")
+                         f"{sp['draft_seconds']:.2f} s drafting ({sp['draft_seconds'] / r['ours']['wall_s']:.0%} of "
+                         f"the wall time)")
     if c["shared_prefix"]:
         hits = ", ".join(f"c={r['concurrency']}: {r['ours']['cached_prompt_tokens']}" for r in result["levels"])
         lines.append(f"  prompt tokens ours served from the prefix cache: {hits}")

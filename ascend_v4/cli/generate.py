@@ -245,5 +245,8 @@ def generate(model, prompt, prompt_ids, chat, thinking, max_tokens, temperature,
         click.echo(f"[reasoning] {res['reasoning_content']}")
     click.echo(res["text"])
     m = res["metrics"]
+    sp = res["speculative"]
+    drafts = (f", {sp['method']}: {sp['accepted']}/{sp['proposed']} draft tokens accepted, "
+              f"{sp['tokens_per_step']:.2f} tokens per verify step" if sp["method"] != "none" and sp["proposed"] else "")
     click.echo(f"[{len(res['token_ids'])} tokens, finish={res['finish_reason']}, prefill {m['prefill_s']:.2f}s, "
-               f"decode {m['decode_tok_s']:.1f} tok/s]", err=True)
+               f"decode {m['decode_tok_s']:.1f} tok/s{drafts}]", err=True)

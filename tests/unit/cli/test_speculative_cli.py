@@ -43,3 +43,10 @@ def test_bench_offline_reports_acceptance():
     sp = res["levels"][0]["ours"]["speculative"]
     assert sp["method"] == "dspark" and sp["proposed"] > 0 and len(sp["acceptance_per_position"]) == 3
     assert "tokens per verify step" in r.stderr
+
+
+def test_generate_text_mode_prints_the_acceptance():
+    r = CliRunner().invoke(main, ["generate", "--model", "tiny-dspark", "--prompt-ids", "0,5,6,7", "--max-tokens",
+                                  "6"])
+    assert r.exit_code == 0, r.output
+    assert "dspark:" in r.stderr and "draft tokens accepted" in r.stderr and "tokens per verify step" in r.stderr
