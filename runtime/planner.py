@@ -40,7 +40,7 @@ from typing import Any, Protocol
 
 from ascend_v4.model import kv_layout
 from ascend_v4.model.kv_layout import KVFormat, kv_formats
-from ascend_v4.model.placement import REPLICATED, ROUTED, TP, placement, resident_nbytes
+from ascend_v4.model.placement import DRAFT_PREFIX, REPLICATED, ROUTED, TP, placement, resident_nbytes
 from ascend_v4.quant import get_format, recipes
 from ascend_v4.quant.st_io import tensor_nbytes
 
@@ -50,7 +50,6 @@ COMM_RESERVE = 1 * GIB  # HCCL/NCCL buffers of the EP / TP communicators (ascend
 ACT_BYTES_PER_TOKEN_PER_DIM = 64  # live activation bytes per prefill token, in units of `dim` (estimate)
 DEFAULT_PREFILL_CHUNK = 8192
 ACT_BYTES = 2  # BF16 activations on the device (the dtype of dense weights expanded at load)
-DRAFT_PREFIX = "mtp."  # the draft module's tensors (= ascend_v4.checkpoint.spec.DRAFT_PREFIX)
 
 
 @dataclass(frozen=True)

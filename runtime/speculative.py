@@ -30,6 +30,9 @@ from .sampling import (SampleRow, Sampled, position_generator, sample_batch, tar
                        with_logprobs)
 
 
+DRAFT_SALT = 1 << 40  # draft slot generators: (seed, DRAFT_SALT + position), apart from the target's
+
+
 def accepted_prefix(sampled: list[Sampled], draft: list[int]) -> int:
     """How many draft tokens the target's samples confirm (row j's sample against draft token j)."""
     n = 0
@@ -76,6 +79,14 @@ def spec_ratios(st: dict) -> dict:
     reached, acc = st.get("spec_position_reached", []), st.get("spec_position_accepted", [])
     return {**st, "spec_tokens_per_step": (st.get("spec_accepted", 0) + steps) / steps if steps else 0.0,
             "spec_acceptance_per_position": [a / r if r else 0.0 for r, a in zip(reached, acc)]}
+
+
+def spec_report(method: str, stats: dict) -> dict:
+    """The speculative decoding figures of an engine's stats, keys without the `spec_` prefix (generate --json,
+    bench offline)."""
+    keys = ("spec_proposed", "spec_accepted", "spec_verify_steps", "spec_tokens_per_step",
+            "spec_acceptance_per_position", "spec_draft_seconds")
+    return {"method": method, **{k.removeprefix("spec_"): stats.get(k, 0) for k in keys}}
 
 
 def mtp_propose(engine, x: torch.Tensor, kept: list) -> None:
@@ -135,8 +146,8 @@ def dspark_propose(engine, seqs: list) -> None:
     draft = model.dspark_draft(anchors, main_pos, [s.cache for s, _ in want], k, sample=sample)
     tokens = draft.tokens.tolist()
     conf = torch.sigmoid(draft.confidence).tolist()
-    lengths = [n if cfg.speculative_threshold <= 0 else next((j for j in range(n) if c[j] < cfg.speculative_threshold), n)
-               for (_, n), c in zip(want, conf)]
+    tau = cfg.speculative_threshold
+    lengths = [n if tau <= 0 else next((j for j in range(n) if c[j] < tau), n) for (_, n), c in zip(want, conf)]
     if engine.token_sync is not None:  # a TP group verifies its leader's chains: tokens and lengths
         flat = engine.token_sync([Sampled(t) for row in tokens for t in row] + [Sampled(n) for n in lengths])
         tokens = [[flat[i * k + j].token for j in range(k)] for i in range(len(tokens))]
@@ -158,9 +169,6 @@ def carried_method(args) -> str:
 def resolve_method(method: str | None, args) -> str:
     """`auto` (or None) -> what the checkpoint carries; anything else as given (checked by the engine)."""
     return carried_method(args) if method in (None, "auto") else method
-
-
-DRAFT_SALT = 1 << 40  # draft slot generators: (seed, DRAFT_SALT + position), apart from the target's
 
 
 def verify_sampled(logits: torch.Tensor, rows: list[SampleRow], draft: list[int], q: torch.Tensor) -> list[Sampled]:
@@ -221,5 +229,6 @@ def check_method(method: str, args, where: str) -> None:
                                                                              else ""))
 
 
-__all__ = ["accepted_prefix", "SpecStats", "spec_ratios", "verify_sampled", "sample_step", "DRAFT_SALT", "mtp_propose", "dspark_propose", "carried_method",
-           "resolve_method", "default_tokens", "check_method"]
+__all__ = ["accepted_prefix", "SpecStats", "spec_ratios", "spec_report", "verify_sampled", "sample_step",
+           "DRAFT_SALT", "mtp_propose", "dspark_propose", "carried_method", "resolve_method", "default_tokens",
+           "check_method"]

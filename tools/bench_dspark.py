@@ -110,9 +110,9 @@ def main() -> int:
         for mode in ("none", "dspark", "oracle"):
             r = row[mode]
             acc = " ".join(f"{x:.2f}" for x in r["acceptance"]) or "-"
+            share, same = r["draft_s"] / r["wall_s"], r.get("same_output", 1.0)
             print(f"{row['concurrency']:>4} {mode:>7} {r['tok_s']:>8.1f} {r['tok_s'] / base:>7.2f}x {r['steps']:>6} "
-                  f"{r['tokens_per_step']:>10.2f} {r['draft_s'] / r['wall_s']:>8.0%} {r.get('same_output', 1.0):>8.0%}  "
-                  f"{acc}")
+                  f"{r['tokens_per_step']:>10.2f} {share:>8.0%} {same:>8.0%}  {acc}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"model": a.model, "k": k, "levels": [{**row, **{m: {kk: v for kk, v in row[m].items()

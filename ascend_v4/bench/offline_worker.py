@@ -88,13 +88,13 @@ def run_ours(spec: dict) -> dict:
                 "cached_prompt_tokens": cached}
 
     try:
-        from ascend_v4.cli.generate import speculative_report
+        from ascend_v4.runtime.speculative import spec_report
 
         one_pass("warmup-", spec["warmup_prompts"], [min(WARMUP_TOKENS, k) for k in spec["output_lens"]])
         before = engine.stats()
         timed = one_pass("req-", spec["prompts"], spec["output_lens"])
         return {"load_s": load_s, "layout": llm.layout.as_dict(), **timed,
-                "speculative": speculative_report(llm.speculative,
+                "speculative": spec_report(llm.speculative,
                                                   _timed_counts(before, engine.stats()))}
     finally:
         llm.shutdown()

@@ -26,6 +26,7 @@ from pathlib import Path
 from ascend_v4.checkpoint.errors import CheckpointError
 from ascend_v4.checkpoint.spec import TensorSpec, expected_tensors, mtp_copy_names, official_linears
 from ascend_v4.model.args import ModelArgs
+from ascend_v4.model.placement import DRAFT_PREFIX
 from ascend_v4.quant import manifest as quant_manifest
 from ascend_v4.quant.progress import ProgressBar
 from ascend_v4.quant.st_io import DTYPE_BITS, TORCH_DTYPES, ShardHeader, TensorEntry, parse_header
@@ -34,7 +35,7 @@ INDEX_NAME = "model.safetensors.index.json"
 QUANT_INDEX_NAME = "quant_model_weights.safetensors.index.json"  # msModelSlim ascendV1 outputs
 SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-MTP_PREFIX = "mtp."  # the draft blocks: April MTP blocks or DSpark stages
+MTP_PREFIX = DRAFT_PREFIX  # the draft blocks: April MTP blocks or DSpark stages
 
 @dataclass
 class CheckpointInfo:

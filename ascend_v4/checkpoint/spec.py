@@ -15,11 +15,11 @@ their format (e.g. `.weight` I8 + `.weight_scale` / `.weight_offset` F32 for `in
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ascend_v4.model.args import CSA, HCA, WINDOW, ModelArgs, ceil_div
+from ascend_v4.model.placement import DRAFT_PREFIX, EXPERT_TENSOR
 from ascend_v4.quant import get_format
 from ascend_v4.quant.ascend_v1 import mtp_copy_names
 from ascend_v4.quant.recipes import is_down_proj
@@ -29,8 +29,6 @@ from ascend_v4.quant.st_io import dtype_nbytes, tensor_nbytes
 F8, E8M0, I8, BF16, F32, I64 = "F8_E4M3", "F8_E8M0", "I8", "BF16", "F32", "I64"
 BLOCK = 128  # FP8 weight block (both dims)
 FP4_BLOCK = 32  # FP4 scale run along the input dim
-DRAFT_PREFIX = "mtp."  # the draft blocks: April MTP blocks or DSpark stages
-_ROUTED = re.compile(r"^mtp\.\d+\.ffn\.experts\.\d+\.")
 
 
 @dataclass(frozen=True)
@@ -218,7 +216,7 @@ def draft_nbytes(args: ModelArgs) -> tuple[int, int]:
     for name, s in expected_tensors(args).items():
         if name.startswith(DRAFT_PREFIX):
             n = tensor_nbytes(s.shape, s.dtype)
-            if _ROUTED.match(name):
+            if EXPERT_TENSOR.match(name):
                 routed += n
             else:
                 dense += n

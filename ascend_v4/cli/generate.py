@@ -50,6 +50,7 @@ def run_generate(req: GenerateRequest) -> dict:
     from ascend_v4.checkpoint.resolve import resolve_model
     from ascend_v4.model.args import ModelArgs
     from ascend_v4.runtime.config import EngineConfig
+    from ascend_v4.runtime.speculative import spec_report
 
     args = ModelArgs.from_dir(resolve_model(req.model, dummy=req.dummy).path)
     cfg = EngineConfig(max_num_batched_tokens=8192, enable_prefix_caching=False,
@@ -78,7 +79,7 @@ def run_generate(req: GenerateRequest) -> dict:
             "text": out.text, "reasoning_content": out.reasoning_content,
             "tool_calls": [getattr(t, "__dict__", t) for t in out.tool_calls],
             "finish_reason": out.finish_reason, "metrics": res.metrics, "layout": llm.layout.as_dict(),
-            "speculative": speculative_report(cfg.speculative, stats),
+            "speculative": spec_report(cfg.speculative, stats),
             "ranks": [{k: r[k] for k in keep} for r in ranks]}
 
 
@@ -112,13 +113,6 @@ def engine_speculative(model_args, speculative: str, tokens: int, threshold: flo
 
     return dict(speculative=resolve_method(speculative, model_args), speculative_tokens=tokens,
                 speculative_threshold=threshold, speculative_draft_sampling=draft_sampling)
-
-
-def speculative_report(method: str, stats: dict) -> dict:
-    """The speculative decoding figures of an engine's stats (generate --json, bench offline)."""
-    keys = ("spec_proposed", "spec_accepted", "spec_verify_steps", "spec_tokens_per_step",
-            "spec_acceptance_per_position", "spec_draft_seconds")
-    return {"method": method, **{k.removeprefix("spec_"): stats.get(k, 0) for k in keys}}
 
 
 def multinode_options(f):
@@ -246,7 +240,8 @@ def generate(model, prompt, prompt_ids, chat, thinking, max_tokens, temperature,
     click.echo(res["text"])
     m = res["metrics"]
     sp = res["speculative"]
-    drafts = (f", {sp['method']}: {sp['accepted']}/{sp['proposed']} draft tokens accepted, "
-              f"{sp['tokens_per_step']:.2f} tokens per verify step" if sp["method"] != "none" and sp["proposed"] else "")
+    drafts = "" if sp["method"] == "none" or not sp["proposed"] else \
+        f", {sp['method']}: {sp['accepted']}/{sp['proposed']} draft tokens accepted, " \
+        f"{sp['tokens_per_step']:.2f} tokens per verify step"
     click.echo(f"[{len(res['token_ids'])} tokens, finish={res['finish_reason']}, prefill {m['prefill_s']:.2f}s, "
                f"decode {m['decode_tok_s']:.1f} tok/s{drafts}]", err=True)

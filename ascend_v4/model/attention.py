@@ -91,17 +91,13 @@ class Attention(nn.Module):
         if self.kind == CSA:
             proj += self.indexer.queries(cqq, x, cos, sin) + self.indexer.compressor.project(x, batch.positions)
 
-        groups: dict[int, list] = {}  # sequences by cache pool (the engine has one; standalone caches own one each)
-        for i, s in enumerate(batch.seqs):
-            groups.setdefault(id(s.cache.pool), []).append(i)
+        groups = batch.pool_groups()
         if len(groups) == 1:
-            o = self._attend(q, kv, batch, tuple(range(len(batch.seqs))), proj)
+            o = self._attend(q, kv, batch, groups[0][0], proj)
         else:
             o = torch.empty_like(q)
-            for which in groups.values():
-                rows = torch.cat([torch.arange(batch.seqs[i].offset, batch.seqs[i].offset + batch.seqs[i].n,
-                                               device=x.device) for i in which])
-                o[rows] = self._attend(q[rows], kv[rows], batch, tuple(which), tuple(t[rows] for t in proj))
+            for which, rows in groups:
+                o[rows] = self._attend(q[rows], kv[rows], batch, which, tuple(t[rows] for t in proj))
         # K = V carries rope: undo it on the output at the query position.
         o = apply_rope(o, cos, sin, inverse=True)
         return self._out_proj(o)

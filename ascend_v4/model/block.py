@@ -45,7 +45,12 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         """x [T, n, D] residual streams -> [T, n, D]."""
+        return self.sublayers(x, lambda y: self.attn(y, batch), batch.tokens)
+
+    def sublayers(self, x: torch.Tensor, attend, tokens: torch.Tensor) -> torch.Tensor:
+        """The layer around an attention call `attend` (normed input [T, D] -> [T, D]): mHC, attention, mHC, MoE
+        (its gate gets `tokens` [T] for hash routing)."""
         y, post, comb = self._pre(x, "attn")
-        x = ops.hc_post(self.attn(self.attn_norm(y), batch), x, post, comb)
+        x = ops.hc_post(attend(self.attn_norm(y)), x, post, comb)
         y, post, comb = self._pre(x, "ffn")
-        return ops.hc_post(self.ffn(self.ffn_norm(y), batch.tokens), x, post, comb)
+        return ops.hc_post(self.ffn(self.ffn_norm(y), tokens), x, post, comb)

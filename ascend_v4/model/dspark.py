@@ -29,8 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ascend_v4 import ops
-
 from .args import ModelArgs
 from .attention import Attention
 from .block import Block, _f32
@@ -115,14 +113,12 @@ class ConfidenceHead(nn.Module):
 
 @dataclass
 class Draft:
-    """One draft forward's result for S sequences: tokens [S, K] (d_0 .. d_{K-1}, position p+2+k), the
-    Markov-corrected fp32 logits [S, K, V] they were drawn from (when asked for), the raw confidence logits
-    [S, K] (sigmoid: P(d_k accepted | d_0 .. d_{k-1} accepted)) and, for the sequences whose tokens were sampled,
-    the distributions they were sampled from ({sequence index: [K, V]})."""
+    """One draft forward's result for S sequences: tokens [S, K] (d_0 .. d_{K-1}, position p+2+k), the raw
+    confidence logits [S, K] (sigmoid: P(d_k accepted | d_0 .. d_{k-1} accepted)) and, for the sequences whose
+    tokens were sampled, the distributions they were sampled from ({sequence index: [K, V]})."""
 
     tokens: torch.Tensor
     confidence: torch.Tensor
-    logits: torch.Tensor | None = None
     probs: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
@@ -133,22 +129,15 @@ def write_context(stages: nn.ModuleList, taps: list[torch.Tensor], batch: StepBa
         return
     first = stages[0]
     main_x = first.main_norm(first.main_proj(torch.cat(taps, -1)))  # [T, D]
-    groups: dict[int, list[int]] = {}
-    for i, s in enumerate(batch.seqs):
-        groups.setdefault(id(s.cache.pool), []).append(i)
-    for which in groups.values():
-        which = tuple(which)
+    for which, sel in batch.pool_groups():
         pool = batch.seqs[which[0]].cache.pool
         rows = batch.group_window_rows(which, window)[:, -1]  # each token's own row
-        sel = None if len(which) == len(batch.seqs) else torch.cat(
-            [torch.arange(batch.seqs[i].offset, batch.seqs[i].offset + batch.seqs[i].n, device=main_x.device)
-             for i in which])
         x, pos = (main_x, batch.positions) if sel is None else (main_x[sel], batch.positions[sel])
         for st in stages:
             pool.write_kv(st.attn.layer_id, rows, st.attn.context_kv(x, pos))
 
 
-def markov_sample(stage, h: torch.Tensor, logits: torch.Tensor, anchors: torch.Tensor, keep_logits: bool,
+def markov_sample(stage, h: torch.Tensor, logits: torch.Tensor, anchors: torch.Tensor,
                   sample: dict[int, tuple[float, list[torch.Generator]]] | None = None) -> Draft:
     """Draw the block's tokens one slot at a time: argmax of the corrected logits, or for the sequences in
     `sample` ({index: (temperature, one generator per slot)}) a draw from softmax(corrected logits / T), as the
@@ -159,7 +148,7 @@ def markov_sample(stage, h: torch.Tensor, logits: torch.Tensor, anchors: torch.T
     anchors [S]. Slot k adds markov_w2 . markov_w1[prev] to its logits, prev = the anchor for k = 0, else
     d_{k-1}; its confidence logit is proj([h_k ; markov_w1[prev]])."""
     mh, proj = stage.markov_head, stage.confidence_head.proj.weight
-    prev, toks, conf, out = anchors, [], [], []
+    prev, toks, conf = anchors, [], []
     sample = sample or {}
     probs: dict[int, list[torch.Tensor]] = {i: [] for i in sample}
     for k in range(logits.shape[1]):
@@ -174,12 +163,9 @@ def markov_sample(stage, h: torch.Tensor, logits: torch.Tensor, anchors: torch.T
                 probs[i].append(p)
         toks.append(prev)
         conf.append(F.linear(torch.cat((h[:, k].float(), e), -1), proj).squeeze(-1))
-        if keep_logits:
-            out.append(u)
     dev = anchors.device
     return Draft(torch.stack(toks, 1) if toks else torch.zeros(anchors.shape[0], 0, dtype=torch.long, device=dev),
                  torch.stack(conf, 1) if conf else torch.zeros(anchors.shape[0], 0, device=dev),
-                 torch.stack(out, 1) if keep_logits and out else None,
                  {i: torch.stack(ps) for i, ps in probs.items() if ps})
 
 
@@ -204,7 +190,4 @@ class DSparkStage(Block):
 
     def forward_block(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         """x [S*K, n, D] residual streams of the block -> [S*K, n, D]."""
-        y, post, comb = self._pre(x, "attn")
-        x = ops.hc_post(self.attn.forward_block(self.attn_norm(y), ctx), x, post, comb)
-        y, post, comb = self._pre(x, "ffn")
-        return ops.hc_post(self.ffn(self.ffn_norm(y), ctx.tokens), x, post, comb)
+        return self.sublayers(x, lambda y: self.attn.forward_block(y, ctx), ctx.tokens)

@@ -20,6 +20,7 @@ import re
 from .tp import is_tp_split
 
 ROUTED, TP, REPLICATED = "routed", "tp", "replicated"
+DRAFT_PREFIX = "mtp."  # checkpoint keys of the draft blocks: April MTP blocks or DSpark stages
 # A routed expert's tensor; group 1 is its global expert id (the loader skips other ranks' experts by it).
 EXPERT_TENSOR = re.compile(r"^(?:layers|mtp)\.\d+\.ffn\.experts\.(\d+)\.")
 _WO_A = re.compile(r"^(layers|mtp)\.\d+\.attn\.wo_a\.")

@@ -64,6 +64,22 @@ class StepBatch:
             self.memo[key] = offsets
         return self.memo[key]
 
+    def pool_groups(self) -> list[tuple[tuple[int, ...], torch.Tensor | None]]:
+        """The sequences by cache pool (the engine has one; standalone caches own one each): (indices into seqs,
+        their step rows back to back, or None when the group is the whole batch)."""
+        if "pools" not in self.memo:
+            groups: dict[int, list[int]] = {}
+            for i, s in enumerate(self.seqs):
+                groups.setdefault(id(s.cache.pool), []).append(i)
+            out = []
+            for which in groups.values():
+                rows = None if len(which) == len(self.seqs) else torch.cat(
+                    [torch.arange(self.seqs[i].offset, self.seqs[i].offset + self.seqs[i].n,
+                                  device=self.positions.device) for i in which])
+                out.append((tuple(which), rows))
+            self.memo["pools"] = out
+        return self.memo["pools"]
+
     def group_window_rows(self, which: tuple[int, ...], window: int) -> torch.Tensor:
         """Window rows [Tg, window] of sequences `which` (indices into seqs), back to back."""
         key = ("gwin", which, window)

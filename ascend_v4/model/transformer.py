@@ -164,11 +164,11 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def dspark_draft(self, anchors: torch.Tensor, main_pos: torch.Tensor, caches: list, k: int,
-                     keep_logits: bool = False, sample: dict | None = None) -> Draft:
+                     sample: dict | None = None) -> Draft:
         """Propose k tokens for each of S sequences: anchors [S] (the token at main_pos + 1, just sampled),
         main_pos [S] (the last position whose target features are in the rings), caches: their SeqCaches (one
-        pool). Returns `Draft` (tokens [S, k], confidence logits [S, k], with keep_logits the corrected logits);
-        greedy, except the sequences in `sample` ({index: (temperature, k generators)}: `markov_sample`)."""
+        pool). Returns `Draft` (tokens [S, k], confidence logits [S, k]); greedy, except the sequences in
+        `sample` ({index: (temperature, k generators)}: `markov_sample`)."""
         a = self.args
         S, dev = anchors.shape[0], anchors.device
         pools = {id(c.pool): c.pool for c in caches}
@@ -185,8 +185,7 @@ class Transformer(nn.Module):
         last = self.mtp[-1]
         h = ops.hc_head(x, last.hc_head_fn, last.hc_head_base, last.hc_head_scale, a.norm_eps, a.hc_eps)  # [S*k, D]
         logits = self._vocab_logits(last.norm(h))  # [S*k, V]
-        return markov_sample(last, h.view(S, k, h.shape[-1]), logits.view(S, k, logits.shape[-1]), anchors,
-                             keep_logits, sample)
+        return markov_sample(last, h.view(S, k, h.shape[-1]), logits.view(S, k, logits.shape[-1]), anchors, sample)
 
     # -- speculative decoding: keep a prefix of a step ------------------------------------------------------
     @torch.no_grad()
