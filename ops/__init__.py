@@ -356,3 +356,42 @@ def sparse_attn_fp8(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor, scale: flo
 
 
 __all__ += ["kv_pack_fp8", "kv_unpack_fp8", "sparse_attn_fp8", "kv_fp8_entry_bytes", "kv_fp8_layout"]
+
+
+# ---------------------------------------------------------------------------------------------- paged attention
+from .paged import RATIOS as _PAGED_RATIOS  # noqa: E402
+from .paged import PagedKV, PagedTables  # noqa: E402
+
+
+def sparse_attn_paged(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor, scale: float, paged: PagedKV) -> Tensor:
+    """`sparse_attn` over one layer's paged pool, given in two forms that name the same rows: the row list
+    `idx` (what the reference and the row-list kernels read) and the block-table form `paged` (what paged
+    kernels such as vllm-ascend's `npu_sparse_attn_sharedkv` read; ops/reference/paged.py defines it and
+    `paged_rows` turns it into `idx`).
+
+    Args:
+        q, kv, idx, sink, scale: as `sparse_attn`; kv [N, D] is the layer's pool (window region, then the
+            compressed region from row `paged.comp_base`).
+        paged: `PagedKV` (ops/paged.py); its tables are built only if the chosen kernel reads them.
+    Returns:
+        [T, H, D] in q.dtype, equal to `sparse_attn(q, kv, idx, sink, scale)`.
+    """
+    _check(q.dim() == 3 and kv.dim() == 2 and q.shape[2] == kv.shape[1], "sparse_attn_paged",
+           f"q must be [T,H,D] and kv [N,D] with equal D; got q{tuple(q.shape)} kv{tuple(kv.shape)}")
+    _check(idx.dim() == 2 and idx.shape[0] == q.shape[0], "sparse_attn_paged",
+           f"idx must be [T,K] with T={q.shape[0]}; got {tuple(idx.shape)}")
+    _check(sink.shape == (q.shape[1],), "sparse_attn_paged",
+           f"sink must be [H={q.shape[1]}], got {tuple(sink.shape)}")
+    _check(paged.ratio in _PAGED_RATIOS, "sparse_attn_paged", f"ratio must be one of {_PAGED_RATIOS}, got {paged.ratio}")
+    _check(0 <= paged.comp_base <= kv.shape[0] and paged.window_block > 0 and paged.comp_base % paged.window_block == 0,
+           "sparse_attn_paged", f"comp_base {paged.comp_base} must be a whole number of window blocks "
+           f"({paged.window_block} rows) within kv's {kv.shape[0]} rows")
+    cpu = q.device.type == "cpu" and not torch.compiler.is_compiling()
+    impl = _CPU["sparse_attn_paged"]
+    if cpu and getattr(impl, "rows_only", False):
+        return _CPU["sparse_attn"](q, kv, idx, sink, scale)  # the tables are never built on this path
+    args = (q, kv, idx, sink, scale, *paged.flat())
+    return impl(*args) if cpu else _ops.sparse_attn_paged(*args)
+
+
+__all__ += ["sparse_attn_paged", "PagedKV", "PagedTables"]

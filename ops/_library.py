@@ -255,3 +255,30 @@ def _(q, kv, idx, sink, scale, rope_dim):
 REFERENCE.update({"kv_pack_fp8": _kv8.kv_pack_fp8, "kv_unpack_fp8": _kv8.kv_unpack_fp8,
                   "sparse_attn_fp8": _kv8.sparse_attn_fp8})
 ALL_OPS.update({f._name: f for f in (kv_pack_fp8, kv_unpack_fp8, sparse_attn_fp8)})
+
+
+# ---------------------------------------------------------------------------------------------- paged attention
+# Appended for paged device kernels (vllm-ascend's npu_sparse_attn_sharedkv): sparse_attn with the block-table
+# form of the same reads beside the row list (reference/paged.py says what each argument means).
+@torch.library.custom_op(f"{NS}::sparse_attn_paged", mutates_args=())
+def sparse_attn_paged(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor, scale: float, win_table: Tensor,
+                      comp_table: Tensor, cu_seqlens_q: Tensor, seqused_kv: Tensor, picks: Tensor | None,
+                      max_seqlen_q: int, max_seqlen_kv: int, window: int, window_block: int, comp_base: int,
+                      block_size: int, ratio: int) -> Tensor:
+    # A device without a paged kernel reads the row form through sparse_attn (its device kernel, if any).
+    return torch.ops.ascend_v4.sparse_attn(q, kv, idx, sink, scale)
+
+
+@sparse_attn_paged.register_fake
+def _(q, kv, idx, sink, scale, *_paged):
+    return torch.empty_like(q)
+
+
+def _sparse_attn_paged_reference(q, kv, idx, sink, scale, *_paged):
+    """The reference reads the row form only (the block-table form describes the same rows)."""
+    return _attn.sparse_attn(q, kv, idx, sink, scale)
+
+
+_sparse_attn_paged_reference.rows_only = True  # the seam may skip building the block-table form for it
+REFERENCE["sparse_attn_paged"] = _sparse_attn_paged_reference
+ALL_OPS[sparse_attn_paged._name] = sparse_attn_paged

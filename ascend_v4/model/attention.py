@@ -10,6 +10,8 @@ over the pool for the whole batch: the shape a paged device kernel gets, with no
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -21,6 +23,12 @@ from .compressor import Compressor
 from .layers import DENSE, FP8, Linear, ModelOptions, RMSNorm, rms_unweighted
 from .rope import apply_rope, cos_sin, inv_freq
 from .tp import TPComm, TPShard
+
+
+def _logical_picks(sel: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """Indexer picks as positions in the flat key list [Tg, k] -> each query's own entry numbers (-1 = none),
+    int32: the form a paged kernel reads through the sequence's comp block table."""
+    return torch.where(sel >= 0, sel - start[:, None], -1).to(torch.int32)
 
 
 class Indexer(nn.Module):
@@ -132,7 +140,7 @@ class Attention(nn.Module):
         lid = self.layer_id
         win = batch.group_window_rows(which, self.window)  # [Tg, W]: query t sees positions t-W+1 .. t
         pool.write_kv(lid, win[:, -1], kv)  # the last column is each query's own row
-        idx = win
+        idx, picks = win, None
         if self.kind != WINDOW:
             comp = proj[:2] + proj[4:]  # the compressors' (kv, score) projections
             rec = batch.memo.get("record_rows")  # speculative steps: keep them for `replay_compress`
@@ -146,7 +154,10 @@ class Attention(nn.Module):
                 flat, start, length = plan.indexer_runs()  # each sequence's keys as one contiguous run
                 sel = ops.indexer_topk(proj[2], pool.ikeys[lid][flat], proj[3], start, length, self.indexer.topk)
                 idx = torch.cat((win, plan.selected_rows(sel, base)), dim=1)  # [Tg, W + topk]
-        return pool.attend(lid, q, idx, self.attn_sink, self.head_dim ** -0.5)  # [Tg, H, hd]
+                picks = functools.partial(_logical_picks, sel, start)
+        paged = ops.PagedKV(self.window, pool.window_block, pool.comp_base(lid), pool.block_size, self.ratio,
+                            functools.partial(batch.paged_tables, which), picks)
+        return pool.attend(lid, q, idx, self.attn_sink, self.head_dim ** -0.5, paged=paged)  # [Tg, H, hd]
 
     def _compress(self, batch: StepBatch, which: tuple[int, ...], comp: tuple):
         """Run this layer's compressor (CSA: and the indexer's) over sequences `which` of the step: updates their

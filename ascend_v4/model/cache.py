@@ -206,12 +206,16 @@ class CachePool:
         self.kv[layer][rows] = self.pack(values)
 
     def attend(self, layer: int, q: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor,
-               scale: float, kv: torch.Tensor | None = None) -> torch.Tensor:
+               scale: float, kv: torch.Tensor | None = None, paged: ops.PagedKV | None = None) -> torch.Tensor:
         """Sparse attention of q [T, H, hd] over layer's pool rows idx [T, K] (-1 = none); with `kv`, over those
-        rows instead (in the pool's row format: `pack`, or rows gathered from `kv[layer]`)."""
+        rows instead (in the pool's row format: `pack`, or rows gathered from `kv[layer]`); with `paged` (the
+        block-table form of the same reads, over the layer's pool), through `ops.sparse_attn_paged`, which paged
+        device kernels take (the FP8 entry pool has none mapped: it keeps `sparse_attn_fp8`)."""
         kv = self.kv[layer] if kv is None else kv
         if self.kv_format == "fp8":
             return ops.sparse_attn_fp8(q, kv, idx, sink, scale, self.args.rope_head_dim)
+        if paged is not None:
+            return ops.sparse_attn_paged(q, kv, idx, sink, scale, paged)
         return ops.sparse_attn(q, kv, idx, sink, scale)
 
 

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ascend_v4.ops import PagedTables
+
 from .compress_plan import CompressPlan, build_compress_plan
 
 if TYPE_CHECKING:
@@ -99,6 +101,30 @@ class StepBatch:
             positions = self.positions if len(which) == len(self.seqs) else \
                 torch.cat([self.positions[s.offset:s.offset + s.n] for s in seqs])
             self.memo[key] = build_compress_plan(seqs, offsets, positions, m, m == 4)
+        return self.memo[key]
+
+    def paged_tables(self, which: tuple[int, ...]) -> PagedTables:
+        """The block-table form of sequences `which` (one pool, rows back to back) for paged attention kernels
+        (ops/paged.py): window and comp block tables padded with -1, query prefix sums and lengths after the
+        step, int32. Built on first use only (the CPU path never asks)."""
+        key = ("paged", which)
+        if key not in self.memo:
+            seqs = [self.seqs[i] for i in which]
+            dev = self.positions.device
+
+            def table(rows: list[list[int]]) -> torch.Tensor:
+                width = max(1, max(len(r) for r in rows))
+                return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int32, device=dev)
+
+            n = [s.n for s in seqs]
+            used = [s.start + s.n for s in seqs]
+            cu = [0]
+            for k in n:
+                cu.append(cu[-1] + k)
+            self.memo[key] = PagedTables(table([s.cache.win_blocks for s in seqs]),
+                                         table([s.cache.comp_blocks for s in seqs]),
+                                         torch.tensor(cu, dtype=torch.int32, device=dev),
+                                         torch.tensor(used, dtype=torch.int32, device=dev), max(n), max(used))
         return self.memo[key]
 
     @classmethod

@@ -50,7 +50,8 @@ class Candidate:
     run: Callable[..., Any]
     usable: Callable[["Backend"], str | None] = _usable_always
     accepts: Callable[..., bool] = _always
-    checked: bool = True  # the self-check runs it (False: the reference itself, the golden)
+    checked: bool = True  # the self-check runs it (False: the reference itself, the golden, or a delegate)
+    delegates_to: str | None = None  # runs another op's chosen candidate (checked as that op)
 
 
 def _lib(b: "Backend") -> str | None:
@@ -79,6 +80,12 @@ def _half_q(q, kv, *_rest) -> bool:
 
 def _half_x(x, *_rest) -> bool:
     return x.dtype in HALF
+
+
+def _rows_via_sparse_attn(q, kv, idx, sink, scale, *_paged):
+    from .kernels import current
+
+    return current().run("sparse_attn", q, kv, idx, sink, scale)
 
 
 @functools.lru_cache(maxsize=1)
@@ -112,6 +119,9 @@ def table() -> dict[str, list[Candidate]]:
     for op in TRITON_OPS:
         t.setdefault(op, triton_or(op))
     t["moe_gate"] = [Candidate("reference", REFERENCE["moe_gate"], checked=False)]  # plain torch ops run anywhere
+    # the paged form's fallback reads the row list through sparse_attn's own chosen candidate
+    t["sparse_attn_paged"] = [Candidate("row list (sparse_attn)", _rows_via_sparse_attn, checked=False,
+                                        delegates_to="sparse_attn")]
     for op, cand in va.candidates().items():  # vllm-ascend first wherever it maps one of our ops
         t[op] = [Candidate("vllm-ascend", cand.run, _vllm(op), cand.accepts), *t[op]]
     return t

@@ -27,6 +27,7 @@ import torch
 
 from ..reference import formats as fmt
 from ..reference import int_gemm
+from ..reference import paged as paged_ref
 
 log = logging.getLogger("ascend_v4.ops")
 
@@ -49,7 +50,7 @@ class Row:
 
     op: str
     backend: str
-    status: str  # pass | FAIL | not usable | golden
+    status: str  # pass | FAIL | not usable | golden | delegates
     detail: str  # the worst error against its tolerance, why it failed, or why it cannot run
     seconds: float = 0.0
 
@@ -69,6 +70,47 @@ def _sparse_attn(T: int, H: int, D: int, N: int, K: int):
         idx[:, -K // 8:] = -1  # empty slots, as short sequences have
         idx[0] = -1  # a query with no key at all: sink only
         return (_randn(g, T, H, D), _randn(g, N, D), idx.to(torch.int32), torch.randn(H, generator=g), D ** -0.5)
+    return make
+
+
+def _paged(H: int, D: int, ratio: int, seqs: list[tuple[int, int]], topk: int = 512, window: int = 128,
+           block_size: int = 128):
+    """One layer's pool and a step over `seqs` ((tokens cached before, new tokens) each) in both forms: random
+    physical blocks, window blocks before the window released (-1), CSA picks a random subset of each query's
+    complete entries (top-k wide, -1 padded); the row form from `paged_rows`."""
+    def make(g):
+        Bw, epb = block_size // 4, block_size // ratio if ratio else 0
+        used = [a + n for a, n in seqs]
+        nw, nc = [-(-u // Bw) for u in used], [-(-u // block_size) for u in used]
+        wids = torch.randperm(sum(nw) + 3, generator=g)
+        cids = torch.randperm(sum(nc) + 2, generator=g)
+        win, comp, w0, c0 = [], [], 0, 0
+        for (a, _n), k, c in zip(seqs, nw, nc):
+            row = wids[w0:w0 + k].tolist()
+            dead = max(0, a - window) // Bw  # blocks no query of this step sees
+            win.append([-1] * dead + row[dead:])
+            comp.append(cids[c0:c0 + c].tolist())
+            w0, c0 = w0 + k, c0 + c
+
+        def table(rows):
+            width = max(len(r) for r in rows)
+            return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int32)
+
+        cu = torch.tensor([0] + [sum(n for _a, n in seqs[:i + 1]) for i in range(len(seqs))], dtype=torch.int32)
+        used_t = torch.tensor(used, dtype=torch.int32)
+        base = (len(wids)) * Bw
+        kv = _randn(g, base + len(cids) * epb, D)
+        picks = None
+        if ratio == 4:
+            _seq, pos = paged_ref.query_positions(cu, used_t)
+            picks = torch.full((pos.numel(), topk), -1, dtype=torch.int32)
+            for t, p in enumerate(pos.tolist()):
+                pick = torch.randperm((p + 1) // 4, generator=g)[:topk]
+                picks[t, :pick.numel()] = pick.to(torch.int32)
+        wt, ct = table(win), table(comp)
+        idx = paged_ref.paged_rows(wt, ct, cu, used_t, picks, window, Bw, base, block_size, ratio)
+        return (_randn(g, int(cu[-1]), H, D), kv, idx.to(torch.int32), torch.randn(H, generator=g), D ** -0.5,
+                wt, ct, cu, used_t, picks, max(n for _a, n in seqs), max(used), window, Bw, base, block_size, ratio)
     return make
 
 
@@ -170,6 +212,11 @@ _SMALL_HC, _REAL_HC = _hc(5, 4, 256), _hc(16, 4, 4096)
 CASES: dict[str, dict[str, list[tuple[str, Callable]]]] = {
     "sparse_attn": {"small": [("T3 H4 D64 K40", _sparse_attn(3, 4, 64, 50, 40))],
                     "real": [("T8 H64 D512 K640", _sparse_attn(8, 64, 512, 2048, 640))]},
+    # a prefill chunk from 0, a chunk after a prefix, decodes at 700 and 2500 (625 complete CSA entries > top-k)
+    "sparse_attn_paged": {"small": [("window H4 D64", _paged(4, 64, 0, [(0, 3), (40, 1)]))],
+                          "real": [(f"{name} H64 D512 B128 T11", _paged(64, 512, m, [(0, 5), (300, 4), (699, 1), (2499, 1)]))
+                                   for name, m in (("window", 0), ("CSA", 4), ("HCA", 128))]
+                          + [("window H128 D512 T2", _paged(128, 512, 0, [(699, 1), (130, 1)]))]},
     "quant_gemm": {"small": [("fp8 M3 N256 K256", _quant_gemm(3, 256, 256, False)),
                              ("fp4 M3 N64 K128", _quant_gemm(3, 64, 128, True))],
                    "real": [("fp8 M16 N4096 K4096", _quant_gemm(16, 4096, 4096, False)),
@@ -280,6 +327,8 @@ def check_backend(b, sizes: tuple[str, ...] = ("small", "real")) -> list[Row]:
             why = c.usable(b)
             if why is not None:
                 rows.append(Row(op, c.backend, "not usable", why))
+            elif c.delegates_to:
+                rows.append(Row(op, c.backend, "delegates", f"runs {c.delegates_to} on its chosen backend"))
             elif not c.checked:
                 rows.append(Row(op, c.backend, "golden", "the reference (CPU fallback and test golden)"))
             else:

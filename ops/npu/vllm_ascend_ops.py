@@ -17,10 +17,9 @@ Mapped so far (our contract -> theirs; each candidate's `accepts` is the op's do
 | hc_pre  | `npu_hc_pre_v2(x, hc_fn, hc_scale, hc_base, hc_mult, hc_sinkhorn_iters, norm_eps, hc_eps)` -> (y, post, comb) | x bf16 [T, 4, D], D in {4096, 7168}, fn/scale/base fp32 |
 | hc_post | `npu_hc_post(x, residual, post, comb)` on [1, T, ...] views -> [1, T, 4, D] | x and residual one dtype (fp32/fp16/bf16), post and comb one dtype |
 | moe_gate | `moe_gating_top_k_hash(logits, k, bias=, input_ids=, tid2eid=, ..., norm_type=2)` -> (weights, ids int32, _) | logits fp16/fp32/bf16 [T, E], E <= 2048, bias of the logits' dtype |
-Not mapped yet: `npu_sparse_attn_sharedkv` (+ metadata), `compressor`, `npu_vllm_quant_lightning_indexer`,
-`grouped_matmul_swiglu_quant*`: the first three work on the paged cache with block tables and
-per-step metadata ops, a contract one level above our flat `sparse_attn` / `compress_kv` / `indexer_topk` ops
-(docs/npu.md, "What the vllm-ascend mapping still needs").
+| sparse_attn_paged | `npu_sparse_attn_sharedkv` + its `_metadata` op (`vllm_ascend_attn.py`) | q bf16/fp16 [T, 64k, 512], window 128, pages of 16..1024 rows (multiples of 16), CSA top-k <= 512 |
+Not mapped yet: `compressor`, `npu_vllm_quant_lightning_indexer`, `grouped_matmul_swiglu_quant*`, the 950's
+`npu_kv_quant_sparse_attn_sharedkv` (docs/npu.md §8 says what each needs).
 """
 
 from __future__ import annotations
@@ -41,7 +40,8 @@ log = logging.getLogger("ascend_v4.ops")
 PACKAGE = "vllm_ascend"
 VENDOR = Path("_cann_ops_custom") / "vendors" / "custom_transformer"
 # our op -> the _C_ascend op it needs
-NEEDS = {"hc_pre": "npu_hc_pre_v2", "hc_post": "npu_hc_post", "moe_gate": "moe_gating_top_k_hash"}
+NEEDS = {"hc_pre": ("npu_hc_pre_v2",), "hc_post": ("npu_hc_post",), "moe_gate": ("moe_gating_top_k_hash",),
+         "sparse_attn_paged": ("npu_sparse_attn_sharedkv", "npu_sparse_attn_sharedkv_metadata")}
 GATE_MAX_EXPERTS = 2048  # moe_gating_top_k_hash: E <= 2048 (its host checks)
 SQRT_SOFTPLUS = 2  # its norm_type for sqrt(softplus(x)) (op_kernel/moe_gating_top_k_hash_without_group.h)
 HC_MULT, HC_DIMS = 4, (4096, 7168)
@@ -64,8 +64,8 @@ class VllmAscendLib:
         """Why our `op` cannot run on vllm-ascend here, or None."""
         if not self.loaded:
             return f"vllm-ascend ops: {self.reason}"
-        need = NEEDS[op]
-        return None if need in self.ops else f"vllm-ascend library lacks _C_ascend.{need}"
+        lacks = [n for n in NEEDS[op] if n not in self.ops]
+        return f"vllm-ascend library lacks _C_ascend.{lacks[0]}" if lacks else None
 
 
 def package_dir() -> Path | None:
@@ -112,7 +112,7 @@ def load_vllm_ascend_ops() -> VllmAscendLib:
 
 def present_ops() -> frozenset[str]:
     """The _C_ascend ops we use that the loaded library registered."""
-    return frozenset(n for n in NEEDS.values() if hasattr(torch.ops._C_ascend, n))
+    return frozenset(n for names in NEEDS.values() for n in names if hasattr(torch.ops._C_ascend, n))
 
 
 # ---------------------------------------------------------------------------------------------- mappings
@@ -169,5 +169,8 @@ class Mapping:
 
 def candidates() -> dict[str, Mapping]:
     """{our op: its vllm-ascend mapping} (candidates.py puts them first)."""
+    from . import vllm_ascend_attn as attn
+
     return {"hc_pre": Mapping(hc_pre, _hc_pre_accepts), "hc_post": Mapping(hc_post, _hc_post_accepts),
-            "moe_gate": Mapping(moe_gate, _moe_gate_accepts)}
+            "moe_gate": Mapping(moe_gate, _moe_gate_accepts),
+            "sparse_attn_paged": Mapping(attn.sparse_attn_paged, attn.accepts)}

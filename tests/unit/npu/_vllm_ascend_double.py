@@ -5,7 +5,9 @@ the schemas exactly as in vllm-ascend 0.23.0.post1 csrc/torch_binding.cpp, the i
 wrappers (x bf16 [T, 4, D] with D in {4096, 7168} for hc_pre; matching dtypes for hc_post) and the maths of
 its kernels and of vllm_ascend/ops/mhc.py, written here from their description in docs/npu.md; moe_gating_top_k_hash
 from its kernel's description (sqrt(log(1 + exp(x))) for norm_type 2, ids looked up as tid2eid[input_ids * k + j]
-in hash-routed layers, weights / (sum + eps) * routed_scaling_factor in x's dtype). `install()`
+in hash-routed layers, weights / (sum + eps) * routed_scaling_factor in x's dtype); npu_sparse_attn_sharedkv from
+its README and kernel masks (docs/npu.md §8; window p-127 .. p, compressed entries j < (p+1) // cmp_ratio, the
+picks or all of them, sinks in the denominator) with the README's input limits. `install()`
 registers them once per process; `BUG` makes one of them wrong on purpose (the self-check must catch it).
 Nothing in the package imports this module.
 """
@@ -26,6 +28,23 @@ SCHEMAS = {
                               "float routed_scaling_factor=1.0, float eps=1e-20, int group_select_mode=0, "
                               "int renorm=0, int norm_type=0, bool out_flag=False) -> (Tensor y, Tensor expert_idx, "
                               "Tensor out)"),
+    "npu_sparse_attn_sharedkv": ("npu_sparse_attn_sharedkv(Tensor q, *, Tensor? ori_kv=None, Tensor? cmp_kv=None, "
+                                 "Tensor? ori_sparse_indices=None, Tensor? cmp_sparse_indices=None, "
+                                 "Tensor? ori_block_table=None, Tensor? cmp_block_table=None, "
+                                 "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_ori_kv=None, "
+                                 "Tensor? cu_seqlens_cmp_kv=None, Tensor? seqused_q=None, Tensor? seqused_kv=None, "
+                                 "Tensor? sinks=None, Tensor? metadata=None, float softmax_scale=0, int cmp_ratio=0, "
+                                 "int ori_mask_mode=4, int cmp_mask_mode=3, int ori_win_left=128, "
+                                 "int ori_win_right=0, str layout_q=\"BSND\", str layout_kv=\"PA_ND\", "
+                                 "bool return_softmax_lse=False) -> (Tensor out, Tensor softmax_lse)"),
+    "npu_sparse_attn_sharedkv_metadata": (
+        "npu_sparse_attn_sharedkv_metadata(int num_heads_q, int num_heads_kv, int head_dim, "
+        "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_ori_kv=None, Tensor? cu_seqlens_cmp_kv=None, "
+        "Tensor? seqused_q=None, Tensor? seqused_kv=None, int batch_size=0, int max_seqlen_q=0, "
+        "int max_seqlen_kv=0, int ori_topk=0, int cmp_topk=0, int cmp_ratio=4, int ori_mask_mode=4, "
+        "int cmp_mask_mode=3, int ori_win_left=128, int ori_win_right=0, str layout_q=\"BSND\", "
+        "str layout_kv=\"PA_ND\", bool has_ori_kv=True, bool has_cmp_kv=True, str device=\"npu\") -> "
+        "(Tensor metadata)"),
 }
 CALLS: collections.Counter = collections.Counter()
 BUG: set[str] = set()  # op names to compute wrongly (tests of the self-check)
@@ -82,6 +101,78 @@ def _gating(x, k, bias=None, input_ids=None, tid2eid=None, k_group=1, group_coun
     return (w * routed_scaling_factor).to(x.dtype), ids.to(torch.int32), out
 
 
+def _sas_check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise RuntimeError(f"npu_sparse_attn_sharedkv: {msg}")
+
+
+def _pages_ok(t: torch.Tensor) -> bool:  # [blocks, block_size, 1, D], block_size a multiple of 16 up to 1024
+    return t.dim() == 4 and t.shape[2] == 1 and t.shape[1] % 16 == 0 and 16 <= t.shape[1] <= 1024
+
+
+def _sas_metadata(num_heads_q, num_heads_kv, head_dim, cu_seqlens_q=None, cu_seqlens_ori_kv=None,
+                  cu_seqlens_cmp_kv=None, seqused_q=None, seqused_kv=None, batch_size=0, max_seqlen_q=0,
+                  max_seqlen_kv=0, ori_topk=0, cmp_topk=0, cmp_ratio=4, ori_mask_mode=4, cmp_mask_mode=3,
+                  ori_win_left=128, ori_win_right=0, layout_q="BSND", layout_kv="PA_ND", has_ori_kv=True,
+                  has_cmp_kv=True, device="npu"):
+    # The AI-CPU task split: its content is the kernel's business; the double checks the arguments only.
+    CALLS["npu_sparse_attn_sharedkv_metadata"] += 1
+    _sas_check(num_heads_q == 64 and num_heads_kv == 1 and layout_kv == "PA_ND" and layout_q in ("TND", "BSND"),
+               "metadata: N1 64, KV_N 1, PA_ND")
+    _sas_check(seqused_kv is not None and batch_size == seqused_kv.shape[0], "metadata: batch_size != len(seqused_kv)")
+    _sas_check(int(max_seqlen_kv) >= int(seqused_kv.max()), "metadata: max_seqlen_kv below a sequence's length")
+    return torch.zeros(1024, dtype=torch.int32)
+
+
+def _sparse_attn_sharedkv(q, *, ori_kv=None, cmp_kv=None, ori_sparse_indices=None, cmp_sparse_indices=None,
+                          ori_block_table=None, cmp_block_table=None, cu_seqlens_q=None, cu_seqlens_ori_kv=None,
+                          cu_seqlens_cmp_kv=None, seqused_q=None, seqused_kv=None, sinks=None, metadata=None,
+                          softmax_scale=0.0, cmp_ratio=0, ori_mask_mode=4, cmp_mask_mode=3, ori_win_left=128,
+                          ori_win_right=0, layout_q="BSND", layout_kv="PA_ND", return_softmax_lse=False):
+    """The README's three scenarios in TND / PA_ND: window (ori_kv), + compressed (cmp_kv, HCA), + picks
+    (cmp_sparse_indices, CSA); query i of batch entry b (n queries) at p = seqused_kv[b] - n + i."""
+    CALLS["npu_sparse_attn_sharedkv"] += 1
+    _sas_check(layout_q == "TND" and layout_kv == "PA_ND", "the double implements TND / PA_ND only")
+    _sas_check(q.dtype in (torch.bfloat16, torch.float16) and q.dim() == 3 and q.shape[1] == 64,
+               f"q must be bf16/fp16 [T, 64, D], got {q.dtype} {tuple(q.shape)}")
+    _sas_check(metadata is not None and metadata.shape == (1024,) and metadata.dtype == torch.int32,
+               "metadata [1024] int32 is mandatory")
+    _sas_check(ori_kv is not None and _pages_ok(ori_kv) and ori_kv.dtype == q.dtype, "ori_kv pages")
+    _sas_check(ori_mask_mode == 4 and cmp_mask_mode == 3 and ori_win_left == 127 and ori_win_right == 0,
+               "mask modes 4 / 3, ori_win_left 127, ori_win_right 0 only")
+    _sas_check(not return_softmax_lse and ori_sparse_indices is None, "no lse, no ori_sparse_indices")
+    if cmp_kv is not None:
+        _sas_check(cmp_ratio in (4, 128) and _pages_ok(cmp_kv) and cmp_block_table is not None, "cmp_kv pages")
+    if cmp_sparse_indices is not None:
+        _sas_check(cmp_kv is not None and cmp_sparse_indices.dtype == torch.int32
+                   and cmp_sparse_indices.shape == (q.shape[0], 1, 512), "cmp_sparse_indices [T, 1, 512] int32")
+    for t in (q, ori_kv, cmp_kv, cmp_sparse_indices, ori_block_table, cmp_block_table, cu_seqlens_q, seqused_kv):
+        _sas_check(t is None or t.numel() > 0, "empty tensors are not supported")
+    window = "npu_sparse_attn_sharedkv" in BUG  # wrong on purpose: one position too many in the window
+    out = torch.empty_like(q)
+    cu, used = cu_seqlens_q.tolist(), seqused_kv.tolist()
+    obs = ori_kv.shape[1]
+    for b in range(len(used)):
+        n = cu[b + 1] - cu[b]
+        for i in range(n):
+            t, p = cu[b] + i, used[b] - n + i
+            pos = torch.arange(max(0, p - ori_win_left - int(window)), p + ori_win_right + 1)
+            keys = [ori_kv[ori_block_table[b, pos // obs].long(), pos % obs, 0]]
+            if cmp_kv is not None:
+                limit = (p + 1) // cmp_ratio
+                j = torch.arange(limit) if cmp_sparse_indices is None else cmp_sparse_indices[t, 0].long()
+                j = j[(j >= 0) & (j < limit)]
+                cbs = cmp_kv.shape[1]
+                keys.append(cmp_kv[cmp_block_table[b, j // cbs].long(), j % cbs, 0])
+            k = torch.cat(keys).float()  # [n_keys, D]
+            s = (q[t].float() @ k.t()) * softmax_scale  # [64, n_keys]
+            sk = sinks.float()[:, None] if sinks is not None else torch.full((q.shape[1], 1), float("-inf"))
+            m = torch.maximum(s.amax(-1, keepdim=True), sk)
+            e = torch.exp(s - m)
+            out[t] = ((e @ k) / (e.sum(-1, keepdim=True) + torch.exp(sk - m))).to(q.dtype)
+    return out, torch.zeros(0)
+
+
 def install() -> None:
     """Register the _C_ascend ops (once per process), as loading the .so would."""
     global _lib
@@ -93,3 +184,6 @@ def install() -> None:
     _lib.impl("npu_hc_pre_v2", _hc_pre, "CPU")
     _lib.impl("npu_hc_post", _hc_post, "CPU")
     _lib.impl("moe_gating_top_k_hash", _gating, "CPU")
+    _lib.impl("npu_sparse_attn_sharedkv", _sparse_attn_sharedkv, "CPU")
+    # no tensor input to dispatch on (as a backend-select op): CompositeExplicitAutograd stands for the AI-CPU kernel
+    _lib.impl("npu_sparse_attn_sharedkv_metadata", _sas_metadata, "CompositeExplicitAutograd")
