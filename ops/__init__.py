@@ -22,6 +22,7 @@ if register_device_kernels()["cpu"] == "cpu":
     from .cpu import KERNELS as _CPU_KERNELS
 
     _CPU.update(_CPU_KERNELS)
+_CPU_OWN = dict(_CPU)  # as chosen at import (tests may route _CPU through device kernels)
 
 
 def _call(name: str, x: Tensor, *args):
@@ -97,11 +98,15 @@ def compress_kv(kv: Tensor, score: Tensor) -> Tensor:
     return _call("compress_kv", kv, score)
 
 
-def quant_gemm(x: Tensor, w: Tensor, s: Tensor, act_quant: bool) -> Tensor:
+def quant_gemm(x: Tensor, w: Tensor, s: Tensor, act_quant: bool, on_grid: bool = False) -> Tensor:
     """x @ W^T for a packed weight: FP8 e4m3 [N, K] + UE8M0 [ceil(N/128), ceil(K/128)], or FP4 e2m1 packed
     int8 [N, K/2] + UE8M0 [N, K/32]. `act_quant` simulates the 1x128 FP8 activation quantisation.
 
     x: [M, K] bf16/fp32. Returns [M, N] in x.dtype.
+    on_grid: the caller vouches that x already went through that quantisation (a layer sharing a quantised
+        input). The round trip is idempotent, so on a device the op gets act_quant=True, which lets kernels
+        that quantise activations themselves (the 950's MX products) take the call for the same result; the
+        CPU's own implementation skips the redundant round trip.
     """
     fp4 = w.dtype == torch.int8
     k = w.shape[1] * 2 if fp4 else w.shape[1]
@@ -109,6 +114,8 @@ def quant_gemm(x: Tensor, w: Tensor, s: Tensor, act_quant: bool) -> Tensor:
            f"x must be [M,{k}] for weight {tuple(w.shape)} ({'fp4' if fp4 else str(w.dtype)}), got {tuple(x.shape)}")
     _check(w.dtype in (torch.int8, torch.float8_e4m3fn), "quant_gemm", f"weight dtype {w.dtype} is not fp8/fp4")
     _check(s.dtype == torch.float8_e8m0fnu, "quant_gemm", f"scale dtype {s.dtype} is not float8_e8m0fnu")
+    if on_grid and (x.device.type != "cpu" or _CPU["quant_gemm"] is not _CPU_OWN["quant_gemm"]):
+        act_quant = True  # (the CPU's own implementation skips the redundant round trip; any other gets it)
     return _call("quant_gemm", x, w, s, act_quant)
 
 

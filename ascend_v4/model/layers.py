@@ -172,7 +172,8 @@ class Linear(nn.Module):
             gemm = ops.w8a8_gemm if self.fmt == INT8 else ops.w4a8_gemm
             y = gemm(x2, self.weight, self.weight_scale)
         elif self.packed:
-            y = ops.quant_gemm(x2, self.weight, self.scale, self.opts.quant_sim and not prequantized)
+            sim = self.opts.quant_sim
+            y = ops.quant_gemm(x2, self.weight, self.scale, sim and not prequantized, on_grid=sim and prequantized)
         else:
             if not prequantized:
                 x2 = self.quantize_input(x2)  # same activation numerics as the packed path

@@ -92,6 +92,7 @@ def _rows_via_sparse_attn(q, kv, idx, sink, scale, *_paged):
 def table() -> dict[str, list[Candidate]]:
     """{op: candidates, most preferred first} for every op the NPU backend registers."""
     from . import kernels as k
+    from . import torch_npu_mx as tm
     from . import vllm_ascend_ops as va
 
     def triton_or(op: str) -> list[Candidate]:
@@ -100,7 +101,8 @@ def table() -> dict[str, list[Candidate]]:
 
     t: dict[str, list[Candidate]] = {
         "sparse_attn": [Candidate("ascendc", k.sparse_attn_lib, _lib, _half_q), *triton_or("sparse_attn")],
-        "quant_gemm": [Candidate("ascendc-mx", k.quant_gemm_lib, _lib_mx, _half_x),
+        "quant_gemm": [Candidate("torch_npu-mx", tm.quant_gemm_mx, tm.usable, tm.accepts),
+                       Candidate("ascendc-mx", k.quant_gemm_lib, _lib_mx, _half_x),
                        Candidate("ascendc", k.quant_gemm_lib, _lib, _half_x),
                        Candidate("triton-ascend", k.quant_gemm_triton, _triton("quant_gemm")),
                        Candidate("fp8-free-reference", k.quant_gemm_fp8_free)],

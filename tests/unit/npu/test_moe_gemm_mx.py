@@ -314,7 +314,10 @@ def test_selection_matrix(tnpu, monkeypatch, caplog):
             b = kernels.make_backend(tnpu, lib)
         expect = soc >= 260 and lib.loaded and env == "1"
         assert b.soc_version == soc and b.mx_gemm == expect, (soc, lib.loaded, env)
-        assert b.choice("quant_gemm") == ("ascendc-mx" if expect else "ascendc" if lib.loaded else "fp8-free-reference")
+        # a 950's torch_npu MX built-ins come first (torch_npu_mx.py); then our kernels as before
+        ours = [c.backend for c in b.candidates("quant_gemm") if c.backend != "torch_npu-mx"]
+        assert ours[0] == ("ascendc-mx" if expect else "ascendc" if lib.loaded else "fp8-free-reference")
+        assert (b.choice("quant_gemm") == "torch_npu-mx") == (soc >= 260)
         assert b.choice("moe_experts").endswith("-mx") == expect
         msgs = [r.getMessage() for r in caplog.records]
         assert len(msgs) == (1 if (not lib.loaded or env == "1") else 0), msgs  # one line says why / what
@@ -340,7 +343,8 @@ def test_soc_version_without_a_device(tnpu, monkeypatch):
 
 
 @pytest.mark.parametrize("fp4", [True, False])
-def test_quant_gemm_sends_the_mx_variant_and_matches(tnpu, library, fp4):
+def test_quant_gemm_sends_the_mx_variant_and_matches(tnpu, library, fp4, monkeypatch):
+    monkeypatch.delattr(tnpu, "npu_dynamic_mx_quant")  # no torch_npu MX built-ins: our op library takes the call
     g = torch.Generator().manual_seed(8)
     (w,), (s,) = _weights(1, 384, 256, fp4, g)
     x = torch.randn(5, 256, generator=g).bfloat16()

@@ -7,7 +7,8 @@ or a sentinel (ints) so that code relying on them fails.
 It is put on sys.path only inside tests (tests/unit/npu/test_npu_double.py); nothing in the package imports it.
 
 Called by ascend-v4: ops/npu/kernels.py (npu_moe_init_routing_v2, npu_moe_token_unpermute,
-npu_grouped_matmul, npu_dynamic_quant, npu_quant_matmul), ascend_v4/cli/doctor.py (__version__, npu.is_available, npu.device_count,
+npu_grouped_matmul, npu_dynamic_quant, npu_quant_matmul), ops/npu/torch_npu_mx.py (npu_dynamic_mx_quant and
+npu_quant_matmul's MXFP8 form, float8_e8m0fnu), ascend_v4/cli/doctor.py (__version__, npu.is_available, npu.device_count,
 npu.get_soc_version).
 """
 
@@ -227,7 +228,10 @@ def npu_quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=No
                      y_scale=None):
     """int8 x int8 -> (x1 . x2) * scale (per output channel, [N] or [1]) * pertoken_scale ([M]), cast to
     output_dtype. Implemented: 2-D int8 inputs, x2 [K, N] (a transposed view is fine), fp32 scale, bf16/fp16
-    output with pertoken_scale, no offset / bias."""
+    output with pertoken_scale, no offset / bias. With scale_dtype float8_e8m0fnu: the MXFP8 form (below)."""
+    if scale_dtype is not None:
+        return _mx_quant_matmul(x1, x2, scale, pertoken_scale, output_dtype, pertoken_scale_dtype, scale_dtype,
+                                group_sizes, offset, bias)
     _check(x1.dtype == torch.int8 and x2.dtype == torch.int8, "x1 and x2 must both be int8 (int4-in-int32 not implemented)")
     _check(x1.dim() == 2 and x2.dim() == 2 and x1.shape[1] == x2.shape[0], "x1 [M, K] and x2 [K, N] required")
     _check(x1.shape[1] <= 65535 and x2.shape[1] <= 65535, "last dims must not exceed 65535")
@@ -240,6 +244,59 @@ def npu_quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=No
     acc = torch.matmul(x1.to(torch.float64), x2.to(torch.float64))  # exact int32-range sums
     y = acc.to(torch.float32) * scale.float().reshape(1, -1) * pertoken_scale.reshape(-1, 1)
     return y.to(output_dtype)
+
+
+# ---------------------------------------------------------------------------------------------- 950 MX (MXFP8)
+# npu_dynamic_mx_quant to ops-nn aclnnDynamicMxQuant.md (scaleAlg 0: 2^(floor(log2 amax) - 8); scaleAlg 1: the
+# exponent of amax / 448 rounded up from its fp32 bits; scale out [..., ceil(K/32/2), 2] e8m0, zero-padded) and
+# the MXFP8 npu_quant_matmul as vllm-ascend's W8A8_MXFP8 linear calls it (x1 e4m3 [M, K], x2 e4m3 [K, N], scale
+# [K/64, N, 2] and pertoken_scale [M, K/64, 2] e8m0 bytes, group_sizes [1, 1, 32]). Values past 448 saturate
+# (our assumption for scaleAlg 0; torch's own cast would give NaN).
+float8_e8m0fnu = torch.float8_e8m0fnu
+_E4M3_DST = (torch.float8_e4m3fn, 36, 296)  # the dtype as vllm-ascend passes it, aclnn's id, torch_npu's default
+
+
+@_counted
+def npu_dynamic_mx_quant(input, *, axis=-1, round_mode="rint", dst_type=296, block_size=32, scale_alg=0,
+                         dst_type_max=0.0):
+    _check(input.dtype in (torch.float16, torch.bfloat16), f"input must be float16/bfloat16, got {input.dtype}")
+    _check(axis in (-1, input.dim() - 1) and round_mode == "rint" and dst_type in _E4M3_DST,
+           "implemented: the last axis, rint, float8_e4m3fn")
+    _check(block_size == 32 and scale_alg in (0, 1), "block_size 32, scale_alg 0 or 1")
+    k = input.shape[-1]
+    nb = -(-k // 32)
+    xb = torch.nn.functional.pad(input.float(), (0, nb * 32 - k)).reshape(*input.shape[:-1], nb, 32)
+    amax = xb.abs().amax(-1)
+    if scale_alg == 0:
+        e = ((amax.view(torch.int32) >> 23) & 0xFF) - 8  # floor(log2 amax) - emax(e4m3) = 8, biased
+    else:
+        bits = (amax / 448.0).view(torch.int32)
+        ef, mant = (bits >> 23) & 0xFF, bits & 0x7FFFFF
+        e = ef + (((ef > 0) & (ef < 254) & (mant > 0)) | ((ef == 0) & (mant > 0x400000))).to(torch.int32)
+    e = e.clamp(0, 254)
+    q = (xb / torch.exp2(e.float() - 127)[..., None]).clamp(-448, 448).to(torch.float8_e4m3fn)
+    scale = torch.nn.functional.pad(e.to(torch.uint8), (0, nb % 2)).reshape(*input.shape[:-1], -1, 2)
+    return q.reshape(*input.shape[:-1], nb * 32)[..., :k], scale
+
+
+def _mx_quant_matmul(x1, x2, scale, pertoken_scale, output_dtype, pertoken_scale_dtype, scale_dtype, group_sizes,
+                     offset, bias):
+    _check(scale_dtype == float8_e8m0fnu and pertoken_scale_dtype == float8_e8m0fnu, "MX: e8m0 scales")
+    _check(list(group_sizes or []) == [1, 1, 32], "MXFP8 x MXFP8: group_sizes [1, 1, 32]")
+    _check(x1.dtype == torch.float8_e4m3fn and x2.dtype == torch.float8_e4m3fn, "MX: x1 and x2 float8_e4m3fn")
+    _check(x1.dim() == 2 and x2.dim() == 2 and x1.shape[1] == x2.shape[0], "x1 [M, K] and x2 [K, N] required")
+    m, k = x1.shape
+    n = x2.shape[1]
+    kp = -(-k // 64)
+    _check(tuple(scale.shape) == (kp, n, 2) and tuple(pertoken_scale.shape) == (m, kp, 2),
+           f"MX scales: scale [{kp}, {n}, 2], pertoken_scale [{m}, {kp}, 2]")
+    _check(offset is None and bias is None, "offset / bias are not implemented")
+    _check(output_dtype in (torch.bfloat16, torch.float16), "output_dtype must be bfloat16/float16 here")
+    sa = torch.exp2(pertoken_scale.view(torch.uint8).reshape(m, -1)[:, :-(-k // 32)].double() - 127)  # [M, K/32]
+    sw = torch.exp2(scale.view(torch.uint8).transpose(0, 1).reshape(n, -1)[:, :-(-k // 32)].double() - 127)
+    a = x1.double() * sa.repeat_interleave(32, 1)[:, :k]
+    w = x2.double() * sw.repeat_interleave(32, 1)[:, :k].t()
+    return (a @ w).to(output_dtype)
 
 
 # ---------------------------------------------------------------------------------------------- MC2 (expert parallel)
