@@ -216,7 +216,8 @@ CASES: dict[str, dict[str, list[tuple[str, Callable]]]] = {
     "sparse_attn_paged": {"small": [("window H4 D64", _paged(4, 64, 0, [(0, 3), (40, 1)]))],
                           "real": [(f"{name} H64 D512 B128 T11", _paged(64, 512, m, [(0, 5), (300, 4), (699, 1), (2499, 1)]))
                                    for name, m in (("window", 0), ("CSA", 4), ("HCA", 128))]
-                          + [("window H128 D512 T2", _paged(128, 512, 0, [(699, 1), (130, 1)]))]},
+                          + [("window H128 D512 T2", _paged(128, 512, 0, [(699, 1), (130, 1)])),
+                             ("CSA H32 D512 T2", _paged(32, 512, 4, [(699, 1), (130, 1)]))]},
     "quant_gemm": {"small": [("fp8 M3 N256 K256", _quant_gemm(3, 256, 256, False)),
                              ("fp4 M3 N64 K128", _quant_gemm(3, 64, 128, True))],
                    "real": [("fp8 M16 N4096 K4096", _quant_gemm(16, 4096, 4096, False)),

@@ -15,7 +15,9 @@ max(ratio, 1), cu_seqlens_ori_kv = cu_seqlens_q, layout TND / PA_ND).
 
 Three mapping choices, ours:
 * Heads: N1 must be 64, and heads are independent, so H = 64k (Pro's 128 on one device) runs k calls on
-  64-head slices of q and the sinks (same pages and metadata).
+  64-head slices of q and the sinks (same pages and metadata), and H dividing 64 (attention TP: Flash at TP 2
+  has 32 heads a rank) is padded with zero queries to 64, whose outputs are dropped (the kernel does 64 / H
+  times the work of those heads; DP attention avoids that).
 * Compressed pages: a comp block of B tokens holds B / ratio entries; where that is a valid page (CSA at
   B = 128: 32) the pool region is viewed in place. HCA at B = 128 holds 1 entry per block, below the 16-row
   minimum: each sequence's entries are gathered into 16-entry pages for the call (a copy of n_entries rows per
@@ -49,7 +51,7 @@ def accepts(q, kv, idx, sink, scale, win_table, comp_table, cu_seqlens_q, sequse
             max_seqlen_kv, window, window_block, comp_base, block_size, ratio) -> bool:
     """The README's limits (module docstring), after our mapping choices."""
     return (q.dtype in HALF and kv.dtype == q.dtype and q.dim() == 3 and q.shape[0] > 0
-            and q.shape[1] % HEADS == 0 and q.shape[2] == HEAD_DIM and window == WINDOW
+            and (q.shape[1] % HEADS == 0 or HEADS % q.shape[1] == 0) and q.shape[2] == HEAD_DIM and window == WINDOW
             and _page_ok(window_block) and ratio in (0, 4, 128)
             and (ratio != 4 or (picks is not None and 0 < picks.shape[1] <= TOPK)))
 
@@ -100,8 +102,12 @@ def sparse_attn_paged(q, kv, idx, sink, scale, win_table, comp_table, cu_seqlens
     if ratio == 4:
         kw["cmp_sparse_indices"] = F.pad(picks.to(torch.int32), (0, TOPK - picks.shape[1]), value=-1)[:, None, :]
     kw["metadata"] = _metadata(q, cu_seqlens_q, seqused_kv, max_seqlen_q, max_seqlen_kv, ratio, window)
-    sinks = sink.float()
+    H, sinks = q.shape[1], sink.float()
+    if H < HEADS:  # pad to the kernel's 64 heads with zero queries; their outputs are dropped
+        out = torch.ops._C_ascend.npu_sparse_attn_sharedkv(F.pad(q, (0, 0, 0, HEADS - H)),
+                                                           sinks=F.pad(sinks, (0, HEADS - H)), **kw)[0]
+        return out[:, :H].to(q.dtype)
     outs = [torch.ops._C_ascend.npu_sparse_attn_sharedkv(q[:, h:h + HEADS].contiguous(), sinks=sinks[h:h + HEADS]
                                                          .contiguous(), **kw)[0]
-            for h in range(0, q.shape[1], HEADS)]
+            for h in range(0, H, HEADS)]
     return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)).to(q.dtype)

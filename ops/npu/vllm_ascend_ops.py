@@ -17,7 +17,7 @@ Mapped so far (our contract -> theirs; each candidate's `accepts` is the op's do
 | hc_pre  | `npu_hc_pre_v2(x, hc_fn, hc_scale, hc_base, hc_mult, hc_sinkhorn_iters, norm_eps, hc_eps)` -> (y, post, comb) | x bf16 [T, 4, D], D in {4096, 7168}, fn/scale/base fp32 |
 | hc_post | `npu_hc_post(x, residual, post, comb)` on [1, T, ...] views -> [1, T, 4, D] | x and residual one dtype (fp32/fp16/bf16), post and comb one dtype |
 | moe_gate | `moe_gating_top_k_hash(logits, k, bias=, input_ids=, tid2eid=, ..., norm_type=2)` -> (weights, ids int32, _) | logits fp16/fp32/bf16 [T, E], E <= 2048, bias of the logits' dtype |
-| sparse_attn_paged | `npu_sparse_attn_sharedkv` + its `_metadata` op (`vllm_ascend_attn.py`) | q bf16/fp16 [T, 64k, 512], window 128, pages of 16..1024 rows (multiples of 16), CSA top-k <= 512 |
+| sparse_attn_paged | `npu_sparse_attn_sharedkv` + its `_metadata` op (`vllm_ascend_attn.py`) | q bf16/fp16 [T, H, 512] (H a multiple or divisor of 64), window 128, pages of 16..1024 rows (multiples of 16), CSA top-k <= 512 |
 Not mapped yet: `compressor`, `npu_vllm_quant_lightning_indexer`, `grouped_matmul_swiglu_quant*`, the 950's
 `npu_kv_quant_sparse_attn_sharedkv` (docs/npu.md §8 says what each needs).
 """

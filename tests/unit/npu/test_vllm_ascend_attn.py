@@ -86,7 +86,7 @@ def _case(label: str):
 
 
 @pytest.mark.parametrize("label", ["window H64 D512 B128 T11", "CSA H64 D512 B128 T11", "HCA H64 D512 B128 T11",
-                                   "window H128 D512 T2"])
+                                   "window H128 D512 T2", "CSA H32 D512 T2"])
 def test_mapping_equals_the_reference(tnpu, va, label):
     args = _case(label)
     want = ops.reference.attention.sparse_attn(*args[:5])
@@ -94,7 +94,7 @@ def test_mapping_equals_the_reference(tnpu, va, label):
     got = vllm_ascend_attn.sparse_attn_paged(*args)
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     heads = args[0].shape[1]
-    assert va.CALLS["npu_sparse_attn_sharedkv"] == heads // 64  # 64-head calls
+    assert va.CALLS["npu_sparse_attn_sharedkv"] == max(1, heads // 64)  # 64-head calls (32 heads: padded)
     assert va.CALLS["npu_sparse_attn_sharedkv_metadata"] == 1
 
 
@@ -119,7 +119,8 @@ def test_hca_entries_go_through_16_entry_pages_and_csa_reads_the_pool_in_place(t
 def test_what_the_readme_rules_out_is_declined(tnpu, va):
     args = list(_case("CSA H64 D512 B128 T11"))
     assert vllm_ascend_attn.accepts(*args)
-    for i, bad in ((0, args[0][:, :48]), (0, args[0].float()), (9, torch.zeros(11, 1024, dtype=torch.int32)),
+    for i, bad in ((0, args[0][:, :48]), (0, args[0][:, :, :256]), (0, args[0].float()),
+                   (9, torch.zeros(11, 1024, dtype=torch.int32)),
                    (12, 64), (13, 8)):
         changed = list(args)
         changed[i] = bad
