@@ -188,3 +188,31 @@ def test_model_sized_to_the_op_runs_every_layer_kind_through_it(tnpu, va, monkey
     assert va.CALLS["npu_sparse_attn_sharedkv"] == 3 * len(prompts) * args.n_layers  # standalone caches: a call each
     cos = torch.nn.functional.cosine_similarity(logits.flatten(1), ref_logits.flatten(1), dim=1)
     assert cos.min() > 0.99, cos
+
+    # the engine: one shared pool, so one call carries several sequences (chunked prefill, a prefix hit, decodes)
+    from ascend_v4.runtime.config import EngineConfig
+    from ascend_v4.runtime.engine import Engine
+    from ascend_v4.runtime.sampling import SamplingParams
+    from ascend_v4.tokenizer import Tokenizer
+
+    batch_sizes = []
+    real = vllm_ascend_attn.sparse_attn_paged
+
+    def spy(*a):
+        batch_sizes.append(a[8].shape[0])  # seqused_kv: sequences in this call
+        return real(*a)
+
+    monkeypatch.setattr(vllm_ascend_attn, "sparse_attn_paged", spy)
+    from ascend_v4.ops.npu import candidates
+
+    candidates.table.cache_clear()  # rebuild the table with the spy
+    worst.clear()
+    try:
+        e = Engine(model, Tokenizer.default(), EngineConfig(max_num_batched_tokens=96, max_num_seqs=3))
+        greedy = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        with kernels.use_backend(_backend(tnpu)):
+            e.generate([prompts[0], prompts[0][:200] + [7, 8], prompts[1]], [greedy] * 3)
+    finally:
+        candidates.table.cache_clear()
+    assert e.stats()["prefix_hit_rate"] > 0 and max(batch_sizes) >= 2
+    assert set(worst) == {0, 4, 128} and max(worst.values()) < 1e-2, worst
