@@ -77,7 +77,7 @@ def _comp_pages(kv: torch.Tensor, comp_base: int, comp_table: torch.Tensor, epb:
     """(cmp_kv [pages, rows, 1, D], cmp_block_table [S, n] int32) over the compressed region."""
     D = kv.shape[1]
     if _page_ok(epb):  # the pool's comp blocks are valid pages: read in place
-        return kv[comp_base:].view(-1, epb, 1, D), comp_table
+        return kv[comp_base:].view(-1, epb, 1, D), comp_table.clamp_min(0)
     S, nc = comp_table.shape
     per_seq = -(-nc * epb // PAGE_ALIGN) * PAGE_ALIGN  # entries per sequence, padded to whole pages
     j = torch.arange(per_seq, device=kv.device)
@@ -92,6 +92,9 @@ def _comp_pages(kv: torch.Tensor, comp_base: int, comp_table: torch.Tensor, epb:
 def sparse_attn_paged(q, kv, idx, sink, scale, win_table, comp_table, cu_seqlens_q, seqused_kv, picks,
                       max_seqlen_q, max_seqlen_kv, window, window_block, comp_base, block_size, ratio):
     D = q.shape[2]
+    # released / padding table entries (-1) point at block 0, as vLLM's null block does: positions outside a
+    # query's window are masked, but a kernel that fetches a whole page around them then reads a valid page
+    win_table = win_table.clamp_min(0)
     kw = dict(ori_kv=kv[:comp_base].view(-1, window_block, 1, D), ori_block_table=win_table,
               cu_seqlens_q=cu_seqlens_q, cu_seqlens_ori_kv=cu_seqlens_q, seqused_kv=seqused_kv,
               softmax_scale=float(scale), cmp_ratio=max(ratio, 1), ori_mask_mode=ORI_MASK, ori_win_left=window - 1,

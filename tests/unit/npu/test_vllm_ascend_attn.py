@@ -104,6 +104,10 @@ def test_hca_entries_go_through_16_entry_pages_and_csa_reads_the_pool_in_place(t
 
     def spy(q, **kw):
         seen[kw["cmp_ratio"]] = (kw.get("cmp_kv"), kw.get("cmp_sparse_indices"))
+        # released window blocks (-1 in our tables: the cases release those before the window) reach the
+        # kernel as block 0, a valid page
+        assert kw["ori_block_table"].min() >= 0 and (kw.get("cmp_block_table") is None
+                                                     or kw["cmp_block_table"].min() >= 0)
         return real(q, **kw)
 
     monkeypatch.setattr(vllm_ascend_attn.torch.ops._C_ascend, "npu_sparse_attn_sharedkv", spy, raising=False)
