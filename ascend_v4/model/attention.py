@@ -4,8 +4,9 @@ output projection (model-spec §4).
 
 A step handles a flat batch of sequences (`StepBatch`). Per layer it writes the step's new window rows and
 compressed entries into the paged `CachePool` (model/cache.py), turns each query's visible positions and
-entries into pool row numbers through its sequence's block tables, and makes a single `ops.sparse_attn` call
-over the pool for the whole batch: the shape a paged device kernel gets, with no copy of the cache.
+entries into pool row numbers through its sequence's block tables, and makes a single `ops.sparse_attn_paged`
+call over the pool for the whole batch, with no copy of the cache: the row numbers, plus the step's block tables
+for a paged device kernel (vllm-ascend's), built only when one runs.
 """
 
 from __future__ import annotations
