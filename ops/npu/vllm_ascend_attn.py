@@ -21,7 +21,8 @@ Three mapping choices, ours:
 * Compressed pages: a comp block of B tokens holds B / ratio entries; where that is a valid page (CSA at
   B = 128: 32) the pool region is viewed in place. HCA at B = 128 holds 1 entry per block, below the 16-row
   minimum: each sequence's entries are gathered into 16-entry pages for the call (a copy of n_entries rows per
-  HCA layer and step, ~1/128 of the tokens; an entry-paged HCA cache would avoid it, docs/npu.md §8).
+  HCA layer and step, ~1/128 of the tokens; an entry-paged HCA cache would avoid it, docs/npu.md §8). With
+  2048-token blocks (`serve --block-size 2048`) HCA blocks hold 16 entries and are read in place too.
 * CSA picks narrower than 512 (small models) are padded with -1; wider ones (Pro: 1024) are not taken (the
   README's limit), so those layers run the row-list kernels.
 The metadata is computed once per step and layer kind: the step's tables are the same tensor objects in

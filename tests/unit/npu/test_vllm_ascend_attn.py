@@ -220,3 +220,22 @@ def test_model_sized_to_the_op_runs_every_layer_kind_through_it(tnpu, va, monkey
         candidates.table.cache_clear()
     assert e.stats()["prefix_hit_rate"] > 0 and max(batch_sizes) >= 2
     assert set(worst) == {0, 4, 128} and max(worst.values()) < 1e-2, worst
+
+
+def test_with_2048_token_blocks_hca_reads_the_pool_in_place(tnpu, va, monkeypatch):
+    # serve --block-size 2048: 16 HCA entries per comp block, a valid page: no gather, the pool itself is read
+    args = selfcheck._paged(64, 512, 128, [(0, 5), (2600, 1), (4200, 2)], block_size=2048)(selfcheck._g(3))
+    kv, base = args[1], args[14]
+    real = torch.ops._C_ascend.npu_sparse_attn_sharedkv
+    seen = {}
+
+    def spy(q, **kw):
+        seen.update(kw)
+        return real(q, **kw)
+
+    monkeypatch.setattr(vllm_ascend_attn.torch.ops._C_ascend, "npu_sparse_attn_sharedkv", spy, raising=False)
+    got = vllm_ascend_attn.sparse_attn_paged(*args)
+    assert seen["cmp_kv"].shape[1:] == (16, 1, 512) and seen["ori_kv"].shape[1] == 512
+    assert seen["cmp_kv"].data_ptr() == kv[base:].data_ptr()  # a view of the pool's compressed region
+    want = ops.reference.attention.sparse_attn(*args[:5])
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
