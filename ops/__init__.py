@@ -23,6 +23,7 @@ if register_device_kernels()["cpu"] == "cpu":
 
     _CPU.update(_CPU_KERNELS)
 _CPU_OWN = dict(_CPU)  # as chosen at import (tests may route _CPU through device kernels)
+_NPU_DEVICES = ("npu", "privateuseone")  # torch_npu's PrivateUse1 device type, after and before its rename
 
 
 def _call(name: str, x: Tensor, *args):
@@ -104,9 +105,9 @@ def quant_gemm(x: Tensor, w: Tensor, s: Tensor, act_quant: bool, on_grid: bool =
 
     x: [M, K] bf16/fp32. Returns [M, N] in x.dtype.
     on_grid: the caller vouches that x already went through that quantisation (a layer sharing a quantised
-        input). The round trip is idempotent, so on a device the op gets act_quant=True, which lets kernels
-        that quantise activations themselves (the 950's MX products) take the call for the same result; the
-        CPU's own implementation skips the redundant round trip.
+        input). The round trip is idempotent, so on an NPU the op gets act_quant=True, which lets kernels that
+        quantise activations themselves (the 950's MX products) take the call for the same result; elsewhere
+        the redundant round trip is skipped.
     """
     fp4 = w.dtype == torch.int8
     k = w.shape[1] * 2 if fp4 else w.shape[1]
@@ -114,8 +115,9 @@ def quant_gemm(x: Tensor, w: Tensor, s: Tensor, act_quant: bool, on_grid: bool =
            f"x must be [M,{k}] for weight {tuple(w.shape)} ({'fp4' if fp4 else str(w.dtype)}), got {tuple(x.shape)}")
     _check(w.dtype in (torch.int8, torch.float8_e4m3fn), "quant_gemm", f"weight dtype {w.dtype} is not fp8/fp4")
     _check(s.dtype == torch.float8_e8m0fnu, "quant_gemm", f"scale dtype {s.dtype} is not float8_e8m0fnu")
-    if on_grid and (x.device.type != "cpu" or _CPU["quant_gemm"] is not _CPU_OWN["quant_gemm"]):
-        act_quant = True  # (the CPU's own implementation skips the redundant round trip; any other gets it)
+    if on_grid and (x.device.type in _NPU_DEVICES or (x.device.type == "cpu" and _CPU["quant_gemm"] is not
+                                                       _CPU_OWN["quant_gemm"])):
+        act_quant = True  # (the NPU's MX products use it; elsewhere the redundant round trip is skipped)
     return _call("quant_gemm", x, w, s, act_quant)
 
 
@@ -367,6 +369,10 @@ __all__ += ["kv_pack_fp8", "kv_unpack_fp8", "sparse_attn_fp8", "kv_fp8_entry_byt
 
 # ---------------------------------------------------------------------------------------------- paged attention
 from .paged import RATIOS as _PAGED_RATIOS  # noqa: E402
+
+# device types with a paged attention kernel (vllm-ascend's, on torch_npu's PrivateUse1 device "npu"); elsewhere
+# the block tables are not built
+_PAGED_KERNEL_DEVICES = _NPU_DEVICES
 from .paged import PagedKV, PagedTables  # noqa: E402
 
 
@@ -379,7 +385,8 @@ def sparse_attn_paged(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor, scale: f
     Args:
         q, kv, idx, sink, scale: as `sparse_attn`; kv [N, D] is the layer's pool (window region, then the
             compressed region from row `paged.comp_base`).
-        paged: `PagedKV` (ops/paged.py); its tables are built only if the chosen kernel reads them.
+        paged: `PagedKV` (ops/paged.py); its tables are built only on an NPU, the one device with a paged
+            kernel (elsewhere the row list goes to `sparse_attn`'s kernel).
     Returns:
         [T, H, D] in q.dtype, equal to `sparse_attn(q, kv, idx, sink, scale)`.
     """
@@ -397,6 +404,8 @@ def sparse_attn_paged(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor, scale: f
     impl = _CPU["sparse_attn_paged"]
     if cpu and getattr(impl, "rows_only", False):
         return _CPU["sparse_attn"](q, kv, idx, sink, scale)  # the tables are never built on this path
+    if not cpu and q.device.type not in _PAGED_KERNEL_DEVICES:
+        return _call("sparse_attn", q, kv, idx, sink, scale)  # (CUDA: no paged kernel, the row list's kernel)
     args = (q, kv, idx, sink, scale, *paged.flat())
     return impl(*args) if cpu else _ops.sparse_attn_paged(*args)
 

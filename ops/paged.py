@@ -3,8 +3,8 @@
 `PagedKV` says how the layer's pool rows are paged (window rows in blocks of `window_block`, compressed entries
 from row `comp_base` in blocks of `block_size // ratio`) and, through `tables()` / `picks()`, the step's block
 tables, query and sequence lengths and the CSA indexer's logical picks (ops/reference/paged.py defines every
-field). Both are callables so that the tables are built only when a kernel that reads them runs: the CPU path
-and the row-list kernels read the row form (`idx`) alone. Built once per step and shared by every layer
+field). Both are callables so that the tables are built only where a paged kernel may read them, on an NPU:
+the CPU and CUDA paths read the row form (`idx`) alone. Built once per step and shared by every layer
 (`StepBatch.paged_tables`), like vLLM's attention metadata.
 """
 
@@ -40,7 +40,8 @@ class PagedKV:
     block_size: int
     ratio: int
     tables: Callable[[], PagedTables]
-    picks: Callable[[], Tensor] | None = None  # CSA: [T, k] logical entry numbers, -1 = none
+    # CSA: [T, k] logical entry numbers, the -1s (none) after the picks (vllm-ascend's kernel stops at the first)
+    picks: Callable[[], Tensor] | None = None
 
     def flat(self) -> tuple:
         """The op's arguments after (q, kv, idx, sink, scale), in schema order."""

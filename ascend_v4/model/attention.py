@@ -6,7 +6,7 @@ A step handles a flat batch of sequences (`StepBatch`). Per layer it writes the 
 compressed entries into the paged `CachePool` (model/cache.py), turns each query's visible positions and
 entries into pool row numbers through its sequence's block tables, and makes a single `ops.sparse_attn_paged`
 call over the pool for the whole batch, with no copy of the cache: the row numbers, plus the step's block tables
-for a paged device kernel (vllm-ascend's), built only when one runs.
+for a paged device kernel (vllm-ascend's), built only on an NPU.
 """
 
 from __future__ import annotations

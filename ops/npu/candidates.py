@@ -68,9 +68,9 @@ def _triton(op: str) -> Callable[["Backend"], str | None]:
     return usable
 
 
-def _vllm(op: str) -> Callable[["Backend"], str | None]:
+def _vllm(op: str, extra: Callable[["Backend"], str | None] | None = None) -> Callable[["Backend"], str | None]:
     def usable(b: "Backend") -> str | None:
-        return b.vllm.missing(op)
+        return b.vllm.missing(op) or (extra(b) if extra is not None else None)
     return usable
 
 
@@ -125,5 +125,5 @@ def table() -> dict[str, list[Candidate]]:
     t["sparse_attn_paged"] = [Candidate("row list (sparse_attn)", _rows_via_sparse_attn, checked=False,
                                         delegates_to="sparse_attn")]
     for op, cand in va.candidates().items():  # vllm-ascend first wherever it maps one of our ops
-        t[op] = [Candidate("vllm-ascend", cand.run, _vllm(op), cand.accepts), *t[op]]
+        t[op] = [Candidate("vllm-ascend", cand.run, _vllm(op, cand.usable), cand.accepts), *t[op]]
     return t

@@ -42,7 +42,10 @@ SCALE_ALG_CEIL = 1  # aclnnDynamicMxQuant scaleAlg 1: scale exponent rounded up 
 K_ALIGN = 128
 
 # (K, N) e4m3 weight and (K/64, N, 2) e8m0 scale per checkpoint weight, built at its first call; keyed by the
-# weight's id, validated through a weak reference (the model passes the same tensors every step)
+# weight's id, validated through a weak reference (the model passes the same tensors every step) and dropped
+# when the weight is freed. MEMORY: this is a second copy of every FP8 linear weight on the device (FP4 weights
+# widened: 2x their size), as long as the model lives; vllm-ascend converts in place at load instead (a
+# load-time conversion is the follow-up, docs/npu.md §7).
 _prepared: dict[int, tuple[weakref.ref, torch.Tensor, torch.Tensor]] = {}
 
 
@@ -69,7 +72,9 @@ def prepared_weight(w: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, tor
     n, kb = sb.shape
     wt = q.t().contiguous()
     st = sb.reshape(n, kb // 2, 2).transpose(0, 1).contiguous()
-    _prepared[id(w)] = (weakref.ref(w), wt, st)
+    key = id(w)
+    _prepared[key] = (weakref.ref(w), wt, st)
+    weakref.finalize(w, _prepared.pop, key, None)
     return wt, st
 
 

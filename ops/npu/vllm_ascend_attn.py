@@ -34,6 +34,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .backend import SOC_ASCEND950
+
 HALF = (torch.bfloat16, torch.float16)
 HEADS, HEAD_DIM, WINDOW, TOPK = 64, 512, 128, 512  # the README's TND / sparse limits
 PAGE_ALIGN, PAGE_MAX = 16, 1024  # block_size: a multiple of 16, at most 1024
@@ -42,6 +44,12 @@ ORI_MASK, CMP_MASK = 4, 3  # sliding window; causal over complete compressed ent
 
 # (cu_seqlens_q, seqused_kv, ratio, heads) -> metadata, for the tensors of the current step only
 _metadata_cache: dict[tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def usable(b) -> str | None:
+    """A2/A3 only: the README's product table and the op's tiling reject the 950 (which has
+    npu_kv_quant_sparse_attn_sharedkv instead, not mapped). An unknown SoC (-1) is left to the self-check."""
+    return f"not on an Ascend 950 (SoC id {b.soc_version}): A2/A3 kernel" if b.soc_version >= SOC_ASCEND950 else None
 
 
 def _page_ok(rows: int) -> bool:
@@ -68,7 +76,7 @@ def _metadata(q, cu, used, max_q: int, max_kv: int, ratio: int, window: int) -> 
         cmp_topk=TOPK if ratio == 4 else 0, cmp_ratio=max(ratio, 1), ori_mask_mode=ORI_MASK,
         cmp_mask_mode=CMP_MASK, ori_win_left=window - 1, ori_win_right=0, layout_q="TND", layout_kv="PA_ND",
         has_ori_kv=True, has_cmp_kv=ratio > 0, device=str(q.device))
-    if len(_metadata_cache) >= 8:  # a new step: the old tables are gone
+    if len(_metadata_cache) >= 64:  # older steps' tables (a step has one entry per pool group and ratio)
         _metadata_cache.clear()
     _metadata_cache[key] = (cu, used, meta)  # holding cu / used keeps their ids from being reused
     return meta

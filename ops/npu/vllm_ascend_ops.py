@@ -165,6 +165,7 @@ def _moe_gate_accepts(logits, *_rest) -> bool:
 class Mapping:
     run: Callable
     accepts: Callable
+    usable: Callable | None = None  # (backend) -> why it cannot run here, beyond the library having the op
 
 
 def candidates() -> dict[str, Mapping]:
@@ -173,4 +174,4 @@ def candidates() -> dict[str, Mapping]:
 
     return {"hc_pre": Mapping(hc_pre, _hc_pre_accepts), "hc_post": Mapping(hc_post, _hc_post_accepts),
             "moe_gate": Mapping(moe_gate, _moe_gate_accepts),
-            "sparse_attn_paged": Mapping(attn.sparse_attn_paged, attn.accepts)}
+            "sparse_attn_paged": Mapping(attn.sparse_attn_paged, attn.accepts, attn.usable)}

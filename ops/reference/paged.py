@@ -10,7 +10,8 @@ at position p = seqused_kv[s] - n_s + i (its own row is written before the atten
 
 A query at position p reads the window positions p-window+1 .. p (those >= 0) and then: nothing (ratio 0),
 every entry j complete at p, j < (p+1) // ratio (HCA, ratio 128), or the entries its indexer picked
-(`picks[t]`, logical entry numbers, -1 = none; CSA, ratio 4).
+(`picks[t]`, logical entry numbers, -1 = none, the -1s after the picks; CSA, ratio 4) among those complete at p
+(a later pick names nothing, as in vllm-ascend's kernel).
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ def paged_rows(win_table: torch.Tensor, comp_table: torch.Tensor, cu_seqlens_q: 
     if ratio == 4:
         if picks is None:
             raise ValueError("paged_rows: a CSA layer (ratio 4) needs the indexer's picks")
-        return torch.cat((rows, entry_rows(picks.long())), dim=1)
+        j = picks.long()
+        j = torch.where(j < ((pos + 1) // ratio)[:, None], j, torch.full_like(j, -1))  # not complete yet: none
+        return torch.cat((rows, entry_rows(j)), dim=1)
     n = int((seqused_kv.long() // ratio).max().item()) if seqused_kv.numel() else 0
     j = torch.arange(n, device=pos.device)[None, :].expand(pos.numel(), n)
     visible = j < ((pos + 1) // ratio)[:, None]

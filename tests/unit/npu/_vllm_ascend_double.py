@@ -160,8 +160,13 @@ def _sparse_attn_sharedkv(q, *, ori_kv=None, cmp_kv=None, ori_sparse_indices=Non
             keys = [ori_kv[ori_block_table[b, pos // obs].long(), pos % obs, 0]]
             if cmp_kv is not None:
                 limit = (p + 1) // cmp_ratio
-                j = torch.arange(limit) if cmp_sparse_indices is None else cmp_sparse_indices[t, 0].long()
-                j = j[(j >= 0) & (j < limit)]
+                if cmp_sparse_indices is None:
+                    j = torch.arange(limit)
+                else:  # the kernel reads the first min(512, limit) slots, up to the first -1, and skips later picks
+                    j = cmp_sparse_indices[t, 0, :min(512, limit)].long()
+                    ends = (j < 0).nonzero()
+                    j = j[:int(ends[0])] if ends.numel() else j
+                    j = j[j < limit]
                 cbs = cmp_kv.shape[1]
                 keys.append(cmp_kv[cmp_block_table[b, j // cbs].long(), j % cbs, 0])
             k = torch.cat(keys).float()  # [n_keys, D]

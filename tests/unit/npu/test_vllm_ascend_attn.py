@@ -239,3 +239,29 @@ def test_with_2048_token_blocks_hca_reads_the_pool_in_place(tnpu, va, monkeypatc
     assert seen["cmp_kv"].data_ptr() == kv[base:].data_ptr()  # a view of the pool's compressed region
     want = ops.reference.attention.sparse_attn(*args[:5])
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_not_used_on_a_950_and_no_tables_off_the_npu(tnpu, va):
+    lib = vllm_ascend_ops.VllmAscendLib(True, "double (test)", vllm_ascend_ops.present_ops())
+    b = kernels.make_backend(tnpu, NO_LIB, vllm=lib, soc=260, mx_requested=False)
+    b.device = "cpu"
+    assert b.choice("sparse_attn_paged") == "row list (sparse_attn)"  # its README: A2/A3 only
+    row = next(r for r in selfcheck.check_backend(b, ("small",)) if r.op == "sparse_attn_paged"
+               and r.backend == "vllm-ascend")
+    assert row.status == "not usable" and "Ascend 950" in row.detail
+
+    # a device without a paged kernel (here the meta device, as CUDA) never builds the tables
+    q, kv, idx, sink, scale, paged = _small_case()
+
+    def boom():
+        raise AssertionError("tables built off the NPU")
+
+    lazy = ops.PagedKV(paged.window, paged.window_block, paged.comp_base, paged.block_size, paged.ratio, boom)
+    out = ops.sparse_attn_paged(q.to("meta"), kv.to("meta"), idx.to("meta"), sink.to("meta"), scale, lazy)
+    assert out.shape == q.shape and out.device.type == "meta"
+
+
+def _small_case():
+    a = selfcheck.CASES["sparse_attn_paged"]["small"][0][1](selfcheck._g(2))
+    tables = ops.PagedTables(*a[5:9], a[10], a[11])
+    return (*a[:5], ops.PagedKV(a[12], a[13], a[14], a[15], a[16], lambda: tables))

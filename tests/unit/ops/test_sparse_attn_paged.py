@@ -26,9 +26,11 @@ def test_paged_rows_hand_worked():
     # position p lives at row win[s, p // 2] * 2 + p % 2: seq 0: 2->8, 3->9, 4->14, 5->15, 6->4; seq 1: 0->12,
     # 1->13, 2->6; a query at p reads p-3 .. p
     assert rows.tolist() == [[8, 9, 14, 15], [9, 14, 15, 4], [-1, -1, -1, 12], [-1, -1, 12, 13], [-1, 12, 13, 6]]
-    picks = torch.tensor([[1, -1], [0, 1], [-1, -1], [-1, -1], [-1, -1]], dtype=I32)
+    picks = torch.tensor([[0, -1], [0, 1], [-1, -1], [-1, -1], [-1, -1]], dtype=I32)
     csa = paged_rows(win, comp, cu, used, picks, 4, 2, 20, 8, 4)
-    assert csa[:, 4:].tolist() == [[23, -1], [22, 23], [-1, -1], [-1, -1], [-1, -1]]  # 20 + comp block 1 * 2 + j
+    # entry j sits at row 20 + comp block 1 * 2 + j; entry 1 completes at position 7, so the pick of it at
+    # position 6 names nothing (vllm-ascend's kernel skips it the same way)
+    assert csa[:, 4:].tolist() == [[22, -1], [22, -1], [-1, -1], [-1, -1], [-1, -1]]
     hca = paged_rows(win, torch.tensor([[1], [0]], dtype=I32), cu, used, None, 4, 2, 20, 128, 128)
     assert hca.shape == (5, 4) and torch.equal(hca, rows)  # nobody has a complete 128-token entry yet
     with pytest.raises(ValueError, match="picks"):
@@ -40,7 +42,7 @@ def _inputs(ratio=4):
     win = torch.tensor([[-1, 4, 7, 2], [6, 3, -1, -1]], dtype=I32)
     comp = torch.tensor([[1], [0]], dtype=I32)
     cu, used = torch.tensor([0, 2, 5], dtype=I32), torch.tensor([7, 3], dtype=I32)
-    picks = torch.tensor([[1, -1], [0, 1], [-1, -1], [-1, -1], [-1, -1]], dtype=I32) if ratio == 4 else None
+    picks = torch.tensor([[0, -1], [0, -1], [-1, -1], [-1, -1], [-1, -1]], dtype=I32) if ratio == 4 else None
     idx = paged_rows(win, comp, cu, used, picks, 4, 2, 20, 8, ratio)
     q, kv, sink = torch.randn(5, 3, 16, generator=g), torch.randn(24, 16, generator=g), torch.randn(3, generator=g)
     tables = ops.PagedTables(win, comp, cu, used, 3, 7)

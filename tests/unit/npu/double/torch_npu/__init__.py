@@ -251,9 +251,12 @@ def npu_quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=No
 # exponent of amax / 448 rounded up from its fp32 bits; scale out [..., ceil(K/32/2), 2] e8m0, zero-padded) and
 # the MXFP8 npu_quant_matmul as vllm-ascend's W8A8_MXFP8 linear calls it (x1 e4m3 [M, K], x2 e4m3 [K, N], scale
 # [K/64, N, 2] and pertoken_scale [M, K/64, 2] e8m0 bytes, group_sizes [1, 1, 32]). Values past 448 saturate
-# (our assumption for scaleAlg 0; torch's own cast would give NaN).
-float8_e8m0fnu = torch.float8_e8m0fnu
-_E4M3_DST = (torch.float8_e4m3fn, 36, 296)  # the dtype as vllm-ascend passes it, aclnn's id, torch_npu's default
+# (our assumption for scaleAlg 0; torch's own cast would give NaN). dst_type ids as torch_npu's meta functions map
+# them (op_plugin/meta/_meta_registrations.py TORCH_DTYPE_ENUM_VALUE_TO_SCALAR_TYPE_MAP): e4m3 = 24 or 292, the
+# default 296 = float4_e2m1fn_x2 (not implemented here). torch_npu's float8_e8m0fnu is its own dtype enum (293),
+# not a torch dtype: an opaque value here, so code relying on it being torch's fails.
+float8_e8m0fnu = types.SimpleNamespace(name="torch_npu.float8_e8m0fnu", value=293)
+_E4M3_DST = (torch.float8_e4m3fn, 24, 292)  # the dtype as vllm-ascend passes it, and its two enum values
 
 
 @_counted
@@ -261,7 +264,7 @@ def npu_dynamic_mx_quant(input, *, axis=-1, round_mode="rint", dst_type=296, blo
                          dst_type_max=0.0):
     _check(input.dtype in (torch.float16, torch.bfloat16), f"input must be float16/bfloat16, got {input.dtype}")
     _check(axis in (-1, input.dim() - 1) and round_mode == "rint" and dst_type in _E4M3_DST,
-           "implemented: the last axis, rint, float8_e4m3fn")
+           f"implemented: the last axis, rint, float8_e4m3fn (dst_type {dst_type!r}; the default 296 is FP4)")
     _check(block_size == 32 and scale_alg in (0, 1), "block_size 32, scale_alg 0 or 1")
     k = input.shape[-1]
     nb = -(-k // 32)
