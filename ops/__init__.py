@@ -13,6 +13,7 @@ from torch import Tensor
 
 from . import _library  # (registers the ascend_v4:: ops)
 from ._backends import active_backends, register_device_kernels
+from .npu import privateuse1_name
 
 _ops = torch.ops.ascend_v4
 # The CPU implementation of each op: the reference, or its CPU kernel (ops/cpu.py, bit-identical) unless the
@@ -23,7 +24,15 @@ if register_device_kernels()["cpu"] == "cpu":
 
     _CPU.update(_CPU_KERNELS)
 _CPU_OWN = dict(_CPU)  # as chosen at import (tests may route _CPU through device kernels)
-_NPU_DEVICES = ("npu", "privateuseone")  # torch_npu's PrivateUse1 device type, after and before its rename
+
+
+def _own_cpu(name: str) -> bool:
+    """Whether the CPU path of op `name` runs the project's own implementation (not rerouted by a test)."""
+    return _CPU[name] is _CPU_OWN[name]
+
+
+def _on_npu(x: Tensor) -> bool:
+    return x.device.type == privateuse1_name()
 
 
 def _call(name: str, x: Tensor, *args):
@@ -115,8 +124,7 @@ def quant_gemm(x: Tensor, w: Tensor, s: Tensor, act_quant: bool, on_grid: bool =
            f"x must be [M,{k}] for weight {tuple(w.shape)} ({'fp4' if fp4 else str(w.dtype)}), got {tuple(x.shape)}")
     _check(w.dtype in (torch.int8, torch.float8_e4m3fn), "quant_gemm", f"weight dtype {w.dtype} is not fp8/fp4")
     _check(s.dtype == torch.float8_e8m0fnu, "quant_gemm", f"scale dtype {s.dtype} is not float8_e8m0fnu")
-    if on_grid and (x.device.type in _NPU_DEVICES or (x.device.type == "cpu" and _CPU["quant_gemm"] is not
-                                                       _CPU_OWN["quant_gemm"])):
+    if on_grid and (_on_npu(x) or (x.device.type == "cpu" and not _own_cpu("quant_gemm"))):
         act_quant = True  # (the NPU's MX products use it; elsewhere the redundant round trip is skipped)
     return _call("quant_gemm", x, w, s, act_quant)
 
@@ -369,10 +377,6 @@ __all__ += ["kv_pack_fp8", "kv_unpack_fp8", "sparse_attn_fp8", "kv_fp8_entry_byt
 
 # ---------------------------------------------------------------------------------------------- paged attention
 from .paged import RATIOS as _PAGED_RATIOS  # noqa: E402
-
-# device types with a paged attention kernel (vllm-ascend's, on torch_npu's PrivateUse1 device "npu"); elsewhere
-# the block tables are not built
-_PAGED_KERNEL_DEVICES = _NPU_DEVICES
 from .paged import PagedKV, PagedTables  # noqa: E402
 
 
@@ -401,13 +405,11 @@ def sparse_attn_paged(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor, scale: f
            "sparse_attn_paged", f"comp_base {paged.comp_base} must be a whole number of window blocks "
            f"({paged.window_block} rows) within kv's {kv.shape[0]} rows")
     cpu = q.device.type == "cpu" and not torch.compiler.is_compiling()
-    impl = _CPU["sparse_attn_paged"]
-    if cpu and getattr(impl, "rows_only", False):
-        return _CPU["sparse_attn"](q, kv, idx, sink, scale)  # the tables are never built on this path
-    if not cpu and q.device.type not in _PAGED_KERNEL_DEVICES:
-        return _call("sparse_attn", q, kv, idx, sink, scale)  # (CUDA: no paged kernel, the row list's kernel)
+    if (cpu and _own_cpu("sparse_attn_paged")) or (not cpu and not _on_npu(q)):
+        # only the NPU has a paged kernel (vllm-ascend's): elsewhere the row list, and no tables are built
+        return _call("sparse_attn", q, kv, idx, sink, scale)
     args = (q, kv, idx, sink, scale, *paged.flat())
-    return impl(*args) if cpu else _ops.sparse_attn_paged(*args)
+    return _CPU["sparse_attn_paged"](*args) if cpu else _ops.sparse_attn_paged(*args)
 
 
 __all__ += ["sparse_attn_paged", "PagedKV", "PagedTables"]

@@ -279,6 +279,5 @@ def _sparse_attn_paged_reference(q, kv, idx, sink, scale, *_paged):
     return _attn.sparse_attn(q, kv, idx, sink, scale)
 
 
-_sparse_attn_paged_reference.rows_only = True  # the seam may skip building the block-table form for it
 REFERENCE["sparse_attn_paged"] = _sparse_attn_paged_reference
 ALL_OPS[sparse_attn_paged._name] = sparse_attn_paged

@@ -13,9 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 RATIOS = (0, 4, 128)  # window only, CSA, HCA
+
+
+def padded_table(rows: list[list[int]], device: torch.device | str = "cpu") -> Tensor:
+    """Block tables of several sequences as one int32 [S, max len] tensor, rows padded with -1."""
+    width = max(1, max(len(r) for r in rows))
+    return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int32, device=device)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ascend_v4.ops import PagedTables
+from ascend_v4.ops.paged import padded_table
 
 from .compress_plan import CompressPlan, build_compress_plan
 
@@ -111,18 +112,11 @@ class StepBatch:
         if key not in self.memo:
             seqs = [self.seqs[i] for i in which]
             dev = self.positions.device
-
-            def table(rows: list[list[int]]) -> torch.Tensor:
-                width = max(1, max(len(r) for r in rows))
-                return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int32, device=dev)
-
             n = [s.n for s in seqs]
             used = [s.start + s.n for s in seqs]
-            cu = [0]
-            for k in n:
-                cu.append(cu[-1] + k)
-            self.memo[key] = PagedTables(table([s.cache.win_blocks for s in seqs]),
-                                         table([s.cache.comp_blocks for s in seqs]),
+            cu = [*self.group_offsets(which), sum(n)]
+            self.memo[key] = PagedTables(padded_table([s.cache.win_blocks for s in seqs], dev),
+                                         padded_table([s.cache.comp_blocks for s in seqs], dev),
                                          torch.tensor(cu, dtype=torch.int32, device=dev),
                                          torch.tensor(used, dtype=torch.int32, device=dev), max(n), max(used))
         return self.memo[key]

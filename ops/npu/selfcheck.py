@@ -27,6 +27,7 @@ import torch
 
 from ..reference import formats as fmt
 from ..reference import int_gemm
+from ..paged import padded_table
 from ..reference import paged as paged_ref
 
 log = logging.getLogger("ascend_v4.ops")
@@ -91,11 +92,6 @@ def _paged(H: int, D: int, ratio: int, seqs: list[tuple[int, int]], topk: int = 
             win.append([-1] * dead + row[dead:])
             comp.append(cids[c0:c0 + c].tolist())
             w0, c0 = w0 + k, c0 + c
-
-        def table(rows):
-            width = max(len(r) for r in rows)
-            return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int32)
-
         cu = torch.tensor([0] + [sum(n for _a, n in seqs[:i + 1]) for i in range(len(seqs))], dtype=torch.int32)
         used_t = torch.tensor(used, dtype=torch.int32)
         base = (len(wids)) * Bw
@@ -107,7 +103,7 @@ def _paged(H: int, D: int, ratio: int, seqs: list[tuple[int, int]], topk: int = 
             for t, p in enumerate(pos.tolist()):
                 pick = torch.randperm((p + 1) // 4, generator=g)[:topk]
                 picks[t, :pick.numel()] = pick.to(torch.int32)
-        wt, ct = table(win), table(comp)
+        wt, ct = padded_table(win), padded_table(comp)
         idx = paged_ref.paged_rows(wt, ct, cu, used_t, picks, window, Bw, base, block_size, ratio)
         return (_randn(g, int(cu[-1]), H, D), kv, idx.to(torch.int32), torch.randn(H, generator=g), D ** -0.5,
                 wt, ct, cu, used_t, picks, max(n for _a, n in seqs), max(used), window, Bw, base, block_size, ratio)

@@ -34,6 +34,7 @@ import weakref
 import torch
 
 from ..reference import mx as _mx
+from . import kernels
 from .backend import SOC_ASCEND950, current
 
 HALF = (torch.bfloat16, torch.float16)
@@ -80,9 +81,8 @@ def prepared_weight(w: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, tor
 
 def quant_gemm_mx(x, w, s, act_quant):
     tnpu = current().torch_npu
-    from .kernels import fp8_roundtrip  # the 1x128 activation round trip without float8 casts
-
-    xq, xs = tnpu.npu_dynamic_mx_quant(fp8_roundtrip(x, 128), dst_type=torch.float8_e4m3fn,
+    # the 1x128 activation round trip first (without float8 casts), so the 1x32 quantisation is exact
+    xq, xs = tnpu.npu_dynamic_mx_quant(kernels.fp8_roundtrip(x, 128), dst_type=torch.float8_e4m3fn,
                                        scale_alg=SCALE_ALG_CEIL)
     wt, st = prepared_weight(w, s)
     return tnpu.npu_quant_matmul(xq, wt, st, scale_dtype=tnpu.float8_e8m0fnu, pertoken_scale=xs,

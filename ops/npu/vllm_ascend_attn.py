@@ -39,11 +39,10 @@ from .backend import SOC_ASCEND950
 HALF = (torch.bfloat16, torch.float16)
 HEADS, HEAD_DIM, WINDOW, TOPK = 64, 512, 128, 512  # the README's TND / sparse limits
 PAGE_ALIGN, PAGE_MAX = 16, 1024  # block_size: a multiple of 16, at most 1024
-METADATA_SIZE = 1024  # int32 task split of npu_sparse_attn_sharedkv_metadata
 ORI_MASK, CMP_MASK = 4, 3  # sliding window; causal over complete compressed entries
 
-# (cu_seqlens_q, seqused_kv, ratio, heads) -> metadata, for the tensors of the current step only
-_metadata_cache: dict[tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+# (cu_seqlens_q, seqused_kv, ratio) -> metadata, for the tensors of recent steps only
+_metadata_cache: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
 def usable(b) -> str | None:
@@ -66,7 +65,7 @@ def accepts(q, kv, idx, sink, scale, win_table, comp_table, cu_seqlens_q, sequse
 
 
 def _metadata(q, cu, used, max_q: int, max_kv: int, ratio: int, window: int) -> torch.Tensor:
-    key = (id(cu), id(used), ratio, HEADS)
+    key = (id(cu), id(used), ratio)
     hit = _metadata_cache.get(key)
     if hit is not None and hit[0] is cu and hit[1] is used:
         return hit[2]
