@@ -49,6 +49,9 @@ ENV_VARS: dict[str, EnvVar] = {
         EnvVar("ASCEND_V4_NPU_SELFCHECK_DEVICE", "npu",
                "internal: device of the self-check's inputs (tests run it on cpu through a torch_npu test double)",
                internal=True),
+        EnvVar("ASCEND_V4_CPU_MALLOC", "1",
+               "1 = an engine on a CPU device keeps freed heap memory for reuse (glibc mallopt; "
+               "runtime/cpu_alloc.py); 0 = leave glibc's defaults"),
         EnvVar("ASCEND_V4_DEVICE", None,
                "override device detection: cpu | cuda | npu (optionally with an index, e.g. npu:1)"),
         EnvVar("ASCEND_V4_LOG_LEVEL", "WARNING",
@@ -106,6 +109,11 @@ def npu_selfcheck() -> bool:
 # Device of the self-check's inputs (internal: "cpu" in tests that run it through a torch_npu double).
 def npu_selfcheck_device() -> str:
     return _raw("ASCEND_V4_NPU_SELFCHECK_DEVICE") or "npu"
+
+
+# The CPU allocator tuning switch ("1" | "0"), read by runtime/cpu_alloc.py; default on.
+def cpu_malloc() -> bool:
+    return _choice("ASCEND_V4_CPU_MALLOC", ("0", "1"), _raw("ASCEND_V4_CPU_MALLOC") or "1") == "1"
 
 
 # Device override ("cpu", "cuda", "npu", "npu:1", ...); None = detect.

@@ -26,6 +26,7 @@ from ascend_v4.tokenizer import Tokenizer
 
 from .block_manager import BlockManager, PrefixCache, make_cache_pool
 from .config import EngineConfig
+from .cpu_alloc import keep_freed_heap
 from .sampling import (PenaltyState, SampleRow, Sampled, SamplingParams, has_penalties, position_generator,
                        score_tokens)
 from .scheduler import Scheduler
@@ -71,6 +72,8 @@ class Engine:
         args = model.args
         self.max_model_len = min(cfg.max_model_len or args.max_seq_len, args.max_seq_len)
         device = model.embed.weight.device
+        if device.type == "cpu":
+            keep_freed_heap()  # activations come straight from malloc on the CPU: keep its freed pages
         self.pool = pool = make_cache_pool(model, cfg, device)
         self.blocks = BlockManager.for_pool(pool)
         self.prefix = PrefixCache(self.blocks, args.window_size) if cfg.enable_prefix_caching else None
