@@ -52,7 +52,7 @@ def test_wheel_contents(wheel):
     assert len(dist_info) == 1 and tops == {"ascend_v4", *dist_info}, f"top-level entries: {sorted(tops)}"
     for must in ("ascend_v4/ops/reference/formats.py", "ascend_v4/model/configs/flash.json", "ascend_v4/py.typed",
                  "ascend_v4/cli/__init__.py", "ascend_v4/ops/__init__.py", "ascend_v4/quant/__init__.py",
-                 "ascend_v4/runtime/__init__.py"):
+                 "ascend_v4/runtime/__init__.py", "ascend_v4/ops/cpu_native.c"):
         assert must in names, f"{must} missing from {wheel.name}"
     # trap 1 (code-style.md §7.1): every source file, in every (sub)package, reaches the wheel
     wanted = set().union(*(_source_files(f, ".py") for f in ("ascend_v4", *MAPPED)))
@@ -78,9 +78,14 @@ for name in ("ascend_v4", "ascend_v4.ops", "ascend_v4.quant", "ascend_v4.runtime
     assert f and f.startswith(site), f"{{name}} imported from {{f}}, not from the wheel"
 from ascend_v4.model.args import ModelArgs
 assert ModelArgs.from_preset("flash").n_layers == 43  # package data is inside the wheel
+import shutil
+from ascend_v4.ops import cpu_native
+assert cpu_native.SOURCE.is_file() and str(cpu_native.SOURCE).startswith(site)  # the C source ships too
+assert shutil.which("cc") is None or cpu_native.load() is not None  # and builds from there
 print("OK")
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith("ASCEND_V4_")}
     env["PYTHONPATH"] = str(site)
+    env["ASCEND_V4_CACHE_DIR"] = str(tmp_path / "cache")
     r = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
