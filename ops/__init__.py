@@ -14,6 +14,7 @@ from torch import Tensor
 from . import _library  # (registers the ascend_v4:: ops)
 from ._backends import active_backends, register_device_kernels
 from .npu import privateuse1_name
+from .reference import rope as _rope
 
 _ops = torch.ops.ascend_v4
 # The CPU implementation of each op: the reference, or its CPU kernel (ops/cpu.py, bit-identical) unless the
@@ -24,6 +25,11 @@ if register_device_kernels()["cpu"] == "cpu":
 
     _CPU.update(_CPU_KERNELS)
 _CPU_OWN = dict(_CPU)  # as chosen at import (tests may route _CPU through device kernels)
+# Two in-between helpers (not torch.library ops): their CPU kernels (ops/cpu.py) unless the references are forced
+_CPU_LM_HEAD, _CPU_ROPE = None, _rope.apply_rope
+if register_device_kernels()["cpu"] == "cpu":
+    from .cpu import apply_rope as _CPU_ROPE
+    from .cpu import lm_head as _CPU_LM_HEAD
 
 
 def _own_cpu(name: str) -> bool:
@@ -193,6 +199,38 @@ def hc_head(x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, norm_eps: float,
     _check(x.dim() == 3 and fn.shape == (x.shape[1], x.shape[1] * x.shape[2]), "hc_head",
            f"x [T,n,D] / fn [n, nD] mismatch: x{tuple(x.shape)} fn{tuple(fn.shape)}")
     return _call("hc_head", x, fn, base, scale, norm_eps, hc_eps)
+
+
+def lm_head(y: Tensor, w: Tensor) -> Tensor:
+    """fp32 LM-head logits y [T, D] @ w [V, D]^T (model-spec §3: the head runs in fp32, y and w fp32).
+
+    Not a `torch.library` op: on every device this is torch's own GEMM, except that CPU tensors take the CPU
+    head kernel (`ops/cpu.py` `lm_head`: a native tile kernel, or MKL's faster form for the row count), which sums
+    the same fp32 products in another order. With ASCEND_V4_OP_BACKEND=reference, plain `F.linear`.
+    """
+    _check(y.dim() == 2 and w.dim() == 2 and y.shape[1] == w.shape[1], "lm_head",
+           f"y must be [T, D] and w [V, D] with equal D; got y{tuple(y.shape)} w{tuple(w.shape)}")
+    _check(y.dtype == w.dtype == torch.float32, "lm_head", f"y and w must be fp32; got {y.dtype}, {w.dtype}")
+    if y.device.type == "cpu" and _CPU_LM_HEAD is not None:
+        return _CPU_LM_HEAD(y, w)
+    return torch.nn.functional.linear(y, w)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
+    """Interleaved RoPE of the last rd = cos.shape[-1] dims of x [T, ..., D], IN PLACE; returns x.
+
+    cos, sin: [T, rd] fp32 factors (`model.rope.cos_sin`: C = (cos, cos), S = (-sin, sin) per pair); `inverse`
+    rotates back. Not a `torch.library` op (it writes into x): the reference (`reference/rope.py`) on every device,
+    its C kernel for CPU tensors (bit-identical).
+    """
+    rd = cos.shape[-1]
+    _check(cos.shape == sin.shape and cos.dim() == 2 and cos.shape[0] == x.shape[0] and rd % 2 == 0
+           and rd <= x.shape[-1], "apply_rope",
+           f"cos, sin must be [T={x.shape[0]}, rd] with an even rd <= {x.shape[-1]}; got {tuple(cos.shape)}, "
+           f"{tuple(sin.shape)}")
+    if x.device.type == "cpu":
+        return _CPU_ROPE(x, cos, sin, inverse)
+    return _rope.apply_rope(x, cos, sin, inverse)
 
 
 def fp8_roundtrip(x: Tensor, block: int) -> Tensor:

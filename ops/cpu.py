@@ -4,21 +4,26 @@ reference bit for bit (tests/unit/ops/test_cpu_kernels.py), so choosing it chang
 
 * `fp8_roundtrip`, `fp4_roundtrip`: the block amax and the quantise-dequantise pass in C (`cpu_native.py`), the
   scales between them in torch with the reference's own ops; fp32 only (anything else, or no C compiler: the
-  reference). ~4x faster at decode and prefill sizes.
-* `hc_pre`: the Sinkhorn normalisation of mHC is 20 (row, column) steps over a [T, 4, 4] tensor, ~120 tiny torch
-  ops of ~2.5 us dispatch each, 12 calls per decode step of `small`. The same float32 steps through numpy (zero
-  copy views of the CPU tensor) cost ~0.8 us each: ~0.19 -> 0.08 ms a call (decode sizes; prefill sizes stay in
-  torch). The sums run over 4 elements in order in both libraries, so the results are identical.
+  reference). 5-25x faster than the torch ops at decode and prefill sizes.
+* `hadamard`: the butterfly stages of each row in C (one pass instead of two torch ops per stage).
+* `hc_pre`: mHC's Sinkhorn normalisation is 20 (row, column) steps over a [T, 4, 4] tensor, ~120 tiny torch ops of
+  ~2.5 us dispatch each, 12 calls per decode step of `small`. It runs in C; without the C kernels, the same
+  float32 steps through numpy (zero-copy views, ~0.8 us a step: 0.19 -> 0.08 ms a call) at decode sizes, torch
+  above. The sums run over 4 elements in order in all three, so the results are identical.
+* `apply_rope` (not a library op; `ops.apply_rope`): the in-place rotation in C, one pass instead of six ops.
+* `lm_head` (not an op of the seam's library; `ops.lm_head`): the LM head GEMM, native tiles or MKL's faster form.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import cpu_native
 from .reference import formats as _fmt
 from .reference import mhc as _mhc
+from .reference import rope as _rope
 
 
 # Rows up to which numpy wins: beyond, torch's multi-threaded element-wise ops do (a 2048-token prefill: 6 ms a
@@ -39,10 +44,27 @@ def sinkhorn_numpy(comb: torch.Tensor, hc_eps: float, iters: int) -> torch.Tenso
     return torch.from_numpy(c)
 
 
+def sinkhorn(comb: torch.Tensor, hc_eps: float, iters: int) -> torch.Tensor:
+    """`reference.mhc.sinkhorn` in C (in place on the fresh row-softmaxed comb); numpy / torch without it."""
+    lib = cpu_native.load()
+    if lib is None or comb.dtype != torch.float32 or not comb.is_contiguous():
+        return sinkhorn_numpy(comb, hc_eps, iters)
+    return cpu_native.sinkhorn_(lib, comb, hc_eps, iters)
+
+
 def hc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_eps: float,
            hc_eps: float, sinkhorn_iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`reference.mhc.hc_pre` with the numpy Sinkhorn."""
-    return _mhc.hc_pre_using(sinkhorn_numpy, x, fn, base, scale, norm_eps, hc_eps, sinkhorn_iters)
+    """`reference.mhc.hc_pre` with the C (or numpy) Sinkhorn."""
+    return _mhc.hc_pre_using(sinkhorn, x, fn, base, scale, norm_eps, hc_eps, sinkhorn_iters)
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """`reference.formats.hadamard` in C for fp32 rows of at most 4096 values."""
+    lib = cpu_native.load()
+    n = x.shape[-1]
+    if lib is None or x.dtype != torch.float32 or n > 4096 or n & (n - 1) or x.numel() == 0:
+        return _fmt.hadamard(x)
+    return cpu_native.hadamard(lib, x.contiguous())
 
 def fp8_roundtrip(x: torch.Tensor, block: int = 128, amax_floor: float = 1e-4) -> torch.Tensor:
     """`reference.formats.fp8_roundtrip` with the amax and the e4m3 pass in C."""
@@ -68,5 +90,40 @@ def fp4_roundtrip(x: torch.Tensor, block: int = 32, amax_floor: float = 6 * 2.0 
     return cpu_native.apply_scaled(lib, "fp4", xc, scale, block).view(x.shape)
 
 
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """`reference.rope.apply_rope` in C (in place) for contiguous fp32 x and factors."""
+    lib = cpu_native.load()
+    if (lib is None or x.dtype != torch.float32 or cos.dtype != torch.float32 or sin.dtype != torch.float32
+            or not (x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()) or x.numel() == 0):
+        return _rope.apply_rope(x, cos, sin, inverse)
+    return cpu_native.rope_(lib, x, cos, sin, inverse)
+
+
+# Row counts at which MKL's fp32 GEMM runs the head faster as W @ y^T than as y @ W^T (no native kernel): it picks
+# its kernel from the shape, and on [T, 512] x [512, 129280] (2-core AVX-512 VM, torch 2.13) y @ W^T streams the
+# weight at memory speed for T <= 3 (10-12 ms) but takes 20-32 ms for 4 <= T <= 32, while W @ y^T holds 19-21 ms
+# there; from 64 rows both are compute-bound and equal (docs/perf.md, fourth pass).
+HEAD_WXT_ROWS = range(4, 33)
+# Row counts at which the native head kernel (AVX-512 builds) runs: [T, 512] x [512, 129280] on the same VM,
+# native / MKL's better form: 9.5 / 9.5 ms at T = 1, 9.6 / 10.8 at 2, 10.5 / 20.7 at 4, 16.6 / 20.6 at 16,
+# 24.4 / 24.9 at 32, 40.6 / 39.6 at 64 (docs/perf.md). Within the range each logit's summation order is the same
+# whatever the row count.
+HEAD_NATIVE_ROWS = range(1, 33)
+
+
+def lm_head(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """fp32 logits y [T, K] @ w [V, K]^T of a CPU LM head: the native tile kernel where it applies (AVX-512
+    build, fp32 contiguous operands, K % 16 == 0, V % 4 == 0, HEAD_NATIVE_ROWS rows), otherwise
+    MKL in its faster form for the row count. Every form sums the same fp32 products in its own order."""
+    T, (V, K) = y.shape[0], w.shape
+    lib = cpu_native.load() if T in HEAD_NATIVE_ROWS else None
+    if (lib is not None and cpu_native.has_head_gemm(lib) and y.dtype == w.dtype == torch.float32
+            and K % 16 == 0 and V % 4 == 0 and y.is_contiguous() and w.is_contiguous()):
+        return cpu_native.head_gemm(lib, y, w)
+    if T in HEAD_WXT_ROWS:
+        return torch.mm(w, y.t()).t()  # [V, T] -> [T, V] view
+    return F.linear(y, w)
+
+
 # The CPU kernels by op name (ops/__init__.py merges them over the references).
-KERNELS = {"hc_pre": hc_pre, "fp8_roundtrip": fp8_roundtrip, "fp4_roundtrip": fp4_roundtrip}
+KERNELS = {"hc_pre": hc_pre, "fp8_roundtrip": fp8_roundtrip, "fp4_roundtrip": fp4_roundtrip, "hadamard": hadamard}

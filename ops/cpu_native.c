@@ -85,3 +85,136 @@ void fp4_apply(const float *restrict x, const float *restrict scale, float *rest
         }
     }
 }
+
+/* ------------------------------------------------------------------------------------------- mHC, Hadamard
+ * Sinkhorn normalisation of row-softmaxed comb [T, n, n] in place: one column step, then iters - 1 (row, column)
+ * pairs (reference.mhc.sinkhorn). Each sum runs over its n values in order, as torch and numpy sum 4 values; the
+ * whole sum is taken before its divisions, as in the reference. */
+void sinkhorn(float *restrict c, int64_t T, int64_t n, float eps, int64_t iters, int nt) {
+    #pragma omp parallel for schedule(static) num_threads(nt) if (T >= PARALLEL_MIN_BLOCKS)
+    for (int64_t t = 0; t < T; t++) {
+        float *ct = c + t * n * n;
+        for (int64_t it = 0; it < 2 * iters - 1; it++) {
+            int cols = it % 2 == 0; /* steps 0, 2, 4, ...: columns; 1, 3, ...: rows */
+            for (int64_t a = 0; a < n; a++) {
+                /* element b of line a: column a holds ct[b * n + a], row a holds ct[a * n + b] */
+                int64_t base = cols ? a : a * n, stride = cols ? n : 1;
+                float s = ct[base];
+                for (int64_t b = 1; b < n; b++) s += ct[base + b * stride];
+                s += eps;
+                for (int64_t b = 0; b < n; b++) ct[base + b * stride] /= s;
+            }
+        }
+    }
+}
+
+/* Orthonormal Walsh-Hadamard transform of each row of n values (n a power of two, at most 4096): the butterfly
+ * stages of reference.formats.hadamard (a + b, a - b at distance h = 1, 2, 4, ...), then the product by the fp32
+ * value of n^-1/2. */
+void hadamard(const float *restrict x, float *restrict y, int64_t rows, int64_t n, float scale, int nt) {
+    #pragma omp parallel for schedule(static) num_threads(nt) if (rows >= PARALLEL_MIN_BLOCKS)
+    for (int64_t r = 0; r < rows; r++) {
+        float buf[2][4096];
+        const float *src = x + r * n;
+        int cur = 0;
+        for (int64_t h = 1; h < n; h *= 2) {
+            float *dst = buf[cur];
+            for (int64_t j = 0; j < n; j += 2 * h)
+                for (int64_t i = 0; i < h; i++) {
+                    float a = src[j + i], b = src[j + h + i];
+                    dst[j + i] = a + b;
+                    dst[j + h + i] = a - b;
+                }
+            src = dst;
+            cur ^= 1;
+        }
+        for (int64_t k = 0; k < n; k++) y[r * n + k] = src[k] * scale;
+    }
+}
+
+/* Interleaved RoPE in place on the last rd of the D values of each of the T * H rows of x, row t's factors
+ * c, s = cos[t], sin[t] (rd each; C = (cos, cos), S = (-sin, sin) per pair, S negated for the inverse):
+ * (x0, x1) -> (x0 c0 + x1 s0, x1 c1 + x0 s1), two products and a sum each as reference.rope.apply_rope. */
+void rope_(float *restrict x, const float *restrict cos_, const float *restrict sin_, int64_t T, int64_t H,
+           int64_t D, int64_t rd, int inverse, int nt) {
+    const float sign = inverse ? -1.0f : 1.0f; /* an exact negation */
+    #pragma omp parallel for schedule(static) num_threads(nt) if (T * H >= PARALLEL_MIN_BLOCKS)
+    for (int64_t row = 0; row < T * H; row++) {
+        float *r = x + row * D + (D - rd);
+        const float *c = cos_ + (row / H) * rd, *s = sin_ + (row / H) * rd;
+        for (int64_t i = 0; i < rd; i += 2) {
+            float x0 = r[i], x1 = r[i + 1];
+            r[i] = x0 * c[i] + x1 * (sign * s[i]);
+            r[i + 1] = x1 * c[i + 1] + x0 * (sign * s[i + 1]);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------- LM head GEMM
+ * out[m, v] = sum_k y[m, k] * w[v, k] in fp32: y [M, K], w [V, K] (the checkpoint's layout, read in place), out
+ * [M, V], all row-major, K % 16 == 0, V % 4 == 0. Not a reference-bit-identical kernel: like any GEMM it sums in
+ * its own order (16 lanes over k, then a tree over the lanes), the same order for every row count.
+ *
+ * Why: the head (129,280 x 512 for `small`) is the largest GEMM of a decode step and MKL's fp32 kernels run it at
+ * 4-32 rows well below both the memory and the FMA limit (docs/perf.md). Tiles of 4 weight rows x RM activation
+ * rows keep 4 * RM accumulators in registers; the 4 weight rows (4 * K floats) stay in L1 while every activation
+ * row passes over them, so the weight is read from memory once whatever the row count. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+#define HEAD_TILE(RM)                                                                                            \
+    static inline void head_tile_##RM(const float *restrict y, const float *restrict w, float *restrict o,        \
+                                      int64_t K, int64_t V, int prefetch) {                                      \
+        __m512 acc[RM][4];                                                                                       \
+        for (int i = 0; i < RM; i++)                                                                             \
+            for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();                                         \
+        for (int64_t k = 0; k < K; k += 16) {                                                                    \
+            __m512 w0 = _mm512_loadu_ps(w + k), w1 = _mm512_loadu_ps(w + K + k);                                 \
+            __m512 w2 = _mm512_loadu_ps(w + 2 * K + k), w3 = _mm512_loadu_ps(w + 3 * K + k);                     \
+            if (prefetch) { /* the next 4 weight rows, while this tile computes from L1 */                       \
+                const char *n = (const char *)(w + 4 * K + k);                                                   \
+                _mm_prefetch(n, _MM_HINT_T0);                                                                    \
+                _mm_prefetch(n + 4 * K, _MM_HINT_T0);                                                            \
+                _mm_prefetch(n + 8 * K, _MM_HINT_T0);                                                            \
+                _mm_prefetch(n + 12 * K, _MM_HINT_T0);                                                           \
+            }                                                                                                    \
+            for (int i = 0; i < RM; i++) {                                                                       \
+                __m512 x = _mm512_loadu_ps(y + i * K + k);                                                       \
+                acc[i][0] = _mm512_fmadd_ps(x, w0, acc[i][0]);                                                   \
+                acc[i][1] = _mm512_fmadd_ps(x, w1, acc[i][1]);                                                   \
+                acc[i][2] = _mm512_fmadd_ps(x, w2, acc[i][2]);                                                   \
+                acc[i][3] = _mm512_fmadd_ps(x, w3, acc[i][3]);                                                   \
+            }                                                                                                    \
+        }                                                                                                        \
+        for (int i = 0; i < RM; i++)                                                                             \
+            for (int j = 0; j < 4; j++) o[i * V + j] = _mm512_reduce_add_ps(acc[i][j]);                          \
+    }
+HEAD_TILE(4)
+HEAD_TILE(3)
+HEAD_TILE(2)
+HEAD_TILE(1)
+
+int head_gemm_available(void) { return 1; }
+
+void head_gemm(const float *restrict y, const float *restrict w, float *restrict out, int64_t M, int64_t K,
+               int64_t V, int nt) {
+    #pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t v = 0; v < V; v += 4) {
+        const float *wv = w + v * K;
+        int64_t m = 0;
+        int prefetch = v + 4 < V; /* on the first pass over these rows only */
+        for (; m + 4 <= M; m += 4, prefetch = 0) head_tile_4(y + m * K, wv, out + m * V + v, K, V, prefetch);
+        switch (M - m) {
+            case 3: head_tile_3(y + m * K, wv, out + m * V + v, K, V, prefetch); break;
+            case 2: head_tile_2(y + m * K, wv, out + m * V + v, K, V, prefetch); break;
+            case 1: head_tile_1(y + m * K, wv, out + m * V + v, K, V, prefetch); break;
+        }
+    }
+}
+#else
+int head_gemm_available(void) { return 0; } /* without AVX-512 the head stays on MKL */
+
+void head_gemm(const float *y, const float *w, float *out, int64_t M, int64_t K, int64_t V, int nt) {
+    (void)y; (void)w; (void)out; (void)M; (void)K; (void)V; (void)nt;
+}
+#endif

@@ -37,10 +37,15 @@ SOURCE = Path(__file__).with_name("cpu_native.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-fast-math", "-fno-trapping-math", "-ffp-contract=off", "-shared",
          "-fPIC")
 _I64, _INT, _P = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-SIGNATURES = {  # every exported function: (x, [scale,] out, n_blocks, block, threads)
-    "block_amax": (_P, _P, _I64, _I64, _INT),
-    "fp8_apply": (_P, _P, _P, _I64, _I64, _INT),
-    "fp4_apply": (_P, _P, _P, _I64, _I64, _INT),
+SIGNATURES = {  # every exported function's arguments (the last one: OpenMP threads) and result
+    "block_amax": ((_P, _P, _I64, _I64, _INT), None),  # x, out, n_blocks, block
+    "fp8_apply": ((_P, _P, _P, _I64, _I64, _INT), None),  # x, scale, out, n_blocks, block
+    "fp4_apply": ((_P, _P, _P, _I64, _I64, _INT), None),
+    "sinkhorn": ((_P, _I64, _I64, ctypes.c_float, _I64, _INT), None),  # comb (in place), T, n, eps, iters
+    "hadamard": ((_P, _P, _I64, _I64, ctypes.c_float, _INT), None),  # x, out, rows, n, n^-1/2
+    "rope_": ((_P, _P, _P, _I64, _I64, _I64, _I64, _INT, _INT), None),  # x (in place), cos, sin, T, H, D, rd, inv
+    "head_gemm": ((_P, _P, _P, _I64, _I64, _I64, _INT), None),  # y, w, out, M, K, V
+    "head_gemm_available": ((), _INT),  # 1 where the build has the AVX-512 tiles
 }
 
 _lib: ctypes.CDLL | None = None
@@ -122,9 +127,9 @@ def _load() -> None:
             log.info("building the native CPU kernels: %s", path)
             _build(cc, path)
         lib = ctypes.CDLL(str(path))
-        for name, args in SIGNATURES.items():
+        for name, (args, res) in SIGNATURES.items():
             fn = getattr(lib, name)
-            fn.argtypes, fn.restype = list(args), None
+            fn.argtypes, fn.restype = list(args), res
     except (OSError, RuntimeError, subprocess.TimeoutExpired, AttributeError) as e:
         log.warning("native CPU kernels unavailable (%s): the CPU runs the torch references", e)
         return
@@ -135,6 +140,43 @@ def block_amax(lib: ctypes.CDLL, x: torch.Tensor, block: int) -> torch.Tensor:
     """max |x| per run of `block` values of a contiguous fp32 CPU tensor -> [numel / block] (NaN propagates)."""
     out = torch.empty(x.numel() // block, dtype=torch.float32)
     lib.block_amax(x.data_ptr(), out.data_ptr(), out.numel(), block, torch.get_num_threads())
+    return out
+
+
+def sinkhorn_(lib: ctypes.CDLL, comb: torch.Tensor, eps: float, iters: int) -> torch.Tensor:
+    """In-place Sinkhorn of a contiguous fp32 CPU comb [T, n, n]; returns it."""
+    lib.sinkhorn(comb.data_ptr(), comb.shape[0], comb.shape[1], eps, iters, torch.get_num_threads())
+    return comb
+
+
+def hadamard(lib: ctypes.CDLL, x: torch.Tensor) -> torch.Tensor:
+    """Walsh-Hadamard rotation of the last dim (a power of two, at most 4096) of a contiguous fp32 CPU tensor."""
+    n = x.shape[-1]
+    y = torch.empty_like(x)
+    lib.hadamard(x.data_ptr(), y.data_ptr(), x.numel() // n, n, n ** -0.5, torch.get_num_threads())
+    return y
+
+
+def rope_(lib: ctypes.CDLL, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """In-place interleaved RoPE of contiguous fp32 x [T, ..., D] with [T, rd] factors; returns x."""
+    T, D, rd = x.shape[0], x.shape[-1], cos.shape[-1]
+    lib.rope_(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), T, x.numel() // (T * D), D, rd, int(inverse),
+              torch.get_num_threads())
+    return x
+
+
+def has_head_gemm(lib: ctypes.CDLL) -> bool:
+    """Whether this build has the head kernel (its AVX-512 tiles); asked once per library."""
+    if not hasattr(lib, "_has_head_gemm"):
+        lib._has_head_gemm = bool(lib.head_gemm_available())
+    return lib._has_head_gemm
+
+
+def head_gemm(lib: ctypes.CDLL, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """fp32 y [M, K] @ w[V, K]^T for contiguous CPU tensors with K % 16 == 0 and V % 4 == 0 (see the C file)."""
+    out = torch.empty(y.shape[0], w.shape[0], dtype=torch.float32)
+    lib.head_gemm(y.data_ptr(), w.data_ptr(), out.data_ptr(), y.shape[0], y.shape[1], w.shape[0],
+                  torch.get_num_threads())
     return out
 
 

@@ -21,13 +21,6 @@ from .layers import FP8, Linear, ModelOptions, RMSNorm
 from .moe import MoE
 from .tp import TPComm, TPShard, check_tp
 
-# Row counts at which the CPU head runs as W @ y^T instead of y @ W^T. MKL's fp32 GEMM picks its kernel from the
-# shape: on a [T, 512] x [512, 129280] head (2-core AVX-512 VM, torch 2.13) y @ W^T streams the weight at
-# memory speed for T <= 3 (10-12 ms) but takes 20-32 ms for 4 <= T <= 32 (32 ms at T = 8), while W @ y^T holds
-# 19-21 ms there (25 ms at 32); from 64 rows both are compute-bound and equal. Both forms compute the same fp32
-# dot products; only MKL's summation order differs (docs/perf.md, fourth pass).
-HEAD_WXT_ROWS = range(4, 33)
-
 
 class MTPBlock(Block):
     """Multi-token prediction block `mtp.{i}`: predicts token t+2 from the main model's final streams at t and
@@ -139,11 +132,7 @@ class Transformer(nn.Module):
 
     def _vocab_logits(self, y: torch.Tensor) -> torch.Tensor:
         """Normed head input y [T, D] -> fp32 logits [T, V] (TP: each rank's vocab rows, gathered)."""
-        y, w = y.float(), self.head.weight
-        if y.device.type == "cpu" and y.shape[0] in HEAD_WXT_ROWS:
-            logits = torch.mm(w, y.t()).t()  # [V, T] -> [T, V] view: the same fp32 products, another MKL kernel
-        else:
-            logits = F.linear(y, w)  # [T, V] fp32 (TP: [T, V/T], this rank's rows)
+        logits = ops.lm_head(y.float(), self.head.weight)  # [T, V] fp32 (TP: [T, V/T], this rank's rows)
         return logits if self.tp.size == 1 else self.tp_comm.all_gather(logits)
 
     def _head(self, x: torch.Tensor, fn, base, scale, norm: RMSNorm) -> torch.Tensor:

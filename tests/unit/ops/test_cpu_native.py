@@ -132,3 +132,42 @@ def test_a_failed_build_is_reported_and_the_references_run(tmp_path):
     assert r.returncode == 0 and r.stdout.split() == ["True"], r.stderr
     assert "exited with 3" in r.stderr and "badcc: cannot compile" in r.stderr
     assert list((tmp_path / "cache" / "cpu_native").iterdir()) == []
+
+
+@needs_cc
+@pytest.mark.parametrize("T", [1, 16, 300, 2048])
+def test_sinkhorn_is_the_reference_bit_for_bit(T):
+    from ascend_v4.ops.reference import mhc
+
+    g = torch.Generator().manual_seed(T)
+    comb = torch.softmax(torch.randn(T, 4, 4, generator=g) * 3, dim=-1) + 1e-6
+    assert _same(cpu.sinkhorn(comb.clone(), 1e-6, 20), mhc.sinkhorn(comb, 1e-6, 20))
+    assert _same(cpu.sinkhorn(comb.clone(), 1e-6, 20), cpu.sinkhorn_numpy(comb.clone(), 1e-6, 20))
+
+
+@needs_cc
+@pytest.mark.parametrize("shape", [(1, 128), (16, 16, 128), (2048, 16, 128), (3, 512), (5, 1), (7, 2)])
+def test_hadamard_is_the_reference_bit_for_bit(shape):
+    x = _random(shape, sum(shape))
+    assert _same(cpu.hadamard(x), formats.hadamard(x))
+    assert ops._CPU["hadamard"] is cpu.hadamard
+
+
+@needs_cc
+@pytest.mark.parametrize("shape", [(1, 8, 512), (16, 8, 512), (2048, 512), (300, 2, 64), (5, 3, 7, 128)])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_rope_is_the_reference_bit_for_bit(shape, inverse):
+    from ascend_v4.model.args import ModelArgs
+    from ascend_v4.model.rope import cos_sin, inv_freq
+    from ascend_v4.ops.reference import rope
+
+    args = ModelArgs.from_preset("tiny")
+    g = torch.Generator().manual_seed(shape[0])
+    pos = torch.randint(0, 1 << 20, (shape[0],), generator=g)
+    cos, sin = cos_sin(inv_freq(args, compressed=True), pos)
+    cos, sin = cos[:, : min(64, shape[-1])].contiguous(), sin[:, : min(64, shape[-1])].contiguous()
+    x = _random(shape, sum(shape))
+    want = rope.apply_rope(x.clone(), cos, sin, inverse)
+    got = cpu.apply_rope(x.clone(), cos, sin, inverse)
+    assert _same(got, want) and not torch.equal(got, x)
+    assert _same(ops.apply_rope(x.clone(), cos, sin, inverse), want)  # the seam's CPU path is this kernel
