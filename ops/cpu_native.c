@@ -50,41 +50,36 @@ static inline float round_e4m3(float v) {
     return bits_to_float((i + 0x7FFFFu + ((i >> 20) & 1u)) & 0xFFF00000u);
 }
 
-/* y = e4m3(clamp(x / s, +-448)) * s per block: formats.fp8_roundtrip after its scale */
-void fp8_apply(const float *restrict x, const float *restrict scale, float *restrict y, int64_t n_blocks,
-               int64_t block, int nt) {
-    #pragma omp parallel for schedule(static) num_threads(nt) if (n_blocks >= PARALLEL_MIN_BLOCKS)
-    for (int64_t b = 0; b < n_blocks; b++) {
-        const float *xb = x + b * block;
-        float *yb = y + b * block;
-        const float s = scale[b];
-        for (int64_t k = 0; k < block; k++) {
-            float q = xb[k] / s;
-            q = q < -448.0f ? -448.0f : (q > 448.0f ? 448.0f : q); /* NaN passes, as torch.clamp */
-            yb[k] = round_e4m3(q) * s;
-        }
-    }
+/* formats.fp8_roundtrip after its scale, per value v = x / s: e4m3(clamp(v, +-448)) */
+static inline float fp8_value(float v) {
+    v = v < -448.0f ? -448.0f : (v > 448.0f ? 448.0f : v); /* NaN passes, as torch.clamp */
+    return round_e4m3(v);
 }
 
-/* y = e2m1(x / s) * s per block: formats.round_to_fp4 (grid steps 0.5 below 2, 1 below 4, 2 up to 6; a tie goes
- * to the smaller magnitude: ceil(|v| / step - 1/2) * step, + 0.0 for ceil's -0.0) with the sign of v < 0 */
-void fp4_apply(const float *restrict x, const float *restrict scale, float *restrict y, int64_t n_blocks,
-               int64_t block, int nt) {
-    #pragma omp parallel for schedule(static) num_threads(nt) if (n_blocks >= PARALLEL_MIN_BLOCKS)
-    for (int64_t b = 0; b < n_blocks; b++) {
-        const float *xb = x + b * block;
-        float *yb = y + b * block;
-        const float s = scale[b];
-        for (int64_t k = 0; k < block; k++) {
-            float v = xb[k] / s;
-            float mag = fabsf(v);
-            mag = mag > 6.0f ? 6.0f : mag; /* NaN passes, as torch.clamp_(max=6) */
-            float step = mag > 3.5f ? 2.0f : (mag > 1.75f ? 1.0f : 0.5f);
-            float q = ceilf(mag / step - 0.5f) * step + 0.0f;
-            yb[k] = (v < 0.0f ? -q : q) * s;
-        }
-    }
+/* formats.round_to_fp4 per value v = x / s (grid steps 0.5 below 2, 1 below 4, 2 up to 6; a tie goes to the
+ * smaller magnitude: ceil(|v| / step - 1/2) * step, + 0.0 for ceil's -0.0), with the sign of v < 0 */
+static inline float fp4_value(float v) {
+    float mag = fabsf(v);
+    mag = mag > 6.0f ? 6.0f : mag; /* NaN passes, as torch.clamp_(max=6) */
+    float step = mag > 3.5f ? 2.0f : (mag > 1.75f ? 1.0f : 0.5f);
+    float q = ceilf(mag / step - 0.5f) * step + 0.0f;
+    return v < 0.0f ? -q : q;
 }
+
+/* y = VALUE(x / s) * s for every value of every block, s = the block's scale: fp8_apply, fp4_apply */
+#define BLOCK_APPLY(NAME, VALUE)                                                                                 \
+    void NAME(const float *restrict x, const float *restrict scale, float *restrict y, int64_t n_blocks,         \
+              int64_t block, int nt) {                                                                           \
+        _Pragma("omp parallel for schedule(static) num_threads(nt) if (n_blocks >= PARALLEL_MIN_BLOCKS)")       \
+        for (int64_t b = 0; b < n_blocks; b++) {                                                                 \
+            const float *xb = x + b * block;                                                                     \
+            float *yb = y + b * block;                                                                           \
+            const float s = scale[b];                                                                            \
+            for (int64_t k = 0; k < block; k++) yb[k] = VALUE(xb[k] / s) * s;                                    \
+        }                                                                                                        \
+    }
+BLOCK_APPLY(fp8_apply, fp8_value)
+BLOCK_APPLY(fp4_apply, fp4_value)
 
 /* ------------------------------------------------------------------------------------------- mHC, Hadamard
  * Sinkhorn normalisation of row-softmaxed comb [T, n, n] in place: one column step, then iters - 1 (row, column)

@@ -50,6 +50,7 @@ SIGNATURES = {  # every exported function's arguments (the last one: OpenMP thre
 
 _lib: ctypes.CDLL | None = None
 _tried = False
+_why = ""  # why `load()` returned None (for `ascend-v4 doctor`)
 _lock = threading.Lock()
 
 
@@ -114,10 +115,11 @@ def load() -> ctypes.CDLL | None:
 
 
 def _load() -> None:
-    global _lib, _tried
+    global _lib, _tried, _why
     _tried = True
     cc = _compiler()
     if shutil.which(cc[0]) is None:
+        _why = f"no C compiler ({cc[0]})"
         log.warning("no C compiler (%s): the CPU runs the torch references of fp8/fp4_roundtrip (slower, same "
                     "results); set CC to enable the native kernels", cc[0])
         return
@@ -131,9 +133,19 @@ def _load() -> None:
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = list(args), res
     except (OSError, RuntimeError, subprocess.TimeoutExpired, AttributeError) as e:
+        _why = f"build or load failed: {e}"
         log.warning("native CPU kernels unavailable (%s): the CPU runs the torch references", e)
         return
     _lib = lib
+
+
+def status() -> tuple[bool, str]:
+    """(usable, what): the library's path and whether it has the AVX-512 head tiles, or why it is not usable."""
+    lib = load()
+    if lib is None:
+        return False, _why
+    tiles = "with" if has_head_gemm(lib) else "without (no AVX-512)"
+    return True, f"{lib._name}, {tiles} the LM head tiles"
 
 
 def block_amax(lib: ctypes.CDLL, x: torch.Tensor, block: int) -> torch.Tensor:

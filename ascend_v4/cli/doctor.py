@@ -192,6 +192,11 @@ def collect(probe: bool = True, driver_root: Path = DRIVER_ROOT, dev_glob: str =
     check_cann(report)
     check_torch(report, probe)
     check_op_library(report)
+    from ascend_v4.ops import cpu_native
+
+    ok, detail = cpu_native.status()
+    report.add("CPU kernels (C)", ok, detail, "install a C compiler with OpenMP (gcc) or point CC at one: without "
+               "it the CPU path runs the torch references (same results, slower)")
     from ascend_v4.platform import detect_platform
 
     p = detect_platform()

@@ -171,3 +171,14 @@ def test_rope_is_the_reference_bit_for_bit(shape, inverse):
     got = cpu.apply_rope(x.clone(), cos, sin, inverse)
     assert _same(got, want) and not torch.equal(got, x)
     assert _same(ops.apply_rope(x.clone(), cos, sin, inverse), want)  # the seam's CPU path is this kernel
+
+
+def test_doctor_names_the_missing_compiler(tmp_path):
+    code = ("from ascend_v4.cli.doctor import collect\n"
+            "c = {c.name: c for c in collect(probe=False).checks}['CPU kernels (C)']\n"
+            "print(c.ok, '|', c.detail, '|', c.fix)\n")
+    env = {**os.environ, "CC": "no-such-compiler-ascend-v4", "ASCEND_V4_CACHE_DIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    ok, detail, fix = (p.strip() for p in r.stdout.strip().splitlines()[-1].split("|"))
+    assert ok == "False" and "no C compiler (no-such-compiler-ascend-v4)" in detail and "CC" in fix
