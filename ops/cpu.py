@@ -105,10 +105,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
 # there; from 64 rows both are compute-bound and equal (docs/perf.md, fourth pass).
 HEAD_WXT_ROWS = range(4, 33)
 # Row counts at which the native head kernel (AVX-512 builds) runs: [T, 512] x [512, 129280] on the same VM,
-# native / MKL's better form: 9.5 / 9.5 ms at T = 1, 9.6 / 10.8 at 2, 10.5 / 20.7 at 4, 16.6 / 20.6 at 16,
-# 24.4 / 24.9 at 32, 40.6 / 39.6 at 64 (docs/perf.md). Within the range each logit's summation order is the same
-# whatever the row count.
-HEAD_NATIVE_ROWS = range(1, 33)
+# native / MKL's better form: 9.0 / 9.5 ms at T = 1, 9.7 / 10.5 at 2, 10.1 / 20.2 at 4, 11.7 / 20.1 at 8,
+# 14.0 / 20.0 at 16, 20.9 / 25.4 at 32, 37.8 / 39.2 at 64 (docs/perf.md); beyond, prefill-sized row counts,
+# MKL's packed GEMM is compute-bound and not worth competing with. Within the range each logit's summation order
+# is the same whatever the row count.
+HEAD_NATIVE_ROWS = range(1, 65)
 
 
 def lm_head(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
