@@ -8,9 +8,11 @@ to arrive as untouched pages: the kernel zero-fills and maps them on first touch
 more than the arithmetic (an `abs` of 8 M fp32 values: 10 ms fresh, 1.9 ms on reused memory; a 16 x 128-token
 prefill of `small`: 1.65 -> 1.43 s, docs/perf.md).
 
-What: the mmap threshold is pinned at glibc's maximum (32 MiB, so anything up to that size comes from the
-heap) and the trim threshold raised so freed heap memory stays mapped for the next step; what the process
-holds is then its high-water mark, as with the device caching allocators of torch. Setting the trim threshold
+What: the mmap threshold is pinned at glibc's maximum (32 MiB), `M_MMAP_MAX` set to 0 so that larger blocks
+(a prefill's [2048, 8, 512] fp32 activations are exactly 32 MiB) come from the heap too, and the trim threshold
+raised so freed heap memory stays mapped for the next step; what the process holds is then its high-water mark,
+as with the device caching allocators of torch. (Threads other than the main one allocate from arenas of at
+most 64 MiB; glibc still maps a larger block for them, whatever M_MMAP_MAX says.) Setting the trim threshold
 alone would be worse than the defaults: any explicit setting turns off glibc's adaptive mmap threshold, which
 then stays at 128 KiB.
 
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 # mallopt parameters (glibc malloc.h)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 # glibc refuses mmap thresholds above HEAP_MAX_SIZE / 2: 32 MiB on 64-bit builds
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = (1 << 31) - 1  # mallopt takes an int
@@ -52,9 +55,10 @@ def keep_freed_heap() -> bool:
         if mallopt is None or not hasattr(libc, "gnu_get_libc_version"):
             return False  # not glibc: its allocator has its own policy
         mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-        _done = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+        _done = all(mallopt(param, value) == 1 for param, value in
+                    ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
     except OSError as e:
         log.debug("CPU allocator settings not applied: %s", e)
-    log.debug("CPU allocator: keep freed heap memory (mmap threshold %d, trim threshold %d): %s",
+    log.debug("CPU allocator: keep freed heap memory (mmap threshold %d, no mmap blocks, trim threshold %d): %s",
               MMAP_THRESHOLD, TRIM_THRESHOLD, _done)
     return _done

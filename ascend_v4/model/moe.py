@@ -158,7 +158,8 @@ class MoE(nn.Module):
         xq = e0.w1.quantize_input(x)[tok].split(sizes)  # the [P, D] pair rows, one run per expert
 
         def per_expert(ws: list[torch.Tensor], parts) -> torch.Tensor:
-            return torch.cat([F.linear(p, ws[e].to(p.dtype)) for e, p in zip(runs, parts)])
+            dt = parts[0].dtype  # (a no-op .to() still costs a dispatch: ~300 expert GEMMs per decode step)
+            return torch.cat([F.linear(p, ws[e] if ws[e].dtype == dt else ws[e].to(dt)) for e, p in zip(runs, parts)])
 
         g, u = per_expert(w1, xq).float(), per_expert(w3, xq).float()
         a = F.silu(g.clamp(max=lim)) * u.clamp(-lim, lim)  # [P, I] fp32
