@@ -11,7 +11,8 @@ reference bit for bit (tests/unit/ops/test_cpu_kernels.py), so choosing it chang
   float32 steps through numpy (zero-copy views, ~0.8 us a step: 0.19 -> 0.08 ms a call) at decode sizes, torch
   above. The sums run over 4 elements in order in all three, so the results are identical.
 * `apply_rope` (not a library op; `ops.apply_rope`): the in-place rotation in C, one pass instead of six ops.
-* `lm_head` (not an op of the seam's library; `ops.lm_head`): the LM head GEMM, native tiles or MKL's faster form.
+* `lm_head` (not an op of the seam's library; `ops.lm_head`): the LM head GEMM, native tiles at a few rows, MKL
+  otherwise.
 """
 
 from __future__ import annotations
@@ -112,16 +113,24 @@ HEAD_WXT_ROWS = range(4, 33)
 HEAD_NATIVE_ROWS = range(1, 65)
 
 
+def _rows_gemm_lib(y: torch.Tensor, w: torch.Tensor, rows: range):
+    """The native library if its few-rows GEMM applies to y [T, K] @ w [V, K]^T, else None."""
+    T, (V, K) = y.shape[0], w.shape
+    if (T not in rows or y.dtype != torch.float32 or w.dtype != torch.float32 or K % 16 or V % 4
+            or not (y.is_contiguous() and w.is_contiguous())):
+        return None
+    lib = cpu_native.load()
+    return lib if lib is not None and cpu_native.has_rows_gemm(lib) else None
+
+
 def lm_head(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """fp32 logits y [T, K] @ w [V, K]^T of a CPU LM head: the native tile kernel where it applies (AVX-512
     build, fp32 contiguous operands, K % 16 == 0, V % 4 == 0, HEAD_NATIVE_ROWS rows), otherwise
     MKL in its faster form for the row count. Every form sums the same fp32 products in its own order."""
-    T, (V, K) = y.shape[0], w.shape
-    lib = cpu_native.load() if T in HEAD_NATIVE_ROWS else None
-    if (lib is not None and cpu_native.has_head_gemm(lib) and y.dtype == w.dtype == torch.float32
-            and K % 16 == 0 and V % 4 == 0 and y.is_contiguous() and w.is_contiguous()):
-        return cpu_native.head_gemm(lib, y, w)
-    if T in HEAD_WXT_ROWS:
+    lib = _rows_gemm_lib(y, w, HEAD_NATIVE_ROWS)
+    if lib is not None:
+        return cpu_native.rows_gemm(lib, y, w)
+    if y.shape[0] in HEAD_WXT_ROWS:
         return torch.mm(w, y.t()).t()  # [V, T] -> [T, V] view
     return F.linear(y, w)
 

@@ -145,13 +145,14 @@ void rope_(float *restrict x, const float *restrict cos_, const float *restrict 
     }
 }
 
-/* ------------------------------------------------------------------------------------------- LM head GEMM
- * out[m, v] = sum_k y[m, k] * w[v, k] in fp32: y [M, K], w [V, K] (the checkpoint's layout, read in place), out
- * [M, V], all row-major, K % 16 == 0, V % 4 == 0. Not a reference-bit-identical kernel: like any GEMM it sums in
- * its own order (16 lanes over k, then a tree over the lanes), the same order for every row count.
+/* ------------------------------------------------------------------------------------- GEMMs of a few rows
+ * out[m, v] = sum_k y[m, k] * w[v, k] in fp32: y [M, K], w [V, K] (a linear's own [out, in] layout, read in place),
+ * out [M, V], all row-major, K % 16 == 0, V % 4 == 0. Not a reference-bit-identical kernel: like any GEMM it sums
+ * in its own order (16 lanes over k, then a tree over the lanes), the same order for every row count.
  *
- * Why: the head (129,280 x 512 for `small`) is the largest GEMM of a decode step and MKL's fp32 kernels run it at
- * 4-32 rows well below both the memory and the FMA limit (docs/perf.md). Tiles of 4 weight rows x RM activation
+ * Why: decode steps multiply a few rows by every weight, and MKL's fp32 kernels run those shapes well below both
+ * the memory and the FMA limit: the LM head (129,280 x 512 for `small`) at 4-32 rows, the linears and experts at
+ * 1-16 (docs/perf.md). Tiles of 4 weight rows x RM activation
  * rows keep 4 * RM accumulators in registers; the 4 weight rows (4 * K floats) stay in L1 while every activation
  * row passes over them, so the weight is read from memory once whatever the row count, and the next 4 rows are
  * prefetched meanwhile. */
@@ -210,9 +211,9 @@ static inline int head_prefetch_rows(int64_t p, int64_t npass) {
     return mask;
 }
 
-int head_gemm_available(void) { return 1; }
+int rows_gemm_available(void) { return 1; }
 
-void head_gemm(const float *restrict y, const float *restrict w, float *restrict out, int64_t M, int64_t K,
+void rows_gemm(const float *restrict y, const float *restrict w, float *restrict out, int64_t M, int64_t K,
                int64_t V, int nt) {
     const int64_t npass = (M + 3) / 4;
     #pragma omp parallel for schedule(static) num_threads(nt)
@@ -231,9 +232,9 @@ void head_gemm(const float *restrict y, const float *restrict w, float *restrict
     }
 }
 #else
-int head_gemm_available(void) { return 0; } /* without AVX-512 the head stays on MKL */
+int rows_gemm_available(void) { return 0; } /* without AVX-512 these GEMMs stay on MKL */
 
-void head_gemm(const float *y, const float *w, float *out, int64_t M, int64_t K, int64_t V, int nt) {
+void rows_gemm(const float *y, const float *w, float *out, int64_t M, int64_t K, int64_t V, int nt) {
     (void)y; (void)w; (void)out; (void)M; (void)K; (void)V; (void)nt;
 }
 #endif

@@ -44,8 +44,8 @@ SIGNATURES = {  # every exported function's arguments (the last one: OpenMP thre
     "sinkhorn": ((_P, _I64, _I64, ctypes.c_float, _I64, _INT), None),  # comb (in place), T, n, eps, iters
     "hadamard": ((_P, _P, _I64, _I64, ctypes.c_float, _INT), None),  # x, out, rows, n, n^-1/2
     "rope_": ((_P, _P, _P, _I64, _I64, _I64, _I64, _INT, _INT), None),  # x (in place), cos, sin, T, H, D, rd, inv
-    "head_gemm": ((_P, _P, _P, _I64, _I64, _I64, _INT), None),  # y, w, out, M, K, V
-    "head_gemm_available": ((), _INT),  # 1 where the build has the AVX-512 tiles
+    "rows_gemm": ((_P, _P, _P, _I64, _I64, _I64, _INT), None),  # y, w, out, M, K, V
+    "rows_gemm_available": ((), _INT),  # 1 where the build has the AVX-512 tiles
 }
 
 _lib: ctypes.CDLL | None = None
@@ -144,8 +144,8 @@ def status() -> tuple[bool, str]:
     lib = load()
     if lib is None:
         return False, _why
-    tiles = "with" if has_head_gemm(lib) else "without (no AVX-512)"
-    return True, f"{lib._name}, {tiles} the LM head tiles"
+    tiles = "with" if has_rows_gemm(lib) else "without (no AVX-512)"
+    return True, f"{lib._name}, {tiles} the few-rows GEMM tiles"
 
 
 def block_amax(lib: ctypes.CDLL, x: torch.Tensor, block: int) -> torch.Tensor:
@@ -177,17 +177,17 @@ def rope_(lib: ctypes.CDLL, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     return x
 
 
-def has_head_gemm(lib: ctypes.CDLL) -> bool:
-    """Whether this build has the head kernel (its AVX-512 tiles); asked once per library."""
-    if not hasattr(lib, "_has_head_gemm"):
-        lib._has_head_gemm = bool(lib.head_gemm_available())
-    return lib._has_head_gemm
+def has_rows_gemm(lib: ctypes.CDLL) -> bool:
+    """Whether this build has the few-rows GEMM (its AVX-512 tiles); asked once per library."""
+    if not hasattr(lib, "_has_rows_gemm"):
+        lib._has_rows_gemm = bool(lib.rows_gemm_available())
+    return lib._has_rows_gemm
 
 
-def head_gemm(lib: ctypes.CDLL, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def rows_gemm(lib: ctypes.CDLL, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """fp32 y [M, K] @ w[V, K]^T for contiguous CPU tensors with K % 16 == 0 and V % 4 == 0 (see the C file)."""
     out = torch.empty(y.shape[0], w.shape[0], dtype=torch.float32)
-    lib.head_gemm(y.data_ptr(), w.data_ptr(), out.data_ptr(), y.shape[0], y.shape[1], w.shape[0],
+    lib.rows_gemm(y.data_ptr(), w.data_ptr(), out.data_ptr(), y.shape[0], y.shape[1], w.shape[0],
                   torch.get_num_threads())
     return out
 

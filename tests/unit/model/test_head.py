@@ -54,7 +54,7 @@ def test_model_head_logits(model, rows):
 @pytest.mark.parametrize("rows", ROWS)
 def test_cpu_head_forms(monkeypatch, rows, native):
     lib = cpu_native.load()
-    if native and (lib is None or not cpu_native.has_head_gemm(lib)):
+    if native and (lib is None or not cpu_native.has_rows_gemm(lib)):
         pytest.skip("no native head kernel here (no C compiler or no AVX-512)")
     if not native:
         monkeypatch.setattr(cpu_native, "load", lambda: None)
@@ -67,13 +67,13 @@ def test_cpu_head_forms(monkeypatch, rows, native):
 def test_native_head_is_row_count_invariant():  # (and the 65-row case of the forms above runs on MKL)
     """Each logit is summed in the same order whatever the number of rows (batch invariance)."""
     lib = cpu_native.load()
-    if lib is None or not cpu_native.has_head_gemm(lib):
+    if lib is None or not cpu_native.has_rows_gemm(lib):
         pytest.skip("no native head kernel here")
     g = torch.Generator().manual_seed(5)
     w, y = torch.randn(4000, 128, generator=g), torch.randn(23, 128, generator=g)  # 6 passes: spread prefetch
-    full = cpu_native.head_gemm(lib, y, w)
+    full = cpu_native.rows_gemm(lib, y, w)
     for r in range(23):
-        assert torch.equal(cpu_native.head_gemm(lib, y[r:r + 1].contiguous(), w)[0], full[r])
+        assert torch.equal(cpu_native.rows_gemm(lib, y[r:r + 1].contiguous(), w)[0], full[r])
 
 
 def test_shapes_the_native_kernel_does_not_take_fall_back_to_mkl():
@@ -96,3 +96,4 @@ def test_reference_backend_is_plain_linear():
     r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ASCEND_V4_OP_BACKEND": "reference"},
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.split() == ["True", "True"], r.stderr
+

@@ -25,7 +25,7 @@ def test_collect_on_this_machine_names_what_is_missing(tmp_path):
     assert not names["ascend-v4 op library"].ok and "build_npu_ops.sh" in names["ascend-v4 op library"].fix
     assert all(c.fix for c in r.missing), "every missing item comes with a fix"
     cpu = names["CPU kernels (C)"]  # this machine has a C compiler: built and cached
-    assert cpu.ok and "cpu_native-" in cpu.detail and "LM head tiles" in cpu.detail
+    assert cpu.ok and "cpu_native-" in cpu.detail and "GEMM tiles" in cpu.detail
     assert set(doc.HCCL_VARS) <= set(r.settings)
     text = doc.render(r)
     assert "missing, with fixes:" in text and "HCCL_BUFFSIZE" in text
