@@ -1,19 +1,22 @@
 """Native CPU kernels (`cpu_native.c`), compiled with the system C compiler at first use and loaded with ctypes.
 
-Why: on the CPU the FP8 / FP4 QAT round-trips are 8-12 torch element-wise ops each, every one a dispatch and a
-fresh temporary, and the fp8 -> fp32 cast among them is not vectorised (~2 ns a value): ~50 calls per decode
-step and 0.16 s of a 16 x 128-token prefill of `small` (docs/perf.md). The C file does the block amax and the
-quantise-dequantise pass in one loop each; the scales between them are computed in torch with the reference's
-own ops, so every output equals the reference bit for bit (tests/unit/ops/test_cpu_native.py).
+Why: some ops are many small torch operations on the CPU, each a dispatch and a fresh temporary: the FP8 / FP4
+QAT round-trips (8-12 ops, and the fp8 -> fp32 cast among them is not vectorised, ~2 ns a value; ~50 calls per
+decode step), mHC's Sinkhorn (~120 ops a call), the Hadamard rotation and RoPE; and MKL runs the LM head's few-row
+GEMM below both the memory and the FMA limit (docs/perf.md, fourth pass). The C file does each in one pass.
+Round-trip scales are computed in torch with the reference's own ops between two C passes, so every result but
+the head's equals its reference bit for bit (tests/unit/ops/test_cpu_native.py); the head GEMM sums the same
+fp32 products in its own, row-count-independent order.
 
-torch.compile (Inductor's C++ backend) fuses the same ops, also bit for bit, but costs ~8 s of compilation per
-function in each new process and its guards cost as much as the ops they replace at decode sizes; this file
-builds once per machine in ~0.5 s and is cached.
+torch.compile (Inductor's C++ backend) fuses the same element-wise ops, also bit for bit, but costs ~8 s of
+compilation per function in each new process and its guards cost as much as the ops they replace at decode
+sizes; this file builds once per machine in ~0.5 s and is cached.
 
 Build: `$CC` (default `cc`) with -O3 -march=native -fopenmp, no fast-math, no FMA contraction, into
 `$ASCEND_V4_CACHE_DIR/cpu_native/` (default ~/.cache/ascend_v4), keyed by the source, the flags, the compiler
 and the CPU's feature flags (a -march=native build must never be loaded on another CPU). Without a working
-compiler, `load()` returns None once, with one warning, and the ops run their torch references.
+compiler, `load()` returns None once, with one warning, and the ops run their torch references. The loaded
+library is a process-wide cache (like a loaded extension): it holds no device or parallel state.
 """
 
 from __future__ import annotations
