@@ -20,16 +20,15 @@ _ops = torch.ops.ascend_v4
 # The CPU implementation of each op: the reference, or its CPU kernel (ops/cpu.py, bit-identical) unless the
 # references are forced (ASCEND_V4_OP_BACKEND=reference).
 _CPU = dict(_library.REFERENCE)
+# Two in-between helpers (not torch.library ops) likewise: their CPU kernels unless the references are forced
+_CPU_LM_HEAD, _CPU_ROPE = None, _rope.apply_rope
 if register_device_kernels()["cpu"] == "cpu":
     from .cpu import KERNELS as _CPU_KERNELS
+    from .cpu import apply_rope as _CPU_ROPE
+    from .cpu import lm_head as _CPU_LM_HEAD
 
     _CPU.update(_CPU_KERNELS)
 _CPU_OWN = dict(_CPU)  # as chosen at import (tests may route _CPU through device kernels)
-# Two in-between helpers (not torch.library ops): their CPU kernels (ops/cpu.py) unless the references are forced
-_CPU_LM_HEAD, _CPU_ROPE = None, _rope.apply_rope
-if register_device_kernels()["cpu"] == "cpu":
-    from .cpu import apply_rope as _CPU_ROPE
-    from .cpu import lm_head as _CPU_LM_HEAD
 
 
 def _own_cpu(name: str) -> bool:

@@ -45,12 +45,18 @@ def sinkhorn_numpy(comb: torch.Tensor, hc_eps: float, iters: int) -> torch.Tenso
     return torch.from_numpy(c)
 
 
+def _lib_for(*tensors: torch.Tensor):
+    """The native library (built on first use) if every tensor is a non-empty contiguous fp32 CPU tensor and the
+    library is available, else None: the callers then run their torch versions."""
+    if any(t.dtype != torch.float32 or t.numel() == 0 or not t.is_contiguous() for t in tensors):
+        return None
+    return cpu_native.load()
+
+
 def sinkhorn(comb: torch.Tensor, hc_eps: float, iters: int) -> torch.Tensor:
     """`reference.mhc.sinkhorn` in C (in place on the fresh row-softmaxed comb); numpy / torch without it."""
-    lib = cpu_native.load()
-    if lib is None or comb.dtype != torch.float32 or not comb.is_contiguous():
-        return sinkhorn_numpy(comb, hc_eps, iters)
-    return cpu_native.sinkhorn_(lib, comb, hc_eps, iters)
+    lib = _lib_for(comb)
+    return sinkhorn_numpy(comb, hc_eps, iters) if lib is None else cpu_native.sinkhorn_(lib, comb, hc_eps, iters)
 
 
 def hc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_eps: float,
@@ -61,43 +67,44 @@ def hc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.T
 
 def hadamard(x: torch.Tensor) -> torch.Tensor:
     """`reference.formats.hadamard` in C for fp32 rows of at most 4096 values."""
-    lib = cpu_native.load()
     n = x.shape[-1]
-    if lib is None or x.dtype != torch.float32 or n > 4096 or n & (n - 1) or x.numel() == 0:
-        return _fmt.hadamard(x)
-    return cpu_native.hadamard(lib, x.contiguous())
+    xc = x.contiguous()
+    lib = _lib_for(xc) if n <= 4096 and n & (n - 1) == 0 else None
+    return _fmt.hadamard(x) if lib is None else cpu_native.hadamard(lib, xc)
+
+
+def _round_trip(kind: str, x: torch.Tensor, block: int, scale_of, reference) -> torch.Tensor:
+    """A QAT round-trip with its block amax and its quantise-dequantise pass in C; `scale_of` turns the
+    reference-shaped [rows, n/block, 1] amax into the scales with the reference's own ops (the same ATen loops on
+    the same values: the same bits). `reference` runs where the C kernels do not apply."""
+    xc = x.contiguous()
+    lib = _lib_for(xc)
+    if lib is None:
+        return reference()
+    amax = cpu_native.block_amax(lib, xc, block).view(-1, x.shape[-1] // block, 1)
+    return cpu_native.apply_scaled(lib, kind, xc, scale_of(amax), block).view(x.shape)
+
 
 def fp8_roundtrip(x: torch.Tensor, block: int = 128, amax_floor: float = 1e-4) -> torch.Tensor:
     """`reference.formats.fp8_roundtrip` with the amax and the e4m3 pass in C."""
-    lib = cpu_native.load()
-    if lib is None or x.dtype != torch.float32 or x.numel() == 0:
-        return _fmt.fp8_roundtrip(x, block, amax_floor)
-    xc = x.contiguous()
-    # the reference's [rows, n/block, 1] amax and its in-place scale steps on it: the same ATen loops, same bits
-    amax = cpu_native.block_amax(lib, xc, block).view(-1, x.shape[-1] // block, 1)
-    e = amax.clamp_min_(amax_floor).div_(_fmt.FP8_MAX).log2_().ceil_()
-    scale = e.clamp_(-_fmt.E8M0_BIAS, 127).exp2_()
-    return cpu_native.apply_scaled(lib, "fp8", xc, scale, block).view(x.shape)
+    def scale_of(amax: torch.Tensor) -> torch.Tensor:  # the reference's in-place steps
+        e = amax.clamp_min_(amax_floor).div_(_fmt.FP8_MAX).log2_().ceil_()
+        return e.clamp_(-_fmt.E8M0_BIAS, 127).exp2_()
+
+    return _round_trip("fp8", x, block, scale_of, lambda: _fmt.fp8_roundtrip(x, block, amax_floor))
 
 
 def fp4_roundtrip(x: torch.Tensor, block: int = 32, amax_floor: float = 6 * 2.0 ** -126) -> torch.Tensor:
     """`reference.formats.fp4_roundtrip` with the amax and the e2m1 pass in C."""
-    lib = cpu_native.load()
-    if lib is None or x.dtype != torch.float32 or x.numel() == 0:
-        return _fmt.fp4_roundtrip(x, block, amax_floor)
-    xc = x.contiguous()
-    amax = cpu_native.block_amax(lib, xc, block).view(-1, x.shape[-1] // block, 1)
-    scale = torch.exp2(_fmt.pow2_scale_exponent(amax, _fmt.FP4_MAX, amax_floor))
-    return cpu_native.apply_scaled(lib, "fp4", xc, scale, block).view(x.shape)
+    return _round_trip("fp4", x, block,
+                       lambda amax: torch.exp2(_fmt.pow2_scale_exponent(amax, _fmt.FP4_MAX, amax_floor)),
+                       lambda: _fmt.fp4_roundtrip(x, block, amax_floor))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """`reference.rope.apply_rope` in C (in place) for contiguous fp32 x and factors."""
-    lib = cpu_native.load()
-    if (lib is None or x.dtype != torch.float32 or cos.dtype != torch.float32 or sin.dtype != torch.float32
-            or not (x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()) or x.numel() == 0):
-        return _rope.apply_rope(x, cos, sin, inverse)
-    return cpu_native.rope_(lib, x, cos, sin, inverse)
+    lib = _lib_for(x, cos, sin)
+    return _rope.apply_rope(x, cos, sin, inverse) if lib is None else cpu_native.rope_(lib, x, cos, sin, inverse)
 
 
 # Row counts at which MKL's fp32 GEMM runs the head faster as W @ y^T than as y @ W^T (no native kernel): it picks
@@ -115,11 +122,10 @@ HEAD_NATIVE_ROWS = range(1, 65)
 
 def _rows_gemm_lib(y: torch.Tensor, w: torch.Tensor, rows: range):
     """The native library if its few-rows GEMM applies to y [T, K] @ w [V, K]^T, else None."""
-    T, (V, K) = y.shape[0], w.shape
-    if (T not in rows or y.dtype != torch.float32 or w.dtype != torch.float32 or K % 16 or V % 4
-            or not (y.is_contiguous() and w.is_contiguous())):
+    V, K = w.shape
+    if y.shape[0] not in rows or K % 16 or V % 4:
         return None
-    lib = cpu_native.load()
+    lib = _lib_for(y, w)
     return lib if lib is not None and cpu_native.has_rows_gemm(lib) else None
 
 

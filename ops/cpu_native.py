@@ -123,8 +123,8 @@ def _load() -> None:
     cc = _compiler()
     if shutil.which(cc[0]) is None:
         _why = f"no C compiler ({cc[0]})"
-        log.warning("no C compiler (%s): the CPU runs the torch references of fp8/fp4_roundtrip (slower, same "
-                    "results); set CC to enable the native kernels", cc[0])
+        log.warning("no C compiler (%s): the CPU runs the torch versions of its C kernels (slower; the same "
+                    "results but for the LM head's summation order); set CC to enable them", cc[0])
         return
     path = _cache_dir() / f"cpu_native-{_key(cc)}.so"
     try:

@@ -41,7 +41,7 @@ _done: bool | None = None  # None: not tried yet; else whether the settings took
 
 
 def keep_freed_heap() -> bool:
-    """Apply the settings once per process (idempotent); True when glibc accepted both."""
+    """Apply the settings once per process (idempotent); True when glibc accepted all three."""
     global _done
     if _done is not None:
         return _done

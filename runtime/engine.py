@@ -22,7 +22,7 @@ import torch
 
 from ascend_v4.model.cache import COMP_KIND, STATE_KIND, WINDOW_KIND, SeqSlice, StepBatch, mark, rollback
 from ascend_v4.model.transformer import Transformer
-from ascend_v4.ops import cpu_native
+from ascend_v4.ops import active_backends, cpu_native
 from ascend_v4.tokenizer import Tokenizer
 
 from .block_manager import BlockManager, PrefixCache, make_cache_pool
@@ -75,7 +75,8 @@ class Engine:
         device = model.embed.weight.device
         if device.type == "cpu":
             keep_freed_heap()  # activations come straight from malloc on the CPU: keep its freed pages
-            cpu_native.load()  # build / load the C kernels now, not during the first request (cached per machine)
+            if active_backends()["cpu"] == "cpu":  # (not with ASCEND_V4_OP_BACKEND=reference)
+                cpu_native.load()  # build / load the C kernels now, not in the first request (cached per machine)
         self.pool = pool = make_cache_pool(model, cfg, device)
         self.blocks = BlockManager.for_pool(pool)
         self.prefix = PrefixCache(self.blocks, args.window_size) if cfg.enable_prefix_caching else None
